@@ -1,0 +1,683 @@
+//! Pure math from a measurement window to a Breakdown: attribution of samples to components,
+//! cycles per packet (eq. 1 of the paper), shares, and the JSON types of the public contract.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use cnitrace_common::{IfaceCounters, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER};
+use serde::{Deserialize, Serialize};
+
+use crate::components::{self, COMPONENTS, OTHER, OTHER_KERNEL, OTHER_USER, SELF_COST};
+
+/// Where the cycle figures come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockSource {
+    /// Sample periods are hardware CPU cycles.
+    PmuCycles,
+    /// Sample periods are nanoseconds of cpu-clock, converted with a calibrated cycles_per_ns.
+    CpuClock,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Clock {
+    pub source: ClockSource,
+    pub cycles_per_ns: f64,
+    /// How cycles_per_ns was obtained.
+    pub calibration: String,
+}
+
+impl Clock {
+    /// Cycles represented by one unit of sample period.
+    fn cycles_per_period_unit(&self) -> f64 {
+        match self.source {
+            ClockSource::PmuCycles => 1.0,
+            ClockSource::CpuClock => self.cycles_per_ns,
+        }
+    }
+}
+
+/// One aggregated sample stack of a window.
+#[derive(Debug, Clone, Default)]
+pub struct StackSample {
+    /// Kernel function names, innermost first. Empty when the stack was lost or user mode.
+    pub frames: Vec<String>,
+    /// `SAMPLE_FLAG_*`.
+    pub flags: u32,
+    /// The kernel could not record this stack (counted as lost; its time stays in the total).
+    pub stack_lost: bool,
+    pub count: u64,
+    /// Sum of sample periods (ns for cpu-clock, cycles for a PMU).
+    pub period: u64,
+}
+
+/// Kernel-side fault counters over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faults {
+    pub samples_seen: u64,
+    pub stack_lost: u64,
+    pub sample_map_full: u64,
+    pub iface_map_full: u64,
+    pub tracepoint_read: u64,
+}
+
+/// Everything measured in one window, symbolized, before any interpretation.
+#[derive(Debug, Clone)]
+pub struct RawWindow {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub duration_s: f64,
+    pub clock: Clock,
+    pub frequency_hz: u64,
+    pub cpus: u32,
+    pub samples: Vec<StackSample>,
+    pub ifaces: BTreeMap<String, IfaceCounters>,
+    pub faults: Faults,
+}
+
+/// Which packets are the denominator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PacketUnit {
+    /// Socket buffers as the stack handles them (a 64 KB GSO skb is one).
+    Skb,
+    /// Wire-size packets: each skb's `gso_segs`.
+    #[default]
+    Segment,
+}
+
+impl PacketUnit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PacketUnit::Skb => "skb",
+            PacketUnit::Segment => "segment",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PacketSelection {
+    /// Interfaces whose transmitted packets are summed; empty means the busiest one.
+    pub ifaces: Vec<String>,
+    pub unit: PacketUnit,
+}
+
+/// Facts about the node and the run that the math does not derive.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub node: String,
+    pub kernel: String,
+    pub backend: String,
+    /// Components whose code is absent on this node, with the reason.
+    pub unavailable: Vec<Unavailable>,
+}
+
+// ---- The public JSON contract (DESIGN.md section 3) ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Breakdown {
+    pub node: String,
+    pub kernel: String,
+    pub window: Window,
+    pub backend: String,
+    pub clock: Clock,
+    pub packets: Packets,
+    pub total: Total,
+    pub components: Vec<ComponentCost>,
+    /// Dotted sub-components (`netfilter.conntrack`, ...); within a component they add up to it.
+    pub subcomponents: Vec<ComponentCost>,
+    pub unavailable: Vec<Unavailable>,
+    pub quality: Quality,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub duration_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Packets {
+    /// The denominator of every `cpp`.
+    pub count: u64,
+    pub unit: PacketUnit,
+    pub source: String,
+    pub skbs: u64,
+    pub segments: u64,
+    pub bytes: u64,
+    pub interfaces: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Total {
+    /// Busy cycles of all CPUs in the window (kernel and user; idle excluded).
+    pub cycles: u64,
+    /// `null` when no packet was counted.
+    pub cpp: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentCost {
+    pub name: String,
+    pub cycles: u64,
+    pub cpp: Option<f64>,
+    pub share: f64,
+    pub available: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unavailable {
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quality {
+    /// Samples taken in the window (busy and idle).
+    pub samples: u64,
+    pub busy_samples: u64,
+    pub idle_samples: u64,
+    /// Samples whose stack or whole record was lost.
+    pub lost: u64,
+    pub stack_lost: u64,
+    pub sample_map_full: u64,
+    pub packet_map_full: u64,
+    pub tracepoint_read_errors: u64,
+    pub frequency_hz: u64,
+    /// frequency x duration x CPUs: what a loss-free sampler would have taken.
+    pub expected_samples: u64,
+    /// Cycles spent in cnitrace's own in-datapath programs (included in `other`).
+    pub self_cycles: u64,
+    /// Cycles not attributed to any datapath component, of which user space:
+    pub user_cycles: u64,
+}
+
+/// The dotted class of one sample, or `None` if the CPU was idle.
+pub fn attribute(sample: &StackSample) -> Option<&'static str> {
+    if sample.flags & SAMPLE_FLAG_USER != 0 {
+        return Some(OTHER_USER);
+    }
+    if sample.stack_lost || sample.frames.is_empty() {
+        return Some(OTHER_KERNEL);
+    }
+    let on_idle_task = sample.flags & SAMPLE_FLAG_IDLE_TASK != 0;
+    if on_idle_task
+        && !sample
+            .frames
+            .iter()
+            .any(|f| components::is_interrupt_frame(f))
+    {
+        return None;
+    }
+    // Innermost component wins: a netfilter hook called from the bridge is netfilter.
+    Some(
+        sample
+            .frames
+            .iter()
+            .find_map(|frame| components::classify(frame))
+            .unwrap_or(OTHER_KERNEL),
+    )
+}
+
+/// Splits `total` into integer parts proportional to `weights` that add up exactly to `total`
+/// (largest remainder method).
+pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
+    let sum: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    if sum == 0 {
+        return vec![0; weights.len()];
+    }
+    let mut parts: Vec<u64> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(weights.len());
+    for (index, &weight) in weights.iter().enumerate() {
+        let scaled = u128::from(total) * u128::from(weight);
+        parts.push((scaled / sum) as u64);
+        remainders.push((scaled % sum, index));
+    }
+    let assigned: u64 = parts.iter().sum();
+    remainders.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, index) in remainders.iter().take((total - assigned) as usize) {
+        parts[index] += 1;
+    }
+    parts
+}
+
+fn per_packet(cycles: u64, packets: u64) -> Option<f64> {
+    (packets > 0).then(|| cycles as f64 / packets as f64)
+}
+
+fn share(cycles: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        cycles as f64 / total as f64
+    }
+}
+
+/// Selects the denominator. Without `--iface`, the busiest interface by transmitted segments:
+/// every hop of a benchmark flow transmits the same data packets, so the busiest device carries
+/// the benchmark without double counting across hops.
+pub fn select_packets(
+    ifaces: &BTreeMap<String, IfaceCounters>,
+    selection: &PacketSelection,
+) -> Packets {
+    let chosen: Vec<(&String, &IfaceCounters)> = if selection.ifaces.is_empty() {
+        ifaces
+            .iter()
+            .filter(|(name, _)| name.as_str() != "lo")
+            .max_by_key(|(_, c)| (c.tx_segments, c.tx_skbs))
+            .filter(|(_, c)| c.tx_skbs > 0)
+            .into_iter()
+            .collect()
+    } else {
+        selection
+            .ifaces
+            .iter()
+            .filter_map(|name| ifaces.get_key_value(name))
+            .collect()
+    };
+    let skbs = chosen.iter().map(|(_, c)| c.tx_skbs).sum();
+    let segments = chosen.iter().map(|(_, c)| c.tx_segments).sum();
+    let bytes = chosen.iter().map(|(_, c)| c.tx_bytes).sum();
+    let names: Vec<String> = chosen.iter().map(|(n, _)| (*n).clone()).collect();
+    let source = if selection.ifaces.is_empty() {
+        match names.first() {
+            Some(name) => format!(
+                "net:net_dev_start_xmit on {name} (the busiest interface in the window; \
+                 choose with --iface)"
+            ),
+            None => "net:net_dev_start_xmit: no interface transmitted in the window".to_owned(),
+        }
+    } else {
+        format!(
+            "net:net_dev_start_xmit summed over {}",
+            selection.ifaces.join(", ")
+        )
+    };
+    let count = match selection.unit {
+        PacketUnit::Skb => skbs,
+        PacketUnit::Segment => segments,
+    };
+    Packets {
+        count,
+        unit: selection.unit,
+        source,
+        skbs,
+        segments,
+        bytes,
+        interfaces: names,
+    }
+}
+
+/// Turns a window into a Breakdown. Component cycles add up exactly to `total.cycles`.
+pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) -> Breakdown {
+    let mut period_by_class: HashMap<&'static str, u64> = HashMap::new();
+    let (mut busy_samples, mut idle_samples, mut samples) = (0u64, 0u64, 0u64);
+    for sample in &raw.samples {
+        samples += sample.count;
+        match attribute(sample) {
+            Some(class) => {
+                busy_samples += sample.count;
+                *period_by_class.entry(class).or_default() += sample.period;
+            }
+            None => idle_samples += sample.count,
+        }
+    }
+    let busy_period: u64 = period_by_class.values().sum();
+    let total_cycles = (busy_period as f64 * raw.clock.cycles_per_period_unit()).round() as u64;
+    let packets = select_packets(&raw.ifaces, selection);
+
+    // Top level: apportion the total over the components by their period.
+    let top_weights: Vec<u64> = COMPONENTS
+        .iter()
+        .map(|component| {
+            period_by_class
+                .iter()
+                .filter(|(class, _)| components::top_level(class) == component.name)
+                .map(|(_, period)| period)
+                .sum()
+        })
+        .collect();
+    let top_cycles = apportion(total_cycles, &top_weights);
+    let unavailable_names: Vec<&str> = context
+        .unavailable
+        .iter()
+        .map(|u| u.name.as_str())
+        .collect();
+
+    let mut components_out = Vec::with_capacity(COMPONENTS.len());
+    let mut subcomponents_out = Vec::new();
+    for (component, &cycles) in COMPONENTS.iter().zip(&top_cycles) {
+        components_out.push(ComponentCost {
+            name: component.name.to_owned(),
+            cycles,
+            cpp: per_packet(cycles, packets.count),
+            share: share(cycles, total_cycles),
+            available: !unavailable_names.contains(&component.name),
+        });
+        // Within the component, apportion its cycles over its dotted parts.
+        let mut parts: Vec<(&str, u64)> = period_by_class
+            .iter()
+            .filter(|(class, _)| {
+                class.contains('.') && components::top_level(class) == component.name
+            })
+            .map(|(&class, &period)| (class, period))
+            .collect();
+        let plain: u64 = period_by_class.get(component.name).copied().unwrap_or(0);
+        if parts.is_empty() {
+            continue;
+        }
+        parts.sort_unstable();
+        let mut weights: Vec<u64> = parts.iter().map(|&(_, p)| p).collect();
+        weights.push(plain);
+        let split = apportion(cycles, &weights);
+        for (&(name, _), &sub_cycles) in parts.iter().zip(&split) {
+            subcomponents_out.push(ComponentCost {
+                name: name.to_owned(),
+                cycles: sub_cycles,
+                cpp: per_packet(sub_cycles, packets.count),
+                share: share(sub_cycles, total_cycles),
+                available: true,
+            });
+        }
+    }
+    let cycles_of = |class: &str| -> u64 {
+        subcomponents_out
+            .iter()
+            .find(|c| c.name == class)
+            .map_or(0, |c| c.cycles)
+    };
+
+    let lost = raw.faults.stack_lost + raw.faults.sample_map_full;
+    Breakdown {
+        node: context.node.clone(),
+        kernel: context.kernel.clone(),
+        window: Window {
+            start: raw.start,
+            end: raw.end,
+            duration_s: raw.duration_s,
+        },
+        backend: context.backend.clone(),
+        clock: raw.clock.clone(),
+        total: Total {
+            cycles: total_cycles,
+            cpp: per_packet(total_cycles, packets.count),
+        },
+        packets,
+        components: components_out,
+        unavailable: context.unavailable.clone(),
+        quality: Quality {
+            samples,
+            busy_samples,
+            idle_samples,
+            lost,
+            stack_lost: raw.faults.stack_lost,
+            sample_map_full: raw.faults.sample_map_full,
+            packet_map_full: raw.faults.iface_map_full,
+            tracepoint_read_errors: raw.faults.tracepoint_read,
+            frequency_hz: raw.frequency_hz,
+            expected_samples: (raw.frequency_hz as f64 * raw.duration_s * f64::from(raw.cpus))
+                .round() as u64,
+            self_cycles: cycles_of(SELF_COST),
+            user_cycles: cycles_of(OTHER_USER),
+        },
+        subcomponents: subcomponents_out,
+    }
+}
+
+impl Breakdown {
+    pub fn component(&self, name: &str) -> Option<&ComponentCost> {
+        self.components.iter().find(|c| c.name == name)
+    }
+
+    /// Cycles of the `other` component (also reachable via [`Self::component`]).
+    pub fn other_cycles(&self) -> u64 {
+        self.component(OTHER).map_or(0, |c| c.cycles)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(frames: &[&str], flags: u32, count: u64, period: u64) -> StackSample {
+        StackSample {
+            frames: frames.iter().map(|f| (*f).to_owned()).collect(),
+            flags,
+            stack_lost: false,
+            count,
+            period,
+        }
+    }
+
+    fn window(samples: Vec<StackSample>, ifaces: &[(&str, u64, u64)]) -> RawWindow {
+        RawWindow {
+            start: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            end: DateTime::from_timestamp(1_700_000_010, 0).unwrap(),
+            duration_s: 10.0,
+            clock: Clock {
+                source: ClockSource::CpuClock,
+                cycles_per_ns: 2.5,
+                calibration: "test".into(),
+            },
+            frequency_hz: 1000,
+            cpus: 2,
+            samples,
+            ifaces: ifaces
+                .iter()
+                .map(|&(name, skbs, segs)| {
+                    (
+                        name.to_owned(),
+                        IfaceCounters {
+                            tx_skbs: skbs,
+                            tx_segments: segs,
+                            tx_bytes: segs * 1500,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+            faults: Faults::default(),
+        }
+    }
+
+    fn context() -> Context {
+        Context {
+            node: "n".into(),
+            kernel: "k".into(),
+            backend: "sampling".into(),
+            unavailable: vec![Unavailable {
+                name: "ipip".into(),
+                reason: "absent".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn innermost_component_wins() {
+        // nf_hook_slow called from the bridge is netfilter, not bridge.
+        let s = stack(
+            &[
+                "memcpy",
+                "nf_hook_slow",
+                "br_nf_pre_routing",
+                "br_handle_frame",
+            ],
+            0,
+            1,
+            1,
+        );
+        assert_eq!(attribute(&s), Some("netfilter.hook"));
+        let s = stack(
+            &[
+                "ipt_do_table",
+                "nf_hook_slow",
+                "br_nf_forward_ip",
+                "__br_forward",
+            ],
+            0,
+            1,
+            1,
+        );
+        assert_eq!(attribute(&s), Some("netfilter.rules"));
+        let s = stack(
+            &[
+                "_raw_spin_lock",
+                "veth_xmit",
+                "dev_hard_start_xmit",
+                "br_forward",
+            ],
+            0,
+            1,
+            1,
+        );
+        assert_eq!(attribute(&s), Some("veth"));
+        let s = stack(&["tcp_sendmsg", "sock_sendmsg"], 0, 1, 1);
+        assert_eq!(attribute(&s), Some(OTHER_KERNEL));
+    }
+
+    #[test]
+    fn idle_is_excluded_but_interrupt_work_on_the_idle_task_is_not() {
+        let idle = stack(
+            &["pv_native_safe_halt", "default_idle", "do_idle"],
+            SAMPLE_FLAG_IDLE_TASK,
+            1,
+            1,
+        );
+        assert_eq!(attribute(&idle), None);
+        let softirq_on_idle = stack(
+            &[
+                "br_forward",
+                "net_rx_action",
+                "handle_softirqs",
+                "irq_exit_rcu",
+                "default_idle",
+            ],
+            SAMPLE_FLAG_IDLE_TASK,
+            1,
+            1,
+        );
+        assert_eq!(attribute(&softirq_on_idle), Some("bridge"));
+        let user = stack(&[], SAMPLE_FLAG_USER, 1, 1);
+        assert_eq!(attribute(&user), Some(OTHER_USER));
+    }
+
+    #[test]
+    fn closure_is_exact_and_cpp_follows_eq_1() {
+        let raw = window(
+            vec![
+                stack(&["br_forward"], 0, 30, 30_000_001),
+                stack(&["nf_hook_slow", "br_handle_frame"], 0, 20, 20_000_003),
+                stack(&["nf_conntrack_in", "nf_hook_slow"], 0, 10, 10_000_007),
+                stack(&["veth_xmit"], 0, 7, 7_000_000),
+                stack(&["tcp_sendmsg"], 0, 13, 13_000_000),
+                stack(&[], SAMPLE_FLAG_USER, 20, 20_000_000),
+                stack(&["default_idle"], SAMPLE_FLAG_IDLE_TASK, 100, 100_000_000),
+            ],
+            &[
+                ("veth-a", 100, 1000),
+                ("veth-b", 50, 500),
+                ("lo", 9999, 9999),
+            ],
+        );
+        let b = compute(&raw, &context(), &PacketSelection::default());
+        let busy_ns = 100_000_011f64;
+        assert_eq!(b.total.cycles, (busy_ns * 2.5).round() as u64);
+        let sum: u64 = b.components.iter().map(|c| c.cycles).sum();
+        assert_eq!(sum, b.total.cycles, "closure");
+        for parent in ["netfilter", "other"] {
+            let parent_cycles = b.component(parent).unwrap().cycles;
+            let subs: u64 = b
+                .subcomponents
+                .iter()
+                .filter(|c| components::top_level(&c.name) == parent)
+                .map(|c| c.cycles)
+                .sum();
+            assert_eq!(subs, parent_cycles, "{parent} sub-components add up");
+        }
+        // Busiest non-loopback interface, in segments.
+        assert_eq!(b.packets.count, 1000);
+        assert_eq!(b.packets.interfaces, vec!["veth-a".to_owned()]);
+        let bridge = b.component("bridge").unwrap();
+        let expected_bridge = 30_000_001.0 * 2.5;
+        assert!((bridge.cycles as f64 - expected_bridge).abs() <= 1.0);
+        // eq. 1: CPP = Cycle_total / N_packet x Cycle_percentage.
+        let eq1 = b.total.cycles as f64 / 1000.0 * bridge.share;
+        assert!((bridge.cpp.unwrap() - eq1).abs() < 1e-6);
+        assert_eq!(b.quality.idle_samples, 100);
+        assert_eq!(b.quality.busy_samples, 100);
+        assert_eq!(b.quality.expected_samples, 20_000);
+        assert!(!b.component("ipip").unwrap().available);
+        assert_eq!(b.component("ipip").unwrap().cycles, 0);
+    }
+
+    #[test]
+    fn explicit_interfaces_and_units() {
+        let raw = window(
+            vec![stack(&["br_forward"], 0, 1, 1000)],
+            &[("a", 10, 100), ("b", 5, 50)],
+        );
+        let sel = PacketSelection {
+            ifaces: vec!["a".into(), "b".into()],
+            unit: PacketUnit::Skb,
+        };
+        let b = compute(&raw, &context(), &sel);
+        assert_eq!(
+            (b.packets.count, b.packets.segments, b.packets.skbs),
+            (15, 150, 15)
+        );
+        assert_eq!(b.total.cpp, Some(2500.0 / 15.0));
+    }
+
+    #[test]
+    fn no_packets_gives_null_cpp_not_infinity() {
+        let raw = window(vec![stack(&["br_forward"], 0, 1, 1000)], &[]);
+        let b = compute(&raw, &context(), &PacketSelection::default());
+        assert_eq!(b.total.cpp, None);
+        assert!(b.packets.source.contains("no interface"));
+        let json = serde_json::to_value(&b).unwrap();
+        assert!(json["total"]["cpp"].is_null());
+    }
+
+    #[test]
+    fn json_has_the_contract_keys() {
+        let raw = window(vec![stack(&["br_forward"], 0, 1, 1000)], &[("a", 1, 1)]);
+        let json =
+            serde_json::to_value(compute(&raw, &context(), &PacketSelection::default())).unwrap();
+        for key in [
+            "node",
+            "kernel",
+            "window",
+            "backend",
+            "clock",
+            "packets",
+            "total",
+            "components",
+            "unavailable",
+        ] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+        assert_eq!(json["clock"]["source"], "cpu_clock");
+        assert_eq!(json["packets"]["unit"], "segment");
+        assert!(
+            json["window"]["start"]
+                .as_str()
+                .unwrap()
+                .starts_with("2023-11-14T")
+        );
+        let c = &json["components"][0];
+        for key in ["name", "cycles", "cpp", "share", "available"] {
+            assert!(c.get(key).is_some(), "component.{key}");
+        }
+    }
+
+    #[test]
+    fn apportion_is_exact_and_proportional() {
+        assert_eq!(apportion(10, &[1, 1, 1]), vec![4, 3, 3]);
+        assert_eq!(apportion(0, &[5, 5]), vec![0, 0]);
+        assert_eq!(apportion(7, &[0, 0]), vec![0, 0]);
+        let parts = apportion(1_000_003, &[333, 333, 334, 0]);
+        assert_eq!(parts.iter().sum::<u64>(), 1_000_003);
+        assert_eq!(parts[3], 0);
+    }
+}

@@ -1,0 +1,18 @@
+//! cnitrace: CPU cycles per packet for each kernel component of the container datapath.
+//!
+//! Data flows one way: kernel hooks -> per-CPU aggregates in BPF maps ([`probe`]) -> snapshots
+//! and windows ([`session`]) -> a pure breakdown ([`breakdown`]) -> renderers ([`render`]).
+//! Everything above [`probe`] runs without privileges on recorded or synthetic data.
+
+pub mod breakdown;
+pub mod components;
+pub mod doctor;
+pub mod error;
+pub mod kallsyms;
+pub mod netns;
+pub mod probe;
+pub mod profile;
+pub mod render;
+pub mod session;
+
+pub use error::Error;

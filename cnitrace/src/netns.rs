@@ -1,0 +1,103 @@
+//! Named network namespaces (/run/netns/NAME, as `ip netns` makes them) and interface lookups
+//! inside them, for validating `--netns` and `--iface` before anything is attached.
+
+use std::{os::fd::AsFd as _, path::PathBuf};
+
+use crate::error::Error;
+
+pub const NETNS_DIR: &str = "/run/netns";
+
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from(NETNS_DIR).join(name)
+}
+
+/// Checks that a named namespace exists.
+pub fn validate(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.contains('/') || !path(name).exists() {
+        return Err(Error::InvalidArgument(format!(
+            "unknown network namespace `{name}`: no {} (list them with `ip netns list`)",
+            path(name).display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `iface` exists in the namespace `netns` (`None`: this process's namespace).
+pub fn has_interface(netns: Option<&str>, iface: &str) -> Result<bool, Error> {
+    let Some(netns) = netns else {
+        return Ok(nix::net::if_::if_nametoindex(iface).is_ok());
+    };
+    let file = std::fs::File::open(path(netns))
+        .map_err(|e| Error::io(format!("open {}", path(netns).display()), e))?;
+    let iface = iface.to_owned();
+    // setns affects only the calling thread, so do it on a thread of its own that then exits.
+    std::thread::spawn(move || -> Result<bool, Error> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| Error::io("setns", e.into()))?;
+        Ok(nix::net::if_::if_nametoindex(iface.as_str()).is_ok())
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(Error::InvalidArgument(
+            "namespace lookup thread panicked".to_owned(),
+        ))
+    })
+}
+
+/// Checks every interface exists in this namespace or one of `namespaces`.
+pub fn validate_interfaces(ifaces: &[String], namespaces: &[String]) -> Result<(), Error> {
+    for ns in namespaces {
+        validate(ns)?;
+    }
+    for iface in ifaces {
+        if iface.is_empty() || iface.len() >= cnitrace_common::IFNAMSIZ {
+            return Err(Error::InvalidArgument(format!(
+                "`{iface}` is not a valid interface name (1 to 15 bytes)"
+            )));
+        }
+        let mut found = has_interface(None, iface)?;
+        for ns in namespaces {
+            found = found || has_interface(Some(ns), iface)?;
+        }
+        if !found {
+            let scope = if namespaces.is_empty() {
+                "this network namespace (name the pod's with --netns)".to_owned()
+            } else {
+                format!("this network namespace or in {}", namespaces.join(", "))
+            };
+            return Err(Error::InvalidArgument(format!(
+                "unknown interface `{iface}`: not found in {scope}; list them with `ip link`"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_exists_and_nonsense_does_not() {
+        assert!(has_interface(None, "lo").unwrap());
+        assert!(!has_interface(None, "cnt-nope0").unwrap());
+        let err = validate_interfaces(&["cnt-nope0".into()], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown interface `cnt-nope0`"), "{err}");
+        let err = validate_interfaces(&["x".repeat(20)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a valid interface name"), "{err}");
+    }
+
+    #[test]
+    fn unknown_namespace_is_named() {
+        let err = validate("cnitrace-no-such-ns").unwrap_err().to_string();
+        assert!(
+            err.contains("cnitrace-no-such-ns") && err.contains("ip netns list"),
+            "{err}"
+        );
+        assert!(validate("../etc").is_err());
+    }
+}

@@ -1,0 +1,344 @@
+//! The sampling backend: a `perf_event` program on every online CPU aggregates kernel stacks in
+//! per-CPU maps, and two `net:` tracepoints count packets per device. Programs are attached
+//! once; a window is the difference of two snapshots, so nothing is reset or re-attached.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    programs::{
+        PerfEvent, TracePoint,
+        perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+    util::online_cpus,
+};
+use cnitrace_common::{
+    IfaceCounters, IfaceKey, SampleKey, SampleValue, fault, global, map, program,
+};
+
+use super::{clock, privileges, tracefs};
+use crate::{
+    breakdown::{Clock, ClockSource, Faults, RawWindow, StackSample},
+    error::Error,
+    kallsyms::Kallsyms,
+    session::Snapshot,
+};
+
+/// The eBPF object built by build.rs from cnitrace-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cnitrace"));
+
+/// Highest sampling frequency accepted; perf_event_max_sample_rate may lower it further.
+pub const MAX_FREQUENCY_HZ: u64 = 20_000;
+pub const DEFAULT_FREQUENCY_HZ: u64 = 999;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockChoice {
+    /// Hardware cycles when the PMU is present, else cpu-clock.
+    Auto,
+    /// cpu-clock even when a PMU exists.
+    CpuClock,
+}
+
+#[derive(Debug, Clone)]
+pub struct SamplerConfig {
+    pub frequency_hz: u64,
+    pub clock: ClockChoice,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self {
+            frequency_hz: DEFAULT_FREQUENCY_HZ,
+            clock: ClockChoice::Auto,
+        }
+    }
+}
+
+/// Checks a sampling frequency against our bound and the kernel's perf_event_max_sample_rate.
+pub fn validate_frequency(hz: u64) -> Result<(), Error> {
+    if hz == 0 || hz > MAX_FREQUENCY_HZ {
+        return Err(Error::InvalidArgument(format!(
+            "--frequency {hz} is out of range: use 1..={MAX_FREQUENCY_HZ} Hz (default {DEFAULT_FREQUENCY_HZ})"
+        )));
+    }
+    let limit = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(limit) = limit
+        && hz > limit
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--frequency {hz} exceeds kernel.perf_event_max_sample_rate={limit}: lower it, or raise \
+             the sysctl"
+        )));
+    }
+    Ok(())
+}
+
+/// The loaded and attached sampler. Dropping it detaches and unloads every program.
+pub struct Sampler {
+    ebpf: Ebpf,
+    clock: Clock,
+    frequency_hz: u64,
+    cpus: u32,
+}
+
+impl Sampler {
+    /// Loads the object, attaches the packet tracepoints and a sampler on every online CPU.
+    pub fn start(config: &SamplerConfig) -> Result<Self, Error> {
+        validate_frequency(config.frequency_hz)?;
+        privileges::check()?;
+        privileges::raise_memlock_limit();
+        let root = tracefs::ensure_mounted()?;
+        let tx = tracefs::offsets(
+            &root,
+            "net",
+            "net_dev_start_xmit",
+            &["name", "len", "gso_segs"],
+        )?;
+        let rx = tracefs::offsets(&root, "net", "netif_receive_skb", &["name", "len"])?;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(global::TX_NAME_LOC, &tx[0], true)
+            .override_global(global::TX_LEN, &tx[1], true)
+            .override_global(global::TX_GSO_SEGS, &tx[2], true)
+            .override_global(global::RX_NAME_LOC, &rx[0], true)
+            .override_global(global::RX_LEN, &rx[1], true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+
+        for (name, event) in [
+            (program::TX_COUNTER, "net_dev_start_xmit"),
+            (program::RX_COUNTER, "netif_receive_skb"),
+        ] {
+            let prog: &mut TracePoint = program_mut(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|e| Error::program(format!("load {name}"), e))?;
+            prog.attach("net", event)
+                .map_err(|e| Error::program(format!("attach {name} to net:{event}"), e))?;
+        }
+
+        let cpus = online_cpus().map_err(|(path, e)| Error::io(format!("read {path}"), e))?;
+        let prog: &mut PerfEvent = program_mut(&mut ebpf, program::SAMPLER)?;
+        prog.load()
+            .map_err(|e| Error::program(format!("load {}", program::SAMPLER), e))?;
+        let clock = attach_sampler(prog, &cpus, config)?;
+        tracing::debug!(?clock, cpus = cpus.len(), "sampler attached");
+        Ok(Self {
+            ebpf,
+            clock,
+            frequency_hz: config.frequency_hz,
+            cpus: cpus.len() as u32,
+        })
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn frequency_hz(&self) -> u64 {
+        self.frequency_hz
+    }
+
+    /// Reads the cumulative aggregates. Cheap enough to call every second.
+    pub fn snapshot(&self) -> Result<Snapshot, Error> {
+        let wall = chrono::Utc::now();
+        let mono = std::time::Instant::now();
+        let samples_map: PerCpuHashMap<&MapData, SampleKey, SampleValue> =
+            map_ref(&self.ebpf, map::SAMPLES)?;
+        let mut samples = HashMap::new();
+        for entry in samples_map.iter() {
+            let (key, per_cpu) = entry.map_err(|e| Error::map(map::SAMPLES, e))?;
+            let total = per_cpu
+                .iter()
+                .fold(SampleValue::default(), |acc, v| SampleValue {
+                    count: acc.count + v.count,
+                    period: acc.period + v.period,
+                });
+            samples.insert(key, total);
+        }
+        let ifaces_map: PerCpuHashMap<&MapData, IfaceKey, IfaceCounters> =
+            map_ref(&self.ebpf, map::IFACES)?;
+        let mut ifaces = BTreeMap::new();
+        for entry in ifaces_map.iter() {
+            let (key, per_cpu) = entry.map_err(|e| Error::map(map::IFACES, e))?;
+            let total = per_cpu
+                .iter()
+                .fold(IfaceCounters::default(), |a, c| IfaceCounters {
+                    tx_skbs: a.tx_skbs + c.tx_skbs,
+                    tx_segments: a.tx_segments + c.tx_segments,
+                    tx_bytes: a.tx_bytes + c.tx_bytes,
+                    rx_skbs: a.rx_skbs + c.rx_skbs,
+                    rx_bytes: a.rx_bytes + c.rx_bytes,
+                });
+            ifaces.insert(iface_name(&key), total);
+        }
+        let faults_map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::FAULTS)?;
+        let fault_sum = |index: u32| -> Result<u64, Error> {
+            let per_cpu = faults_map
+                .get(&index, 0)
+                .map_err(|e| Error::map(map::FAULTS, e))?;
+            Ok(per_cpu.iter().sum())
+        };
+        let faults = Faults {
+            samples_seen: fault_sum(fault::SAMPLES_SEEN)?,
+            stack_lost: fault_sum(fault::STACK_LOST)?,
+            sample_map_full: fault_sum(fault::SAMPLE_MAP_FULL)?,
+            iface_map_full: fault_sum(fault::IFACE_MAP_FULL)?,
+            tracepoint_read: fault_sum(fault::TRACEPOINT_READ)?,
+        };
+        Ok(Snapshot {
+            wall,
+            mono,
+            samples,
+            ifaces,
+            faults,
+        })
+    }
+
+    /// The window between two snapshots, with stacks read from the kernel and symbolized.
+    pub fn window(
+        &self,
+        start: &Snapshot,
+        end: &Snapshot,
+        kallsyms: &Kallsyms,
+    ) -> Result<RawWindow, Error> {
+        let delta = end.delta(start);
+        let stacks: StackTraceMap<&MapData> = map_ref(&self.ebpf, map::STACKS)?;
+        let mut frames_by_id: HashMap<i32, Vec<String>> = HashMap::new();
+        let mut samples = Vec::with_capacity(delta.samples.len());
+        for (key, value) in delta.samples {
+            let has_stack = key.kernel_stack_id >= 0;
+            let frames = if has_stack {
+                if let Some(frames) = frames_by_id.get(&key.kernel_stack_id) {
+                    frames.clone()
+                } else {
+                    let frames = match stacks.get(&(key.kernel_stack_id as u32), 0) {
+                        Ok(trace) => trace
+                            .frames()
+                            .iter()
+                            .map(|f| kallsyms.resolve(f.ip).unwrap_or("[unknown]").to_owned())
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    frames_by_id.insert(key.kernel_stack_id, frames.clone());
+                    frames
+                }
+            } else {
+                Vec::new()
+            };
+            let user = key.flags & cnitrace_common::SAMPLE_FLAG_USER != 0;
+            samples.push(StackSample {
+                stack_lost: !user && frames.is_empty(),
+                frames,
+                flags: key.flags,
+                count: value.count,
+                period: value.period,
+            });
+        }
+        Ok(RawWindow {
+            start: start.wall,
+            end: end.wall,
+            duration_s: end.mono.duration_since(start.mono).as_secs_f64(),
+            clock: self.clock.clone(),
+            frequency_hz: self.frequency_hz,
+            cpus: self.cpus,
+            samples,
+            ifaces: delta.ifaces,
+            faults: delta.faults,
+        })
+    }
+}
+
+fn attach_sampler(
+    prog: &mut PerfEvent,
+    cpus: &[u32],
+    config: &SamplerConfig,
+) -> Result<Clock, Error> {
+    let (pmu, _) = clock::pmu_present();
+    let calibration = clock::calibrate(std::time::Duration::from_millis(100));
+    if pmu && config.clock == ClockChoice::Auto {
+        let hardware = PerfEventConfig::Hardware(HardwareEvent::CpuCycles);
+        let mut links = Vec::with_capacity(cpus.len());
+        let mut failure = None;
+        for &cpu in cpus {
+            match prog.attach(
+                hardware,
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(config.frequency_hz),
+                false,
+            ) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => {
+                return Ok(Clock {
+                    source: ClockSource::PmuCycles,
+                    cycles_per_ns: calibration.cycles_per_ns,
+                    calibration: format!(
+                        "sample periods are PMU cycles; cycles_per_ns from {}",
+                        calibration.method
+                    ),
+                });
+            }
+            Some(e) => {
+                tracing::warn!("hardware cycles unavailable ({e}); sampling cpu-clock instead");
+                for link in links {
+                    // Best effort: the program is dropped with the Ebpf object anyway.
+                    let _ = prog.detach(link);
+                }
+            }
+        }
+    }
+    let period_ns = 1_000_000_000 / config.frequency_hz;
+    for &cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Period(period_ns),
+            false,
+        )
+        .map_err(|e| Error::program(format!("attach cpu-clock sampler on CPU {cpu}"), e))?;
+    }
+    Ok(Clock {
+        source: ClockSource::CpuClock,
+        cycles_per_ns: calibration.cycles_per_ns,
+        calibration: calibration.method,
+    })
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Object(format!("program {name} missing from the eBPF object")))?;
+    prog.try_into()
+        .map_err(|e| Error::program(format!("program {name}"), e))
+}
+
+fn map_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| Error::Object(format!("map {name} missing from the eBPF object")))?;
+    T::try_from(map).map_err(|e| Error::map(name, e))
+}
+
+fn iface_name(key: &IfaceKey) -> String {
+    let end = key
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(key.name.len());
+    String::from_utf8_lossy(&key.name[..end]).into_owned()
+}

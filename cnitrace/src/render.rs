@@ -1,0 +1,123 @@
+//! Human-readable output: the breakdown as a table with bars, and what could not be measured.
+
+use std::fmt::Write as _;
+
+use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+
+use crate::breakdown::{Breakdown, ClockSource, ComponentCost};
+
+const BAR_WIDTH: usize = 30;
+
+fn bar(share: f64) -> String {
+    let filled = (share.clamp(0.0, 1.0) * BAR_WIDTH as f64).round() as usize;
+    "█".repeat(filled)
+}
+
+fn cpp_cell(cpp: Option<f64>) -> String {
+    cpp.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn row(table: &mut Table, c: &ComponentCost, indent: &str) {
+    let status = if c.available { "" } else { " (unavailable)" };
+    table.add_row(vec![
+        Cell::new(format!("{indent}{}{status}", c.name)),
+        Cell::new(format!("{:.1}", c.cycles as f64 / 1e6)).set_alignment(CellAlignment::Right),
+        Cell::new(cpp_cell(c.cpp)).set_alignment(CellAlignment::Right),
+        Cell::new(format!("{:.1}%", c.share * 100.0)).set_alignment(CellAlignment::Right),
+        Cell::new(bar(c.share)),
+    ]);
+}
+
+/// The breakdown as a table for people.
+pub fn table(b: &Breakdown) -> String {
+    let mut out = String::new();
+    let clock = match b.clock.source {
+        ClockSource::PmuCycles => "PMU cycles".to_owned(),
+        ClockSource::CpuClock => format!(
+            "cpu-clock x {:.3} cycles/ns ({})",
+            b.clock.cycles_per_ns, b.clock.calibration
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "node {}  kernel {}  backend {}  window {:.2}s  clock {clock}",
+        b.node, b.kernel, b.backend, b.window.duration_s
+    );
+    let _ = writeln!(
+        out,
+        "packets: {} {}s ({} skbs, {} segments, {:.1} MB) from {}",
+        b.packets.count,
+        b.packets.unit.as_str(),
+        b.packets.skbs,
+        b.packets.segments,
+        b.packets.bytes as f64 / 1e6,
+        b.packets.source
+    );
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec!["component", "Mcycles", "CPP", "share", ""]);
+    for component in &b.components {
+        row(&mut table, component, "");
+        for sub in b
+            .subcomponents
+            .iter()
+            .filter(|s| crate::components::top_level(&s.name) == component.name)
+        {
+            row(&mut table, sub, "  ");
+        }
+    }
+    table.add_row(vec![
+        Cell::new("total (busy)"),
+        Cell::new(format!("{:.1}", b.total.cycles as f64 / 1e6))
+            .set_alignment(CellAlignment::Right),
+        Cell::new(cpp_cell(b.total.cpp)).set_alignment(CellAlignment::Right),
+        Cell::new("100.0%").set_alignment(CellAlignment::Right),
+        Cell::new(""),
+    ]);
+    let _ = writeln!(out, "{table}");
+    if b.total.cpp.is_none() {
+        let _ = writeln!(
+            out,
+            "CPP is undefined: no packet was counted in the window (see --iface)."
+        );
+    }
+    if !b.unavailable.is_empty() {
+        let _ = writeln!(out, "not measurable on this node:");
+        for u in &b.unavailable {
+            let _ = writeln!(out, "  {:<15} {}", u.name, u.reason);
+        }
+    }
+    let q = &b.quality;
+    let _ = writeln!(
+        out,
+        "samples: {} ({} busy, {} idle; {} expected at {} Hz), lost {} (stack {}, map full {}), \
+         cnitrace's own cost {:.2}% of busy cycles",
+        q.samples,
+        q.busy_samples,
+        q.idle_samples,
+        q.expected_samples,
+        q.frequency_hz,
+        q.lost,
+        q.stack_lost,
+        q.sample_map_full,
+        if b.total.cycles == 0 {
+            0.0
+        } else {
+            q.self_cycles as f64 * 100.0 / b.total.cycles as f64
+        }
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_scale_with_share() {
+        assert_eq!(bar(0.0), "");
+        assert_eq!(bar(1.0).chars().count(), BAR_WIDTH);
+        assert_eq!(bar(0.5).chars().count(), BAR_WIDTH / 2);
+        assert_eq!(bar(7.0).chars().count(), BAR_WIDTH);
+    }
+}

@@ -1,0 +1,206 @@
+//! Measurement windows: a snapshot of the cumulative kernel aggregates, the difference of two
+//! snapshots, and turning a window into a Breakdown with the node's context.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use cnitrace_common::{IfaceCounters, SampleKey, SampleValue};
+
+use crate::{
+    breakdown::{self, Breakdown, Context, Faults, PacketSelection, RawWindow, Unavailable},
+    components::{self, COMPONENTS},
+    kallsyms::Kallsyms,
+};
+
+/// Cumulative counters at one instant.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub wall: DateTime<Utc>,
+    pub mono: std::time::Instant,
+    pub samples: HashMap<SampleKey, SampleValue>,
+    pub ifaces: BTreeMap<String, IfaceCounters>,
+    pub faults: Faults,
+}
+
+/// What happened between two snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    pub samples: Vec<(SampleKey, SampleValue)>,
+    pub ifaces: BTreeMap<String, IfaceCounters>,
+    pub faults: Faults,
+}
+
+impl Snapshot {
+    /// `self - earlier`, keeping only entries that changed. Counters only grow, so a key absent
+    /// from `earlier` started at zero.
+    pub fn delta(&self, earlier: &Snapshot) -> Delta {
+        let mut samples: Vec<(SampleKey, SampleValue)> = self
+            .samples
+            .iter()
+            .filter_map(|(key, now)| {
+                let before = earlier.samples.get(key).copied().unwrap_or_default();
+                let count = now.count.saturating_sub(before.count);
+                (count > 0).then(|| {
+                    (
+                        *key,
+                        SampleValue {
+                            count,
+                            period: now.period.saturating_sub(before.period),
+                        },
+                    )
+                })
+            })
+            .collect();
+        samples.sort_unstable_by_key(|(key, _)| *key);
+        let ifaces = self
+            .ifaces
+            .iter()
+            .filter_map(|(name, now)| {
+                let before = earlier.ifaces.get(name).copied().unwrap_or_default();
+                let diff = IfaceCounters {
+                    tx_skbs: now.tx_skbs.saturating_sub(before.tx_skbs),
+                    tx_segments: now.tx_segments.saturating_sub(before.tx_segments),
+                    tx_bytes: now.tx_bytes.saturating_sub(before.tx_bytes),
+                    rx_skbs: now.rx_skbs.saturating_sub(before.rx_skbs),
+                    rx_bytes: now.rx_bytes.saturating_sub(before.rx_bytes),
+                };
+                (diff != IfaceCounters::default()).then(|| (name.clone(), diff))
+            })
+            .collect();
+        let (a, b) = (&self.faults, &earlier.faults);
+        let faults = Faults {
+            samples_seen: a.samples_seen.saturating_sub(b.samples_seen),
+            stack_lost: a.stack_lost.saturating_sub(b.stack_lost),
+            sample_map_full: a.sample_map_full.saturating_sub(b.sample_map_full),
+            iface_map_full: a.iface_map_full.saturating_sub(b.iface_map_full),
+            tracepoint_read: a.tracepoint_read.saturating_sub(b.tracepoint_read),
+        };
+        Delta {
+            samples,
+            ifaces,
+            faults,
+        }
+    }
+}
+
+/// The node name: NODE_NAME (the DaemonSet sets it from spec.nodeName), else the hostname.
+pub fn node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Components whose code is absent from this kernel, with the reason.
+pub fn unavailable_components(kallsyms: &Kallsyms) -> Vec<Unavailable> {
+    let present: std::collections::HashSet<&str> =
+        kallsyms.names().map(components::base_name).collect();
+    COMPONENTS
+        .iter()
+        .filter_map(|c| {
+            components::unavailable_reason(c, |s| present.contains(s)).map(|reason| Unavailable {
+                name: c.name.to_owned(),
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// The Breakdown of a window, with this node's context.
+pub fn breakdown_of(
+    raw: &RawWindow,
+    kallsyms: &Kallsyms,
+    backend: &str,
+    selection: &PacketSelection,
+) -> Breakdown {
+    let context = Context {
+        node: node_name(),
+        kernel: kernel_release(),
+        backend: backend.to_owned(),
+        unavailable: unavailable_components(kallsyms),
+    };
+    breakdown::compute(raw, &context, selection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(samples: &[(i32, u64, u64)], ifaces: &[(&str, u64)], stack_lost: u64) -> Snapshot {
+        Snapshot {
+            wall: Utc::now(),
+            mono: std::time::Instant::now(),
+            samples: samples
+                .iter()
+                .map(|&(id, count, period)| {
+                    (
+                        SampleKey {
+                            kernel_stack_id: id,
+                            flags: 0,
+                        },
+                        SampleValue { count, period },
+                    )
+                })
+                .collect(),
+            ifaces: ifaces
+                .iter()
+                .map(|&(n, skbs)| {
+                    (
+                        n.to_owned(),
+                        IfaceCounters {
+                            tx_skbs: skbs,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+            faults: Faults {
+                stack_lost,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn delta_keeps_only_what_changed() {
+        let a = snapshot(&[(1, 10, 100), (2, 5, 50)], &[("veth0", 7), ("lo", 3)], 1);
+        let b = snapshot(
+            &[(1, 15, 150), (2, 5, 50), (3, 2, 20)],
+            &[("veth0", 10), ("lo", 3)],
+            4,
+        );
+        let d = b.delta(&a);
+        let ids: Vec<(i32, u64, u64)> = d
+            .samples
+            .iter()
+            .map(|(k, v)| (k.kernel_stack_id, v.count, v.period))
+            .collect();
+        assert_eq!(ids, vec![(1, 5, 50), (3, 2, 20)]);
+        assert_eq!(d.ifaces.len(), 1);
+        assert_eq!(d.ifaces["veth0"].tx_skbs, 3);
+        assert_eq!(d.faults.stack_lost, 3);
+    }
+
+    #[test]
+    fn unavailable_lists_absent_components_with_reasons() {
+        let syms =
+            Kallsyms::parse("ffffffff81000000 t br_forward\nffffffff81000100 t nf_hook_slow\n");
+        let unavailable = unavailable_components(&syms);
+        let names: Vec<&str> = unavailable.iter().map(|u| u.name.as_str()).collect();
+        assert!(names.contains(&"ipip") && names.contains(&"vxlan") && names.contains(&"ovs"));
+        assert!(!names.contains(&"bridge") && !names.contains(&"netfilter"));
+        assert!(!names.contains(&"other") && !names.contains(&"bpf"));
+        assert!(unavailable.iter().all(|u| !u.reason.is_empty()));
+    }
+}
