@@ -35,8 +35,11 @@ pub mod global {
     pub const RX_LEN: &str = "RX_LEN";
 }
 
-/// Capacity of the stack trace map. Hash collisions past this are counted, not silently lost.
-pub const MAX_STACKS: u32 = 16_384;
+/// Capacity of the stack table (distinct kernel stacks). Filling it is counted, not silent.
+pub const MAX_STACKS: u32 = 32_768;
+/// Innermost kernel frames kept per stack: enough to reach the datapath component from the
+/// sampled instruction; the outer syscall or softirq entry frames do not change attribution.
+pub const STACK_DEPTH: usize = 64;
 /// Capacity of the per-CPU sample aggregate (distinct stack + flags keys).
 pub const MAX_SAMPLE_KEYS: u32 = 32_768;
 /// Capacity of the per-interface packet counters (interface names, all namespaces).
@@ -54,11 +57,32 @@ pub const SAMPLE_FLAG_IDLE_TASK: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct SampleKey {
-    /// Id in the stack trace map, or a negative errno when no kernel stack was taken.
-    pub kernel_stack_id: i32,
+    /// 64-bit FNV-1a hash of the kernel frames (key of the stack table); 0 when no kernel stack
+    /// was taken (user mode, or the copy failed).
+    pub stack_hash: u64,
     /// `SAMPLE_FLAG_*` bits.
     pub flags: u32,
+    pub _pad: u32,
 }
+
+/// One kernel stack: return addresses, innermost first, zero-filled past the last frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackFrames {
+    pub ips: [u64; STACK_DEPTH],
+}
+
+impl Default for StackFrames {
+    fn default() -> Self {
+        Self {
+            ips: [0; STACK_DEPTH],
+        }
+    }
+}
+
+/// FNV-1a over a stack's frames; the same function on both sides keeps keys comparable.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// Value of the sample aggregate.
 #[repr(C)]
@@ -70,8 +94,10 @@ pub struct SampleValue {
     pub period: u64,
 }
 
-/// Key of the packet counters: the device name as the tracepoint reports it.
-#[repr(C)]
+/// Key of the packet counters: the device name as the tracepoint reports it. Aligned to 8 so
+/// zeroing it compiles to two stores instead of a call to a `memset` BPF subprogram (which
+/// kallsyms would list as a program of its own).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct IfaceKey {
     pub name: [u8; IFNAMSIZ],
@@ -91,7 +117,8 @@ pub struct IfaceCounters {
 
 /// Indices of the per-CPU fault counters: every way a kernel-side update can fail.
 pub mod fault {
-    /// `bpf_get_stackid` failed (bucket collision or map full): the sample has no stack.
+    /// The kernel stack could not be copied or the stack table was full: the sample's time is
+    /// kept but it cannot be attributed to a component.
     pub const STACK_LOST: u32 = 0;
     /// The sample aggregate was full: the sample is lost entirely.
     pub const SAMPLE_MAP_FULL: u32 = 1;
@@ -105,7 +132,8 @@ pub mod fault {
     pub const COUNT: u32 = 5;
 }
 
-const _: () = assert!(core::mem::size_of::<SampleKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
+const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * STACK_DEPTH);
 const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
 const _: () = assert!(core::mem::size_of::<IfaceKey>() == IFNAMSIZ);
 const _: () = assert!(core::mem::size_of::<IfaceCounters>() == 40);
@@ -120,4 +148,6 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IfaceCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StackFrames {}
 }

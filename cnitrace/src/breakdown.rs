@@ -127,8 +127,22 @@ pub struct Breakdown {
     /// Dotted sub-components (`netfilter.conntrack`, ...); within a component they add up to it.
     pub subcomponents: Vec<ComponentCost>,
     pub unavailable: Vec<Unavailable>,
+    /// The hottest sampled functions (innermost frame), for finding what a component is made of.
+    pub top_functions: Vec<FunctionCost>,
     pub quality: Quality,
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCost {
+    pub function: String,
+    /// The dotted component the whole sample was attributed to.
+    pub component: String,
+    pub cycles: u64,
+    pub share: f64,
+}
+
+/// How many functions `top_functions` lists.
+pub const TOP_FUNCTIONS: usize = 25;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Window {
@@ -312,6 +326,7 @@ pub fn select_packets(
 /// Turns a window into a Breakdown. Component cycles add up exactly to `total.cycles`.
 pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) -> Breakdown {
     let mut period_by_class: HashMap<&'static str, u64> = HashMap::new();
+    let mut period_by_function: HashMap<(&str, &'static str), u64> = HashMap::new();
     let (mut busy_samples, mut idle_samples, mut samples) = (0u64, 0u64, 0u64);
     for sample in &raw.samples {
         samples += sample.count;
@@ -319,6 +334,11 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             Some(class) => {
                 busy_samples += sample.count;
                 *period_by_class.entry(class).or_default() += sample.period;
+                let function = sample
+                    .frames
+                    .first()
+                    .map_or("[user or unknown]", String::as_str);
+                *period_by_function.entry((function, class)).or_default() += sample.period;
             }
             None => idle_samples += sample.count,
         }
@@ -388,6 +408,26 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             .map_or(0, |c| c.cycles)
     };
 
+    let cycles_per_unit = raw.clock.cycles_per_period_unit();
+    let mut top_functions: Vec<FunctionCost> = period_by_function
+        .into_iter()
+        .map(|((function, class), period)| {
+            let cycles = (period as f64 * cycles_per_unit).round() as u64;
+            FunctionCost {
+                function: function.to_owned(),
+                component: class.to_owned(),
+                cycles,
+                share: share(cycles, total_cycles),
+            }
+        })
+        .collect();
+    top_functions.sort_unstable_by(|a, b| {
+        b.cycles
+            .cmp(&a.cycles)
+            .then_with(|| a.function.cmp(&b.function))
+    });
+    top_functions.truncate(TOP_FUNCTIONS);
+
     let lost = raw.faults.stack_lost + raw.faults.sample_map_full;
     Breakdown {
         node: context.node.clone(),
@@ -406,6 +446,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         packets,
         components: components_out,
         unavailable: context.unavailable.clone(),
+        top_functions,
         quality: Quality {
             samples,
             busy_samples,
@@ -608,6 +649,12 @@ mod tests {
         assert_eq!(b.quality.busy_samples, 100);
         assert_eq!(b.quality.expected_samples, 20_000);
         assert!(!b.component("ipip").unwrap().available);
+        assert_eq!(b.top_functions[0].function, "br_forward");
+        assert_eq!(b.top_functions[0].component, "bridge");
+        assert!(
+            b.top_functions.iter().all(|f| f.function != "default_idle"),
+            "idle is not a hot function"
+        );
         assert_eq!(b.component("ipip").unwrap().cycles, 0);
     }
 

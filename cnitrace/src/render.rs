@@ -87,6 +87,18 @@ pub fn table(b: &Breakdown) -> String {
             let _ = writeln!(out, "  {:<15} {}", u.name, u.reason);
         }
     }
+    if !b.top_functions.is_empty() {
+        let _ = writeln!(out, "hottest functions (innermost frame):");
+        for f in b.top_functions.iter().take(12) {
+            let _ = writeln!(
+                out,
+                "  {:>5.1}%  {:<40} {}",
+                f.share * 100.0,
+                f.function,
+                f.component
+            );
+        }
+    }
     let q = &b.quality;
     let _ = writeln!(
         out,

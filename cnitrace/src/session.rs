@@ -137,7 +137,7 @@ pub fn breakdown_of(
 mod tests {
     use super::*;
 
-    fn snapshot(samples: &[(i32, u64, u64)], ifaces: &[(&str, u64)], stack_lost: u64) -> Snapshot {
+    fn snapshot(samples: &[(u64, u64, u64)], ifaces: &[(&str, u64)], stack_lost: u64) -> Snapshot {
         Snapshot {
             wall: Utc::now(),
             mono: std::time::Instant::now(),
@@ -146,8 +146,9 @@ mod tests {
                 .map(|&(id, count, period)| {
                     (
                         SampleKey {
-                            kernel_stack_id: id,
+                            stack_hash: id,
                             flags: 0,
+                            _pad: 0,
                         },
                         SampleValue { count, period },
                     )
@@ -181,10 +182,10 @@ mod tests {
             4,
         );
         let d = b.delta(&a);
-        let ids: Vec<(i32, u64, u64)> = d
+        let ids: Vec<(u64, u64, u64)> = d
             .samples
             .iter()
-            .map(|(k, v)| (k.kernel_stack_id, v.count, v.period))
+            .map(|(k, v)| (k.stack_hash, v.count, v.period))
             .collect();
         assert_eq!(ids, vec![(1, 5, 50), (3, 2, 20)]);
         assert_eq!(d.ifaces.len(), 1);

@@ -1,1 +1,389 @@
-//! Test fixtures.
+//! Fixtures for privileged tests and the demo: pod pairs in network namespaces the fixture
+//! creates itself, real iperf3 traffic between them, and the cnitrace binary.
+//!
+//! Everything lives in namespaces named `cnt-<pid>-<n>-<role>`; dropping a [`Topology`] deletes
+//! them (and with them every veth, bridge and rule inside), also when a test fails halfway.
+//! [`remove_stale`] removes what a crashed run left behind.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Prefix of every namespace the fixtures create.
+pub const PREFIX: &str = "cnt-";
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, failing with its stderr when it does not succeed.
+pub fn run(program: &str, args: &[&str]) -> Result<Output> {
+    let output = Command::new(program).args(args).output().with_context(|| {
+        format!("cannot run {program} (is it installed? `cargo xtask bootstrap` installs it)")
+    })?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// Runs a command inside a named namespace.
+pub fn ns_run(ns: &str, args: &[&str]) -> Result<Output> {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// The shape of a pod pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Two pods on a Linux bridge in a node namespace, bridge-nf-call-iptables=1 and `rules`
+    /// non-matching FORWARD rules (Flannel / kube-router intra-host).
+    Bridged { rules: usize },
+    /// Two pods routed by the node namespace's IP stack, no bridge (Calico intra-host).
+    Routed,
+}
+
+/// A node namespace with two pod namespaces. Dropping it removes all three.
+pub struct Topology {
+    pub shape: Shape,
+    pub node: String,
+    pub client: String,
+    pub server: String,
+    pub server_ip: String,
+    /// The client pod's interface (unique name): it transmits the benchmark's data packets.
+    pub client_iface: String,
+    namespaces: Vec<String>,
+}
+
+impl Topology {
+    pub fn new(shape: Shape) -> Result<Self> {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let base = format!("{PREFIX}{pid}-{id}");
+        // Interface names are global to the packet counters (keyed by name), so make them unique.
+        let tag = format!("{:x}", (pid % 0xfffff) * 16 + id % 16);
+        let mut topo = Topology {
+            shape,
+            node: format!("{base}-node"),
+            client: format!("{base}-a"),
+            server: format!("{base}-b"),
+            server_ip: String::new(),
+            client_iface: format!("ca{tag}"),
+            namespaces: Vec::new(),
+        };
+        for ns in [topo.node.clone(), topo.client.clone(), topo.server.clone()] {
+            run("ip", &["netns", "add", &ns])?;
+            topo.namespaces.push(ns.clone());
+            ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        let server_iface = format!("cb{tag}");
+        let (node_a, node_b) = (format!("na{tag}"), format!("nb{tag}"));
+        let (client_ns, server_ns, node_ns) =
+            (topo.client.clone(), topo.server.clone(), topo.node.clone());
+        for (pod_ns, pod_if, node_if) in [
+            (&client_ns, &topo.client_iface, &node_a),
+            (&server_ns, &server_iface, &node_b),
+        ] {
+            ns_run(
+                &node_ns,
+                &[
+                    "ip", "link", "add", node_if, "type", "veth", "peer", "name", pod_if, "netns",
+                    pod_ns,
+                ],
+            )?;
+            ns_run(&node_ns, &["ip", "link", "set", node_if, "up"])?;
+            ns_run(pod_ns, &["ip", "link", "set", pod_if, "up"])?;
+        }
+        match shape {
+            Shape::Bridged { rules } => {
+                let bridge = format!("br{tag}");
+                ns_run(&node_ns, &["ip", "link", "add", &bridge, "type", "bridge"])?;
+                ns_run(&node_ns, &["ip", "link", "set", &bridge, "up"])?;
+                for node_if in [&node_a, &node_b] {
+                    ns_run(&node_ns, &["ip", "link", "set", node_if, "master", &bridge])?;
+                }
+                ns_run(
+                    &client_ns,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        "10.77.0.1/24",
+                        "dev",
+                        &topo.client_iface,
+                    ],
+                )?;
+                ns_run(
+                    &server_ns,
+                    &["ip", "addr", "add", "10.77.0.2/24", "dev", &server_iface],
+                )?;
+                topo.server_ip = "10.77.0.2".to_owned();
+                ns_run(
+                    &node_ns,
+                    &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"],
+                )?;
+                add_forward_rules(&node_ns, rules)?;
+            }
+            Shape::Routed => {
+                ns_run(&node_ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+                ns_run(
+                    &node_ns,
+                    &["ip", "addr", "add", "10.78.1.254/24", "dev", &node_a],
+                )?;
+                ns_run(
+                    &node_ns,
+                    &["ip", "addr", "add", "10.78.2.254/24", "dev", &node_b],
+                )?;
+                ns_run(
+                    &client_ns,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        "10.78.1.1/24",
+                        "dev",
+                        &topo.client_iface,
+                    ],
+                )?;
+                ns_run(
+                    &server_ns,
+                    &["ip", "addr", "add", "10.78.2.1/24", "dev", &server_iface],
+                )?;
+                ns_run(
+                    &client_ns,
+                    &["ip", "route", "add", "default", "via", "10.78.1.254"],
+                )?;
+                ns_run(
+                    &server_ns,
+                    &["ip", "route", "add", "default", "via", "10.78.2.254"],
+                )?;
+                topo.server_ip = "10.78.2.1".to_owned();
+            }
+        }
+        Ok(topo)
+    }
+
+    /// Starts an iperf3 TCP stream from the client pod to the server pod for `seconds`.
+    pub fn start_iperf3(&self, seconds: u32) -> Result<Traffic> {
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.server,
+                "iperf3",
+                "-s",
+                "-1",
+                "-B",
+                &self.server_ip,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "cannot start iperf3 (is it installed? `cargo xtask bootstrap` installs it)",
+            )?;
+        let mut traffic = Traffic {
+            server,
+            client: None,
+        };
+        // Wait until the server listens (a probe connection would use up the one-off server).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let listening = ns_run(&self.server, &["ss", "-Hltn", "sport", "=", ":5201"])
+                .is_ok_and(|out| !out.stdout.is_empty());
+            if listening {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let client = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.client,
+                "iperf3",
+                "-c",
+                &self.server_ip,
+                "-t",
+                &seconds.to_string(),
+                "-J",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start the iperf3 client")?;
+        traffic.client = Some(client);
+        Ok(traffic)
+    }
+}
+
+fn add_forward_rules(ns: &str, rules: usize) -> Result<()> {
+    if rules == 0 {
+        return Ok(());
+    }
+    // One iptables-restore call: thousands of `iptables -A` calls would take minutes.
+    let mut script = String::from("*filter\n:FORWARD ACCEPT [0:0]\n");
+    for i in 0..rules {
+        // 10.200.0.0/16 never appears in the fixtures, so no rule matches and every packet
+        // walks all of them.
+        script.push_str(&format!(
+            "-A FORWARD -s 10.200.{}.{}/32 -j DROP\n",
+            (i / 250) % 250,
+            i % 250 + 1
+        ));
+    }
+    script.push_str("COMMIT\n");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run iptables-restore (is iptables installed?)")?;
+    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, script.as_bytes())?;
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Kill anything still running inside before deleting (iperf3 servers).
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|out| {
+                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A running iperf3 pair. Dropping it kills both ends.
+pub struct Traffic {
+    server: Child,
+    client: Option<Child>,
+}
+
+impl Traffic {
+    /// Waits for the client and returns the throughput it reported, in Gbit/s.
+    pub fn finish(mut self) -> Result<f64> {
+        let client = self.client.take().context("no client")?;
+        let out = client.wait_with_output()?;
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        if !out.status.success() {
+            bail!(
+                "iperf3 client failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+        json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|bps| bps / 1e9)
+            .context("no end.sum_received.bits_per_second in iperf3 output")
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        if let Some(mut client) = self.client.take() {
+            let _ = client.kill();
+            let _ = client.wait();
+        }
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Deletes fixture namespaces whose creating process is gone (left by a crash or kill -9).
+pub fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let owner_alive = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
+        if !owner_alive {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// The cnitrace binary: $CNITRACE_BIN, else target/debug/cnitrace in this workspace.
+pub fn cnitrace_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CNITRACE_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/cnitrace");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p cnitrace` (`cargo xtask test` does), or set CNITRACE_BIN",
+        path.display()
+    );
+    path
+}
+
+/// Names of loaded BPF programs that belong to cnitrace, per `bpftool prog show`.
+pub fn loaded_cnitrace_programs() -> Result<Vec<String>> {
+    let out = run("bpftool", &["prog", "show"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("name cnitrace"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Whether privileged tests can run. When they cannot, says why; under
+/// CNITRACE_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test`) that is a failure, not a skip.
+pub fn privileged(test: &str) -> bool {
+    let is_root = is_root();
+    if is_root {
+        return true;
+    }
+    let reason = format!("{test}: skipped: needs root (real BPF programs and network namespaces)");
+    assert!(
+        std::env::var_os("CNITRACE_REQUIRE_PRIVILEGED").is_none(),
+        "{reason}, but CNITRACE_REQUIRE_PRIVILEGED is set"
+    );
+    eprintln!("{reason}");
+    false
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}

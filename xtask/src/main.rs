@@ -1,1 +1,157 @@
-fn main() {}
+//! Project tasks: `bootstrap` (the eBPF toolchain and test tools), `test` (what CI runs),
+//! `demo` (profile a real datapath on this machine), `bench` (overhead, measured A/B).
+
+mod bench;
+mod bootstrap;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent: checks first, installs what is missing).
+    Bootstrap,
+    /// Lints, unit tests and the privileged integration tests (what CI runs).
+    Test {
+        /// Skip formatting and clippy checks.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Build a bridged pod pair with iptables rules, push iperf3 through it, print the breakdown.
+    Demo {
+        #[arg(long, default_value_t = 10)]
+        duration: u32,
+        /// Non-matching FORWARD rules in the node namespace.
+        #[arg(long, default_value_t = 500)]
+        rules: usize,
+    },
+    /// Sampling overhead on iperf3 throughput, A/B alternated in one run.
+    Bench(bench::Args),
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, streaming its output; fails on a non-zero exit.
+pub fn run_command(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: {shown}");
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|u| u.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+fn test(no_lint: bool) -> Result<()> {
+    bootstrap::ensure()?;
+    if !no_lint {
+        run_command(cargo().args(["fmt", "--all", "--check"]))?;
+        run_command(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        // The eBPF crate only builds for the BPF target, with nightly and build-std.
+        run_command(
+            Command::new("rustup")
+                .args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "clippy",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                ])
+                .args([
+                    "--package",
+                    "cnitrace-ebpf",
+                    "--bins",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env(
+                    "CARGO_ENCODED_RUSTFLAGS",
+                    "--cfg=bpf_target_arch=\"x86_64\"",
+                )
+                .env_remove("RUSTC")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env(
+                    "CARGO_TARGET_DIR",
+                    workspace_root().join("target/ebpf-lint"),
+                ),
+        )?;
+    }
+    run_command(cargo().args(["build", "--package", "cnitrace"]))?;
+    let mut tests = cargo();
+    tests.args(["test", "--workspace", "--exclude", "cnitrace-ebpf"]);
+    if is_root() {
+        // On a machine where the privileged tests can run, a skip is a failure.
+        tests.env("CNITRACE_REQUIRE_PRIVILEGED", "1");
+    } else {
+        eprintln!("xtask: not root: privileged tests will report themselves as skipped");
+    }
+    run_command(&mut tests)?;
+    cnitrace_tests::remove_stale();
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Bootstrap => bootstrap::ensure(),
+        Task::Test { no_lint } => test(no_lint),
+        Task::Demo { duration, rules } => demo::run(duration, rules),
+        Task::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

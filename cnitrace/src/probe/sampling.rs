@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         PerfEvent, TracePoint,
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -14,7 +14,7 @@ use aya::{
     util::online_cpus,
 };
 use cnitrace_common::{
-    IfaceCounters, IfaceKey, SampleKey, SampleValue, fault, global, map, program,
+    IfaceCounters, IfaceKey, SampleKey, SampleValue, StackFrames, fault, global, map, program,
 };
 
 use super::{clock, privileges, tracefs};
@@ -205,28 +205,25 @@ impl Sampler {
         kallsyms: &Kallsyms,
     ) -> Result<RawWindow, Error> {
         let delta = end.delta(start);
-        let stacks: StackTraceMap<&MapData> = map_ref(&self.ebpf, map::STACKS)?;
-        let mut frames_by_id: HashMap<i32, Vec<String>> = HashMap::new();
+        let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&self.ebpf, map::STACKS)?;
+        let mut frames_by_hash: HashMap<u64, Vec<String>> = HashMap::new();
         let mut samples = Vec::with_capacity(delta.samples.len());
         for (key, value) in delta.samples {
-            let has_stack = key.kernel_stack_id >= 0;
-            let frames = if has_stack {
-                if let Some(frames) = frames_by_id.get(&key.kernel_stack_id) {
-                    frames.clone()
-                } else {
-                    let frames = match stacks.get(&(key.kernel_stack_id as u32), 0) {
-                        Ok(trace) => trace
-                            .frames()
+            let frames = if key.stack_hash == 0 {
+                Vec::new()
+            } else {
+                frames_by_hash
+                    .entry(key.stack_hash)
+                    .or_insert_with(|| match stacks.get(&key.stack_hash, 0) {
+                        Ok(stack) => stack
+                            .ips
                             .iter()
-                            .map(|f| kallsyms.resolve(f.ip).unwrap_or("[unknown]").to_owned())
+                            .take_while(|&&ip| ip != 0)
+                            .map(|&ip| kallsyms.resolve(ip).unwrap_or("[unknown]").to_owned())
                             .collect(),
                         Err(_) => Vec::new(),
-                    };
-                    frames_by_id.insert(key.kernel_stack_id, frames.clone());
-                    frames
-                }
-            } else {
-                Vec::new()
+                    })
+                    .clone()
             };
             let user = key.flags & cnitrace_common::SAMPLE_FLAG_USER != 0;
             samples.push(StackSample {
