@@ -1,4 +1,4 @@
-//! Builds the eBPF object (cnitrace-ebpf, nightly, bpfel-unknown-none) and leaves it in OUT_DIR,
+//! Builds the eBPF object (cnitrace-ebpf, nightly, bpfel-unknown-none) and leaves it in `OUT_DIR`,
 //! from where `include_bytes_aligned!` embeds it in the binary.
 fn main() -> anyhow::Result<()> {
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../cnitrace-ebpf");

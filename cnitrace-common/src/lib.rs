@@ -62,7 +62,7 @@ pub struct SampleKey {
     pub stack_hash: u64,
     /// `SAMPLE_FLAG_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    pub padding: u32,
 }
 
 /// One kernel stack: return addresses, innermost first, zero-filled past the last frame.

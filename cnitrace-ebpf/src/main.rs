@@ -70,7 +70,7 @@ fn global(value: &'static u32) -> usize {
 /// `place` must be valid for writes of `T`.
 #[inline(always)]
 unsafe fn zero_in_place<T>(place: *mut T) {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() == 8) };
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8) && core::mem::align_of::<T>() == 8) };
     let words = place.cast::<u64>();
     for i in 0..core::mem::size_of::<T>() / 8 {
         // SAFETY: `i` indexes a u64 inside `*place` (caller guarantees validity and alignment).
@@ -118,7 +118,7 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), u32> {
     let key = SampleKey {
         stack_hash,
         flags,
-        _pad: 0,
+        padding: 0,
     };
     add_sample(&key, period)
 }
@@ -149,8 +149,8 @@ fn record_kernel_stack(ctx: &PerfEventContext) -> Result<Option<u64>, u32> {
         }
     }
     // SAFETY: lookup only; the value is not dereferenced.
-    if unsafe { STACKS.get(&hash) }.is_none()
-        && let Err(errno) = STACKS.insert(&hash, frames, u64::from(BPF_NOEXIST))
+    if unsafe { STACKS.get(hash) }.is_none()
+        && let Err(errno) = STACKS.insert(hash, frames, u64::from(BPF_NOEXIST))
     {
         // -EEXIST: another CPU stored the same stack meanwhile, which is fine.
         if errno != -17 {
@@ -172,7 +172,7 @@ fn add_sample(key: &SampleKey, period: u64) -> Result<(), u32> {
     }
     let value = SampleValue { count: 1, period };
     SAMPLES
-        .insert(key, &value, u64::from(BPF_NOEXIST))
+        .insert(key, value, u64::from(BPF_NOEXIST))
         .map_err(|_| fault::SAMPLE_MAP_FULL)
 }
 

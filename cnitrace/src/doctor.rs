@@ -252,7 +252,11 @@ pub fn detect_cni(dir: &Path) -> Vec<String> {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".conf") || n.ends_with(".conflist"))
+        .filter(|n| {
+            Path::new(n).extension().is_some_and(|ext| {
+                ext.eq_ignore_ascii_case("conf") || ext.eq_ignore_ascii_case("conflist")
+            })
+        })
         .collect();
     names.sort();
     names

@@ -97,9 +97,10 @@ pub fn node_name() -> String {
 }
 
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".to_owned())
+    nix::sys::utsname::uname().map_or_else(
+        |_| "unknown".to_owned(),
+        |u| u.release().to_string_lossy().into_owned(),
+    )
 }
 
 /// Components whose code is absent from this kernel, with the reason.
@@ -148,7 +149,7 @@ mod tests {
                         SampleKey {
                             stack_hash: id,
                             flags: 0,
-                            _pad: 0,
+                            padding: 0,
                         },
                         SampleValue { count, period },
                     )

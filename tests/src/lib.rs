@@ -6,6 +6,7 @@
 //! [`remove_stale`] removes what a crashed run left behind.
 
 use std::{
+    fmt::Write as _,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -126,7 +127,7 @@ impl Topology {
                     &server_ns,
                     &["ip", "addr", "add", "10.77.0.2/24", "dev", &server_iface],
                 )?;
-                topo.server_ip = "10.77.0.2".to_owned();
+                "10.77.0.2".clone_into(&mut topo.server_ip);
                 ns_run(
                     &node_ns,
                     &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"],
@@ -166,7 +167,7 @@ impl Topology {
                     &server_ns,
                     &["ip", "route", "add", "default", "via", "10.78.2.254"],
                 )?;
-                topo.server_ip = "10.78.2.1".to_owned();
+                "10.78.2.1".clone_into(&mut topo.server_ip);
             }
         }
         Ok(topo)
@@ -235,11 +236,12 @@ fn add_forward_rules(ns: &str, rules: usize) -> Result<()> {
     for i in 0..rules {
         // 10.200.0.0/16 never appears in the fixtures, so no rule matches and every packet
         // walks all of them.
-        script.push_str(&format!(
-            "-A FORWARD -s 10.200.{}.{}/32 -j DROP\n",
+        let _ = writeln!(
+            script,
+            "-A FORWARD -s 10.200.{}.{}/32 -j DROP",
             (i / 250) % 250,
             i % 250 + 1
-        ));
+        );
     }
     script.push_str("COMMIT\n");
     let mut child = Command::new("ip")

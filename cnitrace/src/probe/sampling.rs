@@ -148,7 +148,7 @@ impl Sampler {
         let samples_map: PerCpuHashMap<&MapData, SampleKey, SampleValue> =
             map_ref(&self.ebpf, map::SAMPLES)?;
         let mut samples = HashMap::new();
-        for entry in samples_map.iter() {
+        for entry in &samples_map {
             let (key, per_cpu) = entry.map_err(|e| Error::map(map::SAMPLES, e))?;
             let total = per_cpu
                 .iter()
@@ -161,7 +161,7 @@ impl Sampler {
         let ifaces_map: PerCpuHashMap<&MapData, IfaceKey, IfaceCounters> =
             map_ref(&self.ebpf, map::IFACES)?;
         let mut ifaces = BTreeMap::new();
-        for entry in ifaces_map.iter() {
+        for entry in &ifaces_map {
             let (key, per_cpu) = entry.map_err(|e| Error::map(map::IFACES, e))?;
             let total = per_cpu
                 .iter()
