@@ -94,6 +94,26 @@ pub struct SampleValue {
     pub period: u64,
 }
 
+impl SampleValue {
+    /// Sum of two aggregates (per-CPU values are summed this way).
+    #[must_use]
+    pub const fn plus(&self, other: &Self) -> Self {
+        Self {
+            count: self.count + other.count,
+            period: self.period + other.period,
+        }
+    }
+
+    /// What was added since `earlier` (counters only grow; saturating guards a map reset).
+    #[must_use]
+    pub const fn since(&self, earlier: &Self) -> Self {
+        Self {
+            count: self.count.saturating_sub(earlier.count),
+            period: self.period.saturating_sub(earlier.period),
+        }
+    }
+}
+
 /// Key of the packet counters: the device name as the tracepoint reports it. Aligned to 8 so
 /// zeroing it compiles to two stores instead of a call to a `memset` BPF subprogram (which
 /// kallsyms would list as a program of its own).
@@ -113,6 +133,32 @@ pub struct IfaceCounters {
     pub tx_bytes: u64,
     pub rx_skbs: u64,
     pub rx_bytes: u64,
+}
+
+impl IfaceCounters {
+    /// Sum of two counter sets (per-CPU values are summed this way).
+    #[must_use]
+    pub const fn plus(&self, other: &Self) -> Self {
+        Self {
+            tx_skbs: self.tx_skbs + other.tx_skbs,
+            tx_segments: self.tx_segments + other.tx_segments,
+            tx_bytes: self.tx_bytes + other.tx_bytes,
+            rx_skbs: self.rx_skbs + other.rx_skbs,
+            rx_bytes: self.rx_bytes + other.rx_bytes,
+        }
+    }
+
+    /// What was added since `earlier` (counters only grow; saturating guards a map reset).
+    #[must_use]
+    pub const fn since(&self, earlier: &Self) -> Self {
+        Self {
+            tx_skbs: self.tx_skbs.saturating_sub(earlier.tx_skbs),
+            tx_segments: self.tx_segments.saturating_sub(earlier.tx_segments),
+            tx_bytes: self.tx_bytes.saturating_sub(earlier.tx_bytes),
+            rx_skbs: self.rx_skbs.saturating_sub(earlier.rx_skbs),
+            rx_bytes: self.rx_bytes.saturating_sub(earlier.rx_bytes),
+        }
+    }
 }
 
 /// Indices of the per-CPU fault counters: every way a kernel-side update can fail.

@@ -39,16 +39,8 @@ impl Snapshot {
             .iter()
             .filter_map(|(key, now)| {
                 let before = earlier.samples.get(key).copied().unwrap_or_default();
-                let count = now.count.saturating_sub(before.count);
-                (count > 0).then(|| {
-                    (
-                        *key,
-                        SampleValue {
-                            count,
-                            period: now.period.saturating_sub(before.period),
-                        },
-                    )
-                })
+                let diff = now.since(&before);
+                (diff.count > 0).then_some((*key, diff))
             })
             .collect();
         samples.sort_unstable_by_key(|(key, _)| *key);
@@ -57,13 +49,7 @@ impl Snapshot {
             .iter()
             .filter_map(|(name, now)| {
                 let before = earlier.ifaces.get(name).copied().unwrap_or_default();
-                let diff = IfaceCounters {
-                    tx_skbs: now.tx_skbs.saturating_sub(before.tx_skbs),
-                    tx_segments: now.tx_segments.saturating_sub(before.tx_segments),
-                    tx_bytes: now.tx_bytes.saturating_sub(before.tx_bytes),
-                    rx_skbs: now.rx_skbs.saturating_sub(before.rx_skbs),
-                    rx_bytes: now.rx_bytes.saturating_sub(before.rx_bytes),
-                };
+                let diff = now.since(&before);
                 (diff != IfaceCounters::default()).then(|| (name.clone(), diff))
             })
             .collect();

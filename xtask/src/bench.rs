@@ -57,6 +57,67 @@ fn start_profiler(bin: &std::path::Path, hz: u64, seconds: u32) -> Result<Child>
     Ok(child)
 }
 
+/// Sum of `run_time_ns` and `run_cnt` over cnitrace's loaded programs (the kernel accounts them
+/// while kernel.bpf_stats_enabled=1).
+fn cnitrace_bpf_runtime() -> Result<(u64, u64)> {
+    let out = Command::new("bpftool")
+        .args(["--json", "prog", "show"])
+        .output()
+        .context("bpftool")?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool --json")?;
+    let ours = progs.as_array().into_iter().flatten().filter(|p| {
+        p["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("cnitrace_"))
+    });
+    Ok(ours.fold((0, 0), |(ns, cnt), p| {
+        (
+            ns + p["run_time_ns"].as_u64().unwrap_or(0),
+            cnt + p["run_cnt"].as_u64().unwrap_or(0),
+        )
+    }))
+}
+
+/// User + system CPU seconds of a process, from /proc/PID/stat (fields 14 and 15).
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture cnitrace targets.
+    Some(ticks as f64 / 100.0)
+}
+
+/// Enables kernel.bpf_stats_enabled; restores the previous value on drop.
+struct BpfStats {
+    previous: String,
+}
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Result<Self> {
+        let previous = std::fs::read_to_string(Self::PATH).context("read bpf_stats_enabled")?;
+        std::fs::write(Self::PATH, "1").context("enable bpf_stats")?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.previous.trim());
+    }
+}
+
+/// What one profiled run cost, measured by the kernel and /proc rather than inferred from
+/// throughput (which varies far more between identical runs than the profiler's cost).
+struct Cost {
+    /// cnitrace's BPF programs' run time over the CPU time available (elapsed x CPUs).
+    bpf_fraction: f64,
+    bpf_runs_per_s: f64,
+    /// The cnitrace process's own CPU time over the CPU time available.
+    process_fraction: f64,
+}
+
 pub fn run(args: &Args) -> Result<()> {
     if !crate::is_root() {
         bail!("the benchmark needs root (network namespaces and BPF)");
@@ -66,21 +127,34 @@ pub fn run(args: &Args) -> Result<()> {
     let bin = workspace_root().join("target/release/cnitrace");
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: args.rules })?;
+    let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let _stats = BpfStats::enable()?;
 
     // Configuration 0 is "nothing"; the others sample at the given frequencies.
     let configs: Vec<Option<u64>> = std::iter::once(None)
         .chain(args.frequencies.iter().copied().map(Some))
         .collect();
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut costs: Vec<Vec<Cost>> = (0..configs.len()).map(|_| Vec::new()).collect();
     for round in 0..args.rounds as usize {
         for step in 0..configs.len() {
             // Rotate the order each round so no configuration always runs first.
             let index = (step + round) % configs.len();
+            let started = std::time::Instant::now();
             let profiler = configs[index]
                 .map(|hz| start_profiler(&bin, hz, args.seconds))
                 .transpose()?;
             let gbps = topo.start_iperf3(args.seconds)?.finish()?;
             if let Some(mut p) = profiler {
+                // Read while the programs are still loaded (the window outlasts iperf3 by 1 s).
+                let (run_ns, runs) = cnitrace_bpf_runtime()?;
+                let process_s = process_cpu_seconds(p.id()).unwrap_or(0.0);
+                let elapsed = started.elapsed().as_secs_f64();
+                costs[index].push(Cost {
+                    bpf_fraction: run_ns as f64 / 1e9 / (elapsed * cpus),
+                    bpf_runs_per_s: runs as f64 / elapsed,
+                    process_fraction: process_s / (elapsed * cpus),
+                });
                 let status = p.wait()?;
                 if !status.success() {
                     bail!("cnitrace exited with {status} during the benchmark");
@@ -100,26 +174,46 @@ pub fn run(args: &Args) -> Result<()> {
 
     let baseline = median(&mut results[0].clone());
     println!(
-        "\niperf3 over a bridged pod pair ({} FORWARD rules), {} rounds x {} s, A/B alternated",
+        "\niperf3 over a bridged pod pair ({} FORWARD rules), {} rounds x {} s, A/B alternated, {cpus} CPUs",
         args.rules, args.rounds, args.seconds
     );
     println!(
-        "{:<22} {:>14} {:>8} {:>8} {:>10}",
-        "configuration", "median Gbit/s", "min", "max", "ratio"
+        "{:<26} {:>13} {:>7} {:>7} {:>7} {:>13} {:>12} {:>11}",
+        "configuration",
+        "median Gbit/s",
+        "min",
+        "max",
+        "ratio",
+        "BPF CPU share",
+        "process CPU",
+        "BPF runs/s"
     );
-    for (config, values) in configs.iter().zip(&results) {
+    for ((config, values), cost) in configs.iter().zip(&results).zip(&costs) {
         let mut v = values.clone();
         let m = median(&mut v);
         let label = config.map_or_else(
             || "no profiler".to_owned(),
             |hz| format!("cnitrace sampling {hz} Hz"),
         );
+        let med = |f: &dyn Fn(&Cost) -> f64| {
+            let mut values: Vec<f64> = cost.iter().map(f).collect();
+            (!values.is_empty()).then(|| median(&mut values))
+        };
+        let pct =
+            |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{:.3}%", v * 100.0));
         println!(
-            "{label:<22} {m:>14.2} {:>8.2} {:>8.2} {:>10.4}",
+            "{label:<26} {m:>13.2} {:>7.2} {:>7.2} {:>7.4} {:>13} {:>12} {:>11}",
             v.first().copied().unwrap_or_default(),
             v.last().copied().unwrap_or_default(),
-            m / baseline
+            m / baseline,
+            pct(med(&|c| c.bpf_fraction)),
+            pct(med(&|c| c.process_fraction)),
+            med(&|c| c.bpf_runs_per_s).map_or_else(|| "-".to_owned(), |r| format!("{r:.0}")),
         );
     }
+    println!(
+        "\nBPF CPU share: run_time_ns of cnitrace's programs (kernel.bpf_stats_enabled=1, restored after) over elapsed x CPUs."
+    );
+    println!("process CPU: utime+stime of the cnitrace process over elapsed x CPUs.");
     Ok(())
 }

@@ -152,10 +152,7 @@ impl Sampler {
             let (key, per_cpu) = entry.map_err(|e| Error::map(map::SAMPLES, e))?;
             let total = per_cpu
                 .iter()
-                .fold(SampleValue::default(), |acc, v| SampleValue {
-                    count: acc.count + v.count,
-                    period: acc.period + v.period,
-                });
+                .fold(SampleValue::default(), |acc, v| acc.plus(v));
             samples.insert(key, total);
         }
         let ifaces_map: PerCpuHashMap<&MapData, IfaceKey, IfaceCounters> =
@@ -165,13 +162,7 @@ impl Sampler {
             let (key, per_cpu) = entry.map_err(|e| Error::map(map::IFACES, e))?;
             let total = per_cpu
                 .iter()
-                .fold(IfaceCounters::default(), |a, c| IfaceCounters {
-                    tx_skbs: a.tx_skbs + c.tx_skbs,
-                    tx_segments: a.tx_segments + c.tx_segments,
-                    tx_bytes: a.tx_bytes + c.tx_bytes,
-                    rx_skbs: a.rx_skbs + c.rx_skbs,
-                    rx_bytes: a.rx_bytes + c.rx_bytes,
-                });
+                .fold(IfaceCounters::default(), |acc, c| acc.plus(c));
             ifaces.insert(iface_name(&key), total);
         }
         let faults_map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::FAULTS)?;
