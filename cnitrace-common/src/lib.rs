@@ -9,10 +9,8 @@
 pub mod program {
     /// `perf_event` stack sampler.
     pub const SAMPLER: &str = "cnitrace_sample";
-    /// `net:net_dev_start_xmit` packet counter.
+    /// Raw tracepoint `net_dev_start_xmit` packet counter.
     pub const TX_COUNTER: &str = "cnitrace_tx";
-    /// `net:netif_receive_skb` packet counter.
-    pub const RX_COUNTER: &str = "cnitrace_rx";
     /// Prefix every cnitrace program name starts with.
     pub const PREFIX: &str = "cnitrace_";
 }
@@ -25,14 +23,17 @@ pub mod map {
     pub const FAULTS: &str = "CNT_FAULTS";
 }
 
-/// Names of the read-only globals user space sets before loading (tracepoint field offsets,
-/// read from tracefs at run time so one object works on every kernel layout).
+/// Names of the read-only globals user space sets before loading: struct offsets read from the
+/// running kernel's BTF, so one object works on every kernel layout.
 pub mod global {
-    pub const TX_NAME_LOC: &str = "TX_NAME_LOC";
-    pub const TX_LEN: &str = "TX_LEN";
-    pub const TX_GSO_SEGS: &str = "TX_GSO_SEGS";
-    pub const RX_NAME_LOC: &str = "RX_NAME_LOC";
-    pub const RX_LEN: &str = "RX_LEN";
+    pub const SKB_LEN: &str = "SKB_LEN";
+    pub const SKB_HEAD: &str = "SKB_HEAD";
+    pub const SKB_END: &str = "SKB_END";
+    pub const SHINFO_GSO_SEGS: &str = "SHINFO_GSO_SEGS";
+    pub const DEV_NAME: &str = "DEV_NAME";
+    pub const DEV_IFINDEX: &str = "DEV_IFINDEX";
+    pub const DEV_ND_NET: &str = "DEV_ND_NET";
+    pub const NET_NS_INUM: &str = "NET_NS_INUM";
 }
 
 /// Capacity of the stack table (distinct kernel stacks). Filling it is counted, not silent.
@@ -42,7 +43,7 @@ pub const MAX_STACKS: u32 = 32_768;
 pub const STACK_DEPTH: usize = 64;
 /// Capacity of the per-CPU sample aggregate (distinct stack + flags keys).
 pub const MAX_SAMPLE_KEYS: u32 = 32_768;
-/// Capacity of the per-interface packet counters (interface names, all namespaces).
+/// Capacity of the per-device packet counters (devices of all namespaces).
 pub const MAX_IFACES: u32 = 4_096;
 /// `IFNAMSIZ` in the kernel.
 pub const IFNAMSIZ: usize = 16;
@@ -114,37 +115,35 @@ impl SampleValue {
     }
 }
 
-/// Key of the packet counters: the device name as the tracepoint reports it. Aligned to 8 so
-/// zeroing it compiles to two stores instead of a call to a `memset` BPF subprogram (which
-/// kallsyms would list as a program of its own).
-#[repr(C, align(8))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct IfaceKey {
-    pub name: [u8; IFNAMSIZ],
-}
-
-/// Packets and bytes that crossed one device name.
+/// Packets and bytes one device transmitted. Keyed in the kernel by the `net_device` address,
+/// so equal names in different namespaces stay apart; the identity fields are filled when the
+/// device is first seen.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IfaceCounters {
+    pub name: [u8; IFNAMSIZ],
+    pub ifindex: u32,
+    /// Inode number of the device's network namespace (as `stat /run/netns/NAME` shows).
+    pub netns_inode: u32,
     pub tx_skbs: u64,
     /// Wire segments: `gso_segs` of each transmitted skb (1 for a non-GSO skb).
     pub tx_segments: u64,
     pub tx_bytes: u64,
-    pub rx_skbs: u64,
-    pub rx_bytes: u64,
 }
 
 impl IfaceCounters {
-    /// Sum of two counter sets (per-CPU values are summed this way).
+    /// Sum of two counter sets of the same device (per-CPU values are summed this way). The
+    /// identity comes from whichever side has one (a CPU that never saw the device has zeros).
     #[must_use]
     pub const fn plus(&self, other: &Self) -> Self {
+        let identity = if self.ifindex != 0 { self } else { other };
         Self {
+            name: identity.name,
+            ifindex: identity.ifindex,
+            netns_inode: identity.netns_inode,
             tx_skbs: self.tx_skbs + other.tx_skbs,
             tx_segments: self.tx_segments + other.tx_segments,
             tx_bytes: self.tx_bytes + other.tx_bytes,
-            rx_skbs: self.rx_skbs + other.rx_skbs,
-            rx_bytes: self.rx_bytes + other.rx_bytes,
         }
     }
 
@@ -152,12 +151,19 @@ impl IfaceCounters {
     #[must_use]
     pub const fn since(&self, earlier: &Self) -> Self {
         Self {
+            name: self.name,
+            ifindex: self.ifindex,
+            netns_inode: self.netns_inode,
             tx_skbs: self.tx_skbs.saturating_sub(earlier.tx_skbs),
             tx_segments: self.tx_segments.saturating_sub(earlier.tx_segments),
             tx_bytes: self.tx_bytes.saturating_sub(earlier.tx_bytes),
-            rx_skbs: self.rx_skbs.saturating_sub(earlier.rx_skbs),
-            rx_bytes: self.rx_bytes.saturating_sub(earlier.rx_bytes),
         }
+    }
+
+    /// The device name up to its NUL.
+    pub fn name_bytes(&self) -> &[u8] {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        &self.name[..end]
     }
 }
 
@@ -170,8 +176,8 @@ pub mod fault {
     pub const SAMPLE_MAP_FULL: u32 = 1;
     /// The interface counter map was full: the packet was not counted.
     pub const IFACE_MAP_FULL: u32 = 2;
-    /// A tracepoint field could not be read.
-    pub const TRACEPOINT_READ: u32 = 3;
+    /// A kernel field (skb length, segments, device identity) could not be read.
+    pub const FIELD_READ: u32 = 3;
     /// Total number of samples the sampler saw (so lost can be expressed as a fraction).
     pub const SAMPLES_SEEN: u32 = 4;
     /// Number of slots.
@@ -181,8 +187,7 @@ pub mod fault {
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * STACK_DEPTH);
 const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
-const _: () = assert!(core::mem::size_of::<IfaceKey>() == IFNAMSIZ);
-const _: () = assert!(core::mem::size_of::<IfaceCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<IfaceCounters>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -190,8 +195,6 @@ mod pod {
     unsafe impl aya::Pod for super::SampleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SampleValue {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::IfaceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IfaceCounters {}
     // SAFETY: as above.

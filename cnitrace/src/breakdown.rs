@@ -1,7 +1,7 @@
 //! Pure math from a measurement window to a Breakdown: attribution of samples to components,
 //! cycles per packet (eq. 1 of the paper), shares, and the JSON types of the public contract.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use cnitrace_common::{IfaceCounters, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER};
@@ -58,7 +58,7 @@ pub struct Faults {
     pub stack_lost: u64,
     pub sample_map_full: u64,
     pub iface_map_full: u64,
-    pub tracepoint_read: u64,
+    pub field_read: u64,
 }
 
 /// Everything measured in one window, symbolized, before any interpretation.
@@ -71,7 +71,8 @@ pub struct RawWindow {
     pub frequency_hz: u64,
     pub cpus: u32,
     pub samples: Vec<StackSample>,
-    pub ifaces: BTreeMap<String, IfaceCounters>,
+    /// Per-device transmit counters of the window.
+    pub ifaces: Vec<IfaceCounters>,
     pub faults: Faults,
 }
 
@@ -99,6 +100,8 @@ impl PacketUnit {
 pub struct PacketSelection {
     /// Interfaces whose transmitted packets are summed; empty means the busiest one.
     pub ifaces: Vec<String>,
+    /// Network namespaces (inode numbers) the named interfaces may be in; empty means any.
+    pub netns_inodes: Vec<u32>,
     pub unit: PacketUnit,
 }
 
@@ -197,7 +200,8 @@ pub struct Quality {
     pub stack_lost: u64,
     pub sample_map_full: u64,
     pub packet_map_full: u64,
-    pub tracepoint_read_errors: u64,
+    /// Kernel fields (skb length, segments, device identity) that could not be read.
+    pub field_read_errors: u64,
     pub frequency_hz: u64,
     /// frequency x duration x CPUs: what a loss-free sampler would have taken.
     pub expected_samples: u64,
@@ -268,45 +272,62 @@ fn share(cycles: u64, total: u64) -> f64 {
     }
 }
 
-/// Selects the denominator. Without `--iface`, the busiest interface by transmitted segments:
+fn device_name(c: &IfaceCounters) -> String {
+    String::from_utf8_lossy(c.name_bytes()).into_owned()
+}
+
+/// Selects the denominator. Without `--iface`, the busiest device by transmitted segments:
 /// every hop of a benchmark flow transmits the same data packets, so the busiest device carries
-/// the benchmark without double counting across hops.
-pub fn select_packets(
-    ifaces: &BTreeMap<String, IfaceCounters>,
-    selection: &PacketSelection,
-) -> Packets {
-    let chosen: Vec<(&String, &IfaceCounters)> = if selection.ifaces.is_empty() {
-        ifaces
+/// the benchmark without double counting across hops. With `--iface`, the named devices in the
+/// allowed namespaces, summed.
+pub fn select_packets(devices: &[IfaceCounters], selection: &PacketSelection) -> Packets {
+    let chosen: Vec<&IfaceCounters> = if selection.ifaces.is_empty() {
+        devices
             .iter()
-            .filter(|(name, _)| name.as_str() != "lo")
-            .max_by_key(|(_, c)| (c.tx_segments, c.tx_skbs))
-            .filter(|(_, c)| c.tx_skbs > 0)
+            .filter(|c| c.name_bytes() != b"lo")
+            .max_by_key(|c| (c.tx_segments, c.tx_skbs))
+            .filter(|c| c.tx_skbs > 0)
             .into_iter()
             .collect()
     } else {
-        selection
-            .ifaces
+        devices
             .iter()
-            .filter_map(|name| ifaces.get_key_value(name))
+            .filter(|c| {
+                selection
+                    .ifaces
+                    .iter()
+                    .any(|name| name.as_bytes() == c.name_bytes())
+                    && (selection.netns_inodes.is_empty()
+                        || selection.netns_inodes.contains(&c.netns_inode))
+            })
             .collect()
     };
-    let skbs = chosen.iter().map(|(_, c)| c.tx_skbs).sum();
-    let segments = chosen.iter().map(|(_, c)| c.tx_segments).sum();
-    let bytes = chosen.iter().map(|(_, c)| c.tx_bytes).sum();
-    let names: Vec<String> = chosen.iter().map(|(n, _)| (*n).clone()).collect();
-    let source = if selection.ifaces.is_empty() {
-        match names.first() {
-            Some(name) => format!(
-                "net:net_dev_start_xmit on {name} (the busiest interface in the window; \
-                 choose with --iface)"
-            ),
-            None => "net:net_dev_start_xmit: no interface transmitted in the window".to_owned(),
-        }
-    } else {
-        format!(
-            "net:net_dev_start_xmit summed over {}",
+    let skbs = chosen.iter().map(|c| c.tx_skbs).sum();
+    let segments = chosen.iter().map(|c| c.tx_segments).sum();
+    let bytes = chosen.iter().map(|c| c.tx_bytes).sum();
+    let names: Vec<String> = chosen.iter().map(|c| device_name(c)).collect();
+    let located: Vec<String> = chosen
+        .iter()
+        .map(|c| {
+            format!(
+                "{} (ifindex {}, netns inode {})",
+                device_name(c),
+                c.ifindex,
+                c.netns_inode
+            )
+        })
+        .collect();
+    let source = match (selection.ifaces.is_empty(), located.is_empty()) {
+        (true, false) => format!(
+            "net_dev_start_xmit on {} (the busiest device in the window; choose with --iface)",
+            located.join(", ")
+        ),
+        (true, true) => "net_dev_start_xmit: no device transmitted in the window".to_owned(),
+        (false, false) => format!("net_dev_start_xmit summed over {}", located.join(", ")),
+        (false, true) => format!(
+            "net_dev_start_xmit: {} transmitted nothing in the window",
             selection.ifaces.join(", ")
-        )
+        ),
     };
     let count = match selection.unit {
         PacketUnit::Skb => skbs,
@@ -455,7 +476,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             stack_lost: raw.faults.stack_lost,
             sample_map_full: raw.faults.sample_map_full,
             packet_map_full: raw.faults.iface_map_full,
-            tracepoint_read_errors: raw.faults.tracepoint_read,
+            field_read_errors: raw.faults.field_read,
             frequency_hz: raw.frequency_hz,
             expected_samples: (raw.frequency_hz as f64 * raw.duration_s * f64::from(raw.cpus))
                 .round() as u64,
@@ -506,16 +527,18 @@ mod tests {
             samples,
             ifaces: ifaces
                 .iter()
-                .map(|&(name, skbs, segs)| {
-                    (
-                        name.to_owned(),
-                        IfaceCounters {
-                            tx_skbs: skbs,
-                            tx_segments: segs,
-                            tx_bytes: segs * 1500,
-                            ..Default::default()
-                        },
-                    )
+                .enumerate()
+                .map(|(i, &(name, skbs, segs))| {
+                    let mut c = IfaceCounters {
+                        ifindex: i as u32 + 1,
+                        netns_inode: 4_026_531_840 + i as u32 % 2,
+                        tx_skbs: skbs,
+                        tx_segments: segs,
+                        tx_bytes: segs * 1500,
+                        ..Default::default()
+                    };
+                    c.name[..name.len()].copy_from_slice(name.as_bytes());
+                    c
                 })
                 .collect(),
             faults: Faults::default(),
@@ -666,6 +689,7 @@ mod tests {
         );
         let sel = PacketSelection {
             ifaces: vec!["a".into(), "b".into()],
+            netns_inodes: Vec::new(),
             unit: PacketUnit::Skb,
         };
         let b = compute(&raw, &context(), &sel);
@@ -674,6 +698,14 @@ mod tests {
             (15, 150, 15)
         );
         assert_eq!(b.total.cpp, Some(2500.0 / 15.0));
+        // Restricted to one namespace, only the device living there counts.
+        let sel = PacketSelection {
+            netns_inodes: vec![4_026_531_841],
+            ..sel
+        };
+        let b = compute(&raw, &context(), &sel);
+        assert_eq!(b.packets.interfaces, vec!["b".to_owned()]);
+        assert_eq!(b.packets.count, 5);
     }
 
     #[test]
@@ -681,7 +713,7 @@ mod tests {
         let raw = window(vec![stack(&["br_forward"], 0, 1, 1000)], &[]);
         let b = compute(&raw, &context(), &PacketSelection::default());
         assert_eq!(b.total.cpp, None);
-        assert!(b.packets.source.contains("no interface"));
+        assert!(b.packets.source.contains("no device transmitted"));
         let json = serde_json::to_value(&b).unwrap();
         assert!(json["total"]["cpp"].is_null());
     }

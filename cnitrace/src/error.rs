@@ -20,12 +20,8 @@ pub enum Error {
          (the DaemonSet does)"
     )]
     NotPrivileged { missing: String },
-    #[error(
-        "tracefs is not available at /sys/kernel/tracing ({0}); mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
-    )]
-    NoTracefs(String),
-    #[error("tracepoint {tracepoint}: {detail}")]
-    Tracepoint { tracepoint: String, detail: String },
+    #[error("kernel BTF: {0}")]
+    Btf(String),
     #[error("the embedded eBPF object is inconsistent: {0}")]
     Object(String),
     #[error("failed to load the eBPF object: {0}")]

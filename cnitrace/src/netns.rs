@@ -11,6 +11,26 @@ pub fn path(name: &str) -> PathBuf {
     PathBuf::from(NETNS_DIR).join(name)
 }
 
+/// Inode number of a network namespace file: what the kernel calls the namespace's `inum`.
+fn inode_of(path: &std::path::Path) -> Result<u32, Error> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    u32::try_from(meta.ino())
+        .map_err(|_| Error::InvalidArgument(format!("{}: inode out of range", path.display())))
+}
+
+/// The inode of this process's network namespace (the host's, for the agent).
+pub fn own_inode() -> Result<u32, Error> {
+    inode_of(std::path::Path::new("/proc/self/ns/net"))
+}
+
+/// The inode of a named namespace.
+pub fn inode(name: &str) -> Result<u32, Error> {
+    validate(name)?;
+    inode_of(&path(name))
+}
+
 /// Checks that a named namespace exists.
 pub fn validate(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.contains('/') || !path(name).exists() {
@@ -89,6 +109,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a valid interface name"), "{err}");
+    }
+
+    #[test]
+    fn own_namespace_has_an_inode() {
+        assert!(own_inode().unwrap() > 0);
+        assert!(inode("cnitrace-no-such-ns").is_err());
     }
 
     #[test]

@@ -87,8 +87,19 @@ pub async fn run(
     let kallsyms = Kallsyms::load()?;
     let raw = sampler.window(&start, &end, &kallsyms)?;
     drop(sampler);
+    // Named interfaces live in this namespace or in one of the --netns ones.
+    let netns_inodes = if options.ifaces.is_empty() {
+        Vec::new()
+    } else {
+        let mut inodes = vec![netns::own_inode()?];
+        for name in &options.netns {
+            inodes.push(netns::inode(name)?);
+        }
+        inodes
+    };
     let selection = PacketSelection {
         ifaces: options.ifaces.clone(),
+        netns_inodes,
         unit: options.unit,
     };
     Ok((

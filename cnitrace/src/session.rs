@@ -18,7 +18,8 @@ pub struct Snapshot {
     pub wall: DateTime<Utc>,
     pub mono: std::time::Instant,
     pub samples: HashMap<SampleKey, SampleValue>,
-    pub ifaces: BTreeMap<String, IfaceCounters>,
+    /// Per device, keyed by the kernel's `net_device` address.
+    pub ifaces: BTreeMap<u64, IfaceCounters>,
     pub faults: Faults,
 }
 
@@ -26,7 +27,7 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
     pub samples: Vec<(SampleKey, SampleValue)>,
-    pub ifaces: BTreeMap<String, IfaceCounters>,
+    pub ifaces: BTreeMap<u64, IfaceCounters>,
     pub faults: Faults,
 }
 
@@ -47,10 +48,10 @@ impl Snapshot {
         let ifaces = self
             .ifaces
             .iter()
-            .filter_map(|(name, now)| {
-                let before = earlier.ifaces.get(name).copied().unwrap_or_default();
+            .filter_map(|(device, now)| {
+                let before = earlier.ifaces.get(device).copied().unwrap_or_default();
                 let diff = now.since(&before);
-                (diff != IfaceCounters::default()).then(|| (name.clone(), diff))
+                (diff.tx_skbs > 0).then_some((*device, diff))
             })
             .collect();
         let (a, b) = (&self.faults, &earlier.faults);
@@ -59,7 +60,7 @@ impl Snapshot {
             stack_lost: a.stack_lost.saturating_sub(b.stack_lost),
             sample_map_full: a.sample_map_full.saturating_sub(b.sample_map_full),
             iface_map_full: a.iface_map_full.saturating_sub(b.iface_map_full),
-            tracepoint_read: a.tracepoint_read.saturating_sub(b.tracepoint_read),
+            field_read: a.field_read.saturating_sub(b.field_read),
         };
         Delta {
             samples,
@@ -143,14 +144,14 @@ mod tests {
                 .collect(),
             ifaces: ifaces
                 .iter()
-                .map(|&(n, skbs)| {
-                    (
-                        n.to_owned(),
-                        IfaceCounters {
-                            tx_skbs: skbs,
-                            ..Default::default()
-                        },
-                    )
+                .enumerate()
+                .map(|(device, &(n, skbs))| {
+                    let mut c = IfaceCounters {
+                        tx_skbs: skbs,
+                        ..Default::default()
+                    };
+                    c.name[..n.len()].copy_from_slice(n.as_bytes());
+                    (device as u64, c)
                 })
                 .collect(),
             faults: Faults {
@@ -176,7 +177,8 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![(1, 5, 50), (3, 2, 20)]);
         assert_eq!(d.ifaces.len(), 1);
-        assert_eq!(d.ifaces["veth0"].tx_skbs, 3);
+        assert_eq!(d.ifaces[&0].tx_skbs, 3);
+        assert_eq!(d.ifaces[&0].name_bytes(), b"veth0");
         assert_eq!(d.faults.stack_lost, 3);
     }
 

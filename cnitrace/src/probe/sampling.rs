@@ -8,16 +8,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        PerfEvent, TracePoint,
+        PerfEvent, RawTracePoint,
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
 };
 use cnitrace_common::{
-    IfaceCounters, IfaceKey, SampleKey, SampleValue, StackFrames, fault, global, map, program,
+    IfaceCounters, SampleKey, SampleValue, StackFrames, fault, global, map, program,
 };
 
-use super::{clock, privileges, tracefs};
+use super::{btf, clock, privileges};
 use crate::{
     breakdown::{Clock, ClockSource, Faults, RawWindow, StackSample},
     error::Error,
@@ -90,34 +90,32 @@ impl Sampler {
         validate_frequency(config.frequency_hz)?;
         privileges::check()?;
         privileges::raise_memlock_limit();
-        let root = tracefs::ensure_mounted()?;
-        let tx = tracefs::offsets(
-            &root,
-            "net",
-            "net_dev_start_xmit",
-            &["name", "len", "gso_segs"],
-        )?;
-        let rx = tracefs::offsets(&root, "net", "netif_receive_skb", &["name", "len"])?;
-
+        let offsets = btf::packet_offsets()?;
         let mut ebpf = EbpfLoader::new()
-            .override_global(global::TX_NAME_LOC, &tx[0], true)
-            .override_global(global::TX_LEN, &tx[1], true)
-            .override_global(global::TX_GSO_SEGS, &tx[2], true)
-            .override_global(global::RX_NAME_LOC, &rx[0], true)
-            .override_global(global::RX_LEN, &rx[1], true)
+            .override_global(global::SKB_LEN, &offsets.skb_len, true)
+            .override_global(global::SKB_HEAD, &offsets.skb_head, true)
+            .override_global(global::SKB_END, &offsets.skb_end, true)
+            .override_global(global::SHINFO_GSO_SEGS, &offsets.shinfo_gso_segs, true)
+            .override_global(global::DEV_NAME, &offsets.dev_name, true)
+            .override_global(global::DEV_IFINDEX, &offsets.dev_ifindex, true)
+            .override_global(global::DEV_ND_NET, &offsets.dev_nd_net, true)
+            .override_global(global::NET_NS_INUM, &offsets.net_ns_inum, true)
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
 
-        for (name, event) in [
-            (program::TX_COUNTER, "net_dev_start_xmit"),
-            (program::RX_COUNTER, "netif_receive_skb"),
-        ] {
-            let prog: &mut TracePoint = program_mut(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|e| Error::program(format!("load {name}"), e))?;
-            prog.attach("net", event)
-                .map_err(|e| Error::program(format!("attach {name} to net:{event}"), e))?;
-        }
+        let counter: &mut RawTracePoint = program_mut(&mut ebpf, program::TX_COUNTER)?;
+        counter
+            .load()
+            .map_err(|e| Error::program(format!("load {}", program::TX_COUNTER), e))?;
+        counter.attach("net_dev_start_xmit").map_err(|e| {
+            Error::program(
+                format!(
+                    "attach {} to raw tracepoint net_dev_start_xmit",
+                    program::TX_COUNTER
+                ),
+                e,
+            )
+        })?;
 
         let cpus = online_cpus().map_err(|(path, e)| Error::io(format!("read {path}"), e))?;
         let prog: &mut PerfEvent = program_mut(&mut ebpf, program::SAMPLER)?;
@@ -155,7 +153,7 @@ impl Sampler {
                 .fold(SampleValue::default(), |acc, v| acc.plus(v));
             samples.insert(key, total);
         }
-        let ifaces_map: PerCpuHashMap<&MapData, IfaceKey, IfaceCounters> =
+        let ifaces_map: PerCpuHashMap<&MapData, u64, IfaceCounters> =
             map_ref(&self.ebpf, map::IFACES)?;
         let mut ifaces = BTreeMap::new();
         for entry in &ifaces_map {
@@ -163,7 +161,7 @@ impl Sampler {
             let total = per_cpu
                 .iter()
                 .fold(IfaceCounters::default(), |acc, c| acc.plus(c));
-            ifaces.insert(iface_name(&key), total);
+            ifaces.insert(key, total);
         }
         let faults_map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::FAULTS)?;
         let fault_sum = |index: u32| -> Result<u64, Error> {
@@ -177,7 +175,7 @@ impl Sampler {
             stack_lost: fault_sum(fault::STACK_LOST)?,
             sample_map_full: fault_sum(fault::SAMPLE_MAP_FULL)?,
             iface_map_full: fault_sum(fault::IFACE_MAP_FULL)?,
-            tracepoint_read: fault_sum(fault::TRACEPOINT_READ)?,
+            field_read: fault_sum(fault::FIELD_READ)?,
         };
         Ok(Snapshot {
             wall,
@@ -233,7 +231,7 @@ impl Sampler {
             frequency_hz: self.frequency_hz,
             cpus: self.cpus,
             samples,
-            ifaces: delta.ifaces,
+            ifaces: delta.ifaces.into_values().collect(),
             faults: delta.faults,
         })
     }
@@ -320,13 +318,4 @@ where
         .map(name)
         .ok_or_else(|| Error::Object(format!("map {name} missing from the eBPF object")))?;
     T::try_from(map).map_err(|e| Error::map(name, e))
-}
-
-fn iface_name(key: &IfaceKey) -> String {
-    let end = key
-        .name
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(key.name.len());
-    String::from_utf8_lossy(&key.name[..end]).into_owned()
 }
