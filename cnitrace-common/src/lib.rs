@@ -11,6 +11,10 @@ pub mod program {
     pub const SAMPLER: &str = "cnitrace_sample";
     /// Raw tracepoint `net_dev_start_xmit` packet counter.
     pub const TX_COUNTER: &str = "cnitrace_tx";
+    /// Raw tracepoints `irq:softirq_entry`, `softirq_exit`, `softirq_raise`.
+    pub const SOFTIRQ_ENTRY: &str = "cnitrace_si_in";
+    pub const SOFTIRQ_EXIT: &str = "cnitrace_si_out";
+    pub const SOFTIRQ_RAISE: &str = "cnitrace_si_raise";
     /// Prefix every cnitrace program name starts with.
     pub const PREFIX: &str = "cnitrace_";
 }
@@ -21,6 +25,7 @@ pub mod map {
     pub const SAMPLES: &str = "CNT_SAMPLES";
     pub const IFACES: &str = "CNT_IFACES";
     pub const FAULTS: &str = "CNT_FAULTS";
+    pub const SOFTIRQ: &str = "CNT_SOFTIRQ";
 }
 
 /// Names of the read-only globals user space sets before loading: struct offsets read from the
@@ -167,6 +172,60 @@ impl IfaceCounters {
     }
 }
 
+/// `NR_SOFTIRQS`: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED, HRTIMER, RCU.
+pub const NR_SOFTIRQS: u32 = 10;
+
+/// Softirq work of one vector on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SoftirqStats {
+    /// Handler runs (softirq_entry .. softirq_exit pairs).
+    pub count: u64,
+    /// Nanoseconds spent in the handler.
+    pub ns: u64,
+    /// The part of `count` and `ns` that ran in ksoftirqd rather than inline on irq exit or
+    /// local_bh_enable.
+    pub ksoftirqd_count: u64,
+    pub ksoftirqd_ns: u64,
+    /// Times the vector was raised.
+    pub raised: u64,
+}
+
+impl SoftirqStats {
+    #[must_use]
+    pub const fn plus(&self, other: &Self) -> Self {
+        Self {
+            count: self.count + other.count,
+            ns: self.ns + other.ns,
+            ksoftirqd_count: self.ksoftirqd_count + other.ksoftirqd_count,
+            ksoftirqd_ns: self.ksoftirqd_ns + other.ksoftirqd_ns,
+            raised: self.raised + other.raised,
+        }
+    }
+
+    #[must_use]
+    pub const fn since(&self, earlier: &Self) -> Self {
+        Self {
+            count: self.count.saturating_sub(earlier.count),
+            ns: self.ns.saturating_sub(earlier.ns),
+            ksoftirqd_count: self.ksoftirqd_count.saturating_sub(earlier.ksoftirqd_count),
+            ksoftirqd_ns: self.ksoftirqd_ns.saturating_sub(earlier.ksoftirqd_ns),
+            raised: self.raised.saturating_sub(earlier.raised),
+        }
+    }
+}
+
+/// Per-CPU state between softirq_entry and softirq_exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SoftirqStart {
+    /// bpf_ktime_get_ns at entry; 0 when no handler is running.
+    pub start_ns: u64,
+    pub vector: u32,
+    /// 1 when the handler runs in a ksoftirqd thread.
+    pub in_ksoftirqd: u32,
+}
+
 /// Indices of the per-CPU fault counters: every way a kernel-side update can fail.
 pub mod fault {
     /// The kernel stack could not be copied or the stack table was full: the sample's time is
@@ -188,6 +247,8 @@ const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * STACK_DEPTH);
 const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
 const _: () = assert!(core::mem::size_of::<IfaceCounters>() == 48);
+const _: () = assert!(core::mem::size_of::<SoftirqStats>() == 40);
+const _: () = assert!(core::mem::size_of::<SoftirqStart>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -199,4 +260,6 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::StackFrames {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SoftirqStats {}
 }

@@ -11,15 +11,15 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated::bpf_get_stack,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
     },
     macros::{map, perf_event, raw_tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{PerfEventContext, RawTracePointContext},
 };
 use cnitrace_common::{
-    FNV_OFFSET, FNV_PRIME, IfaceCounters, MAX_IFACES, MAX_SAMPLE_KEYS, MAX_STACKS,
+    FNV_OFFSET, FNV_PRIME, IfaceCounters, MAX_IFACES, NR_SOFTIRQS, SoftirqStart, SoftirqStats, MAX_SAMPLE_KEYS, MAX_STACKS,
     SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, STACK_DEPTH, SampleKey, SampleValue, StackFrames,
     fault,
 };
@@ -28,6 +28,12 @@ use cnitrace_common::{
 /// only, and a 64-bit key makes collisions negligible (a stack-trace map's buckets collide).
 #[map(name = "CNT_STACKS")]
 static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(MAX_STACKS, BPF_F_NO_PREALLOC);
+
+#[map(name = "CNT_SOFTIRQ")]
+static SOFTIRQ: PerCpuArray<SoftirqStats> = PerCpuArray::with_max_entries(NR_SOFTIRQS, 0);
+
+#[map(name = "CNT_SOFTIRQ_START")]
+static SOFTIRQ_START: PerCpuArray<SoftirqStart> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch for copying a stack (too large for the 512-byte BPF stack).
 #[map(name = "CNT_SCRATCH")]
@@ -238,6 +244,64 @@ fn try_tx(ctx: &RawTracePointContext) -> Result<(), u32> {
     IFACES
         .insert(&key, counters, u64::from(BPF_NOEXIST))
         .map_err(|_| fault::IFACE_MAP_FULL)
+}
+
+/// `softirq_entry(unsigned int vec_nr)`.
+#[raw_tracepoint(tracepoint = "softirq_entry")]
+pub fn cnitrace_si_in(ctx: RawTracePointContext) -> i32 {
+    let vector: u64 = ctx.arg(0);
+    if let Some(start) = SOFTIRQ_START.get_ptr_mut(0) {
+        // Softirq handlers do not nest on a CPU, so one slot per CPU suffices.
+        let in_ksoftirqd = bpf_get_current_comm().is_ok_and(|comm| comm.starts_with(b"ksoftirqd/"));
+        // SAFETY: per-CPU slot, written only by this CPU in a non-preemptible program.
+        unsafe {
+            (*start).start_ns = bpf_ktime_get_ns();
+            (*start).vector = vector as u32;
+            (*start).in_ksoftirqd = u32::from(in_ksoftirqd);
+        }
+    }
+    0
+}
+
+/// `softirq_exit(unsigned int vec_nr)`.
+#[raw_tracepoint(tracepoint = "softirq_exit")]
+pub fn cnitrace_si_out(ctx: RawTracePointContext) -> i32 {
+    let vector: u64 = ctx.arg(0);
+    let Some(start) = SOFTIRQ_START.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it.
+    let start = unsafe { &mut *start };
+    // An exit without its entry (attached mid-handler) is skipped rather than mis-timed.
+    if start.start_ns == 0 || u64::from(start.vector) != vector {
+        return 0;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.start_ns);
+    start.start_ns = 0;
+    if let Some(stats) = SOFTIRQ.get_ptr_mut(vector as u32) {
+        // SAFETY: per-CPU value, written only by this CPU.
+        unsafe {
+            (*stats).count += 1;
+            (*stats).ns += elapsed;
+            if start.in_ksoftirqd != 0 {
+                (*stats).ksoftirqd_count += 1;
+                (*stats).ksoftirqd_ns += elapsed;
+            }
+        }
+    }
+    0
+}
+
+/// `softirq_raise(unsigned int vec_nr)`.
+#[raw_tracepoint(tracepoint = "softirq_raise")]
+pub fn cnitrace_si_raise(ctx: RawTracePointContext) -> i32 {
+    let vector: u64 = ctx.arg(0);
+    if let Some(stats) = SOFTIRQ.get_ptr_mut(vector as u32) {
+        // SAFETY: per-CPU value, written only by this CPU.
+        unsafe { (*stats).raised += 1 };
+    }
+    0
 }
 
 #[cfg(not(test))]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use cnitrace_common::{IfaceCounters, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER};
+use cnitrace_common::{IfaceCounters, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, SoftirqStats};
 use serde::{Deserialize, Serialize};
 
 use crate::components::{self, COMPONENTS, OTHER, OTHER_KERNEL, OTHER_USER, SELF_COST};
@@ -61,6 +61,44 @@ pub struct Faults {
     pub field_read: u64,
 }
 
+/// Aggregate CPU time of all CPUs from /proc/stat, in clock ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub nice: u64,
+    pub system: u64,
+    pub idle: u64,
+    pub iowait: u64,
+    pub irq: u64,
+    pub softirq: u64,
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            user: self.user.saturating_sub(earlier.user),
+            nice: self.nice.saturating_sub(earlier.nice),
+            system: self.system.saturating_sub(earlier.system),
+            idle: self.idle.saturating_sub(earlier.idle),
+            iowait: self.iowait.saturating_sub(earlier.iowait),
+            irq: self.irq.saturating_sub(earlier.irq),
+            softirq: self.softirq.saturating_sub(earlier.softirq),
+            steal: self.steal.saturating_sub(earlier.steal),
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.user + self.nice + self.system + self.idle + self.iowait + self.irq + self.softirq + self.steal
+    }
+}
+
+/// Softirq vector names, indexed by vector number (include/linux/interrupt.h).
+pub const SOFTIRQ_NAMES: [&str; 10] = [
+    "HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED", "HRTIMER", "RCU",
+];
+
 /// Everything measured in one window, symbolized, before any interpretation.
 #[derive(Debug, Clone)]
 pub struct RawWindow {
@@ -73,6 +111,10 @@ pub struct RawWindow {
     pub samples: Vec<StackSample>,
     /// Per-device transmit counters of the window.
     pub ifaces: Vec<IfaceCounters>,
+    /// Per softirq vector (index = vector number).
+    pub softirq: Vec<SoftirqStats>,
+    /// CPU time by state over the window, all CPUs.
+    pub cpu: CpuTicks,
     pub faults: Faults,
 }
 
@@ -130,9 +172,46 @@ pub struct Breakdown {
     /// Dotted sub-components (`netfilter.conntrack`, ...); within a component they add up to it.
     pub subcomponents: Vec<ComponentCost>,
     pub unavailable: Vec<Unavailable>,
+    /// Softirq handlers that ran in the window, per vector.
+    pub softirq: Vec<SoftirqCost>,
+    /// How the CPUs spent the window (fractions of all CPUs' time; they add up to 1).
+    pub cpu: CpuSplit,
     /// The hottest sampled functions (innermost frame), for finding what a component is made of.
     pub top_functions: Vec<FunctionCost>,
     pub quality: Quality,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoftirqCost {
+    pub vector: String,
+    /// Handler runs.
+    pub count: u64,
+    pub raised: u64,
+    /// Handler time converted with `clock.cycles_per_ns`.
+    pub cycles: u64,
+    pub cpp: Option<f64>,
+    /// Fraction of the handler time that ran in ksoftirqd (the rest ran inline on irq exit or
+    /// local_bh_enable).
+    pub in_ksoftirqd_share: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuSplit {
+    /// user + nice.
+    pub user: f64,
+    pub system: f64,
+    pub softirq: f64,
+    pub irq: f64,
+    /// idle + iowait.
+    pub idle: f64,
+    /// Time a hypervisor ran something else (0 on bare metal).
+    pub steal: f64,
+    /// CPUs' worth of busy time (user + system + softirq + irq) over the window.
+    pub busy_cpus: f64,
+    /// Throughput of the selected packets in Gbit/s.
+    pub throughput_gbps: f64,
+    /// "Performance efficiency" (paper 001): throughput per busy CPU.
+    pub gbps_per_busy_cpu: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -449,6 +528,9 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
     });
     top_functions.truncate(TOP_FUNCTIONS);
 
+    let softirq = softirq_costs(raw, packets.count);
+    let cpu = cpu_split(raw, packets.bytes);
+
     let lost = raw.faults.stack_lost + raw.faults.sample_map_full;
     Breakdown {
         node: context.node.clone(),
@@ -467,6 +549,8 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         packets,
         components: components_out,
         unavailable: context.unavailable.clone(),
+        softirq,
+        cpu,
         top_functions,
         quality: Quality {
             samples,
@@ -484,6 +568,45 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             user_cycles: cycles_of(OTHER_USER),
         },
         subcomponents: subcomponents_out,
+    }
+}
+
+fn softirq_costs(raw: &RawWindow, packets: u64) -> Vec<SoftirqCost> {
+    raw.softirq
+        .iter()
+        .zip(SOFTIRQ_NAMES)
+        .filter(|(s, _)| s.count > 0 || s.raised > 0)
+        .map(|(s, name)| {
+            let cycles = (s.ns as f64 * raw.clock.cycles_per_ns).round() as u64;
+            SoftirqCost {
+                vector: name.to_owned(),
+                count: s.count,
+                raised: s.raised,
+                cycles,
+                cpp: per_packet(cycles, packets),
+                in_ksoftirqd_share: if s.ns == 0 { 0.0 } else { s.ksoftirqd_ns as f64 / s.ns as f64 },
+            }
+        })
+        .collect()
+}
+
+fn cpu_split(raw: &RawWindow, bytes: u64) -> CpuSplit {
+    let t = &raw.cpu;
+    let total = t.total();
+    let fraction = |ticks: u64| if total == 0 { 0.0 } else { ticks as f64 / total as f64 };
+    let busy = fraction(t.user + t.nice + t.system + t.softirq + t.irq);
+    let busy_cpus = busy * f64::from(raw.cpus);
+    let throughput_gbps = if raw.duration_s > 0.0 { bytes as f64 * 8.0 / raw.duration_s / 1e9 } else { 0.0 };
+    CpuSplit {
+        user: fraction(t.user + t.nice),
+        system: fraction(t.system),
+        softirq: fraction(t.softirq),
+        irq: fraction(t.irq),
+        idle: fraction(t.idle + t.iowait),
+        steal: fraction(t.steal),
+        busy_cpus,
+        throughput_gbps,
+        gbps_per_busy_cpu: (busy_cpus > 0.0).then(|| throughput_gbps / busy_cpus),
     }
 }
 
@@ -541,6 +664,8 @@ mod tests {
                     c
                 })
                 .collect(),
+            softirq: vec![SoftirqStats::default(); 10],
+            cpu: CpuTicks::default(),
             faults: Faults::default(),
         }
     }
@@ -748,6 +873,42 @@ mod tests {
         for key in ["name", "cycles", "cpp", "share", "available"] {
             assert!(c.get(key).is_some(), "component.{key}");
         }
+    }
+
+    #[test]
+    fn softirq_and_cpu_split() {
+        let mut raw = window(vec![stack(&["br_forward"], 0, 1, 1000)], &[("a", 10, 1000)]);
+        raw.softirq[3] = SoftirqStats {
+            count: 100,
+            ns: 4_000_000,
+            ksoftirqd_count: 25,
+            ksoftirqd_ns: 1_000_000,
+            raised: 120,
+        };
+        raw.cpu = CpuTicks {
+            user: 100,
+            nice: 0,
+            system: 300,
+            idle: 400,
+            iowait: 0,
+            irq: 50,
+            softirq: 150,
+            steal: 0,
+        };
+        let b = compute(&raw, &context(), &PacketSelection::default());
+        assert_eq!(b.softirq.len(), 1);
+        let net_rx = &b.softirq[0];
+        assert_eq!(net_rx.vector, "NET_RX");
+        assert_eq!(net_rx.cycles, 10_000_000);
+        assert_eq!(net_rx.cpp, Some(10_000.0));
+        assert!((net_rx.in_ksoftirqd_share - 0.25).abs() < 1e-12);
+        let c = &b.cpu;
+        let sum = c.user + c.system + c.softirq + c.irq + c.idle + c.steal;
+        assert!((sum - 1.0).abs() < 1e-12, "split sums to {sum}");
+        assert!((c.busy_cpus - 1.2).abs() < 1e-12);
+        // 1000 segments x 1500 bytes x 8 bits over 10 s.
+        assert!((c.throughput_gbps - 1.2e-6).abs() < 1e-15);
+        assert!((c.gbps_per_busy_cpu.unwrap() - 1e-6).abs() < 1e-15);
     }
 
     #[test]

@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
-use cnitrace_common::{IfaceCounters, SampleKey, SampleValue};
+use cnitrace_common::{IfaceCounters, SampleKey, SampleValue, SoftirqStats};
 
 use crate::{
-    breakdown::{self, Breakdown, Context, Faults, PacketSelection, RawWindow, Unavailable},
+    breakdown::{self, Breakdown, Context, CpuTicks, Faults, PacketSelection, RawWindow, Unavailable},
     components::{self, COMPONENTS},
     kallsyms::Kallsyms,
 };
@@ -20,6 +20,9 @@ pub struct Snapshot {
     pub samples: HashMap<SampleKey, SampleValue>,
     /// Per device, keyed by the kernel's `net_device` address.
     pub ifaces: BTreeMap<u64, IfaceCounters>,
+    /// Per softirq vector, all CPUs summed.
+    pub softirq: Vec<SoftirqStats>,
+    pub cpu: CpuTicks,
     pub faults: Faults,
 }
 
@@ -28,6 +31,8 @@ pub struct Snapshot {
 pub struct Delta {
     pub samples: Vec<(SampleKey, SampleValue)>,
     pub ifaces: BTreeMap<u64, IfaceCounters>,
+    pub softirq: Vec<SoftirqStats>,
+    pub cpu: CpuTicks,
     pub faults: Faults,
 }
 
@@ -62,9 +67,17 @@ impl Snapshot {
             iface_map_full: a.iface_map_full.saturating_sub(b.iface_map_full),
             field_read: a.field_read.saturating_sub(b.field_read),
         };
+        let softirq = self
+            .softirq
+            .iter()
+            .zip(earlier.softirq.iter().copied().chain(std::iter::repeat(SoftirqStats::default())))
+            .map(|(now, before)| now.since(&before))
+            .collect();
         Delta {
             samples,
             ifaces,
+            softirq,
+            cpu: self.cpu.since(&earlier.cpu),
             faults,
         }
     }
@@ -154,6 +167,8 @@ mod tests {
                     (device as u64, c)
                 })
                 .collect(),
+            softirq: vec![SoftirqStats::default(); 10],
+            cpu: CpuTicks::default(),
             faults: Faults {
                 stack_lost,
                 ..Default::default()

@@ -14,12 +14,12 @@ use aya::{
     util::online_cpus,
 };
 use cnitrace_common::{
-    IfaceCounters, SampleKey, SampleValue, StackFrames, fault, global, map, program,
+    IfaceCounters, NR_SOFTIRQS, SampleKey, SampleValue, SoftirqStats, StackFrames, fault, global, map, program,
 };
 
 use super::{btf, clock, privileges};
 use crate::{
-    breakdown::{Clock, ClockSource, Faults, RawWindow, StackSample},
+    breakdown::{Clock, ClockSource, CpuTicks, Faults, RawWindow, StackSample},
     error::Error,
     kallsyms::Kallsyms,
     session::Snapshot,
@@ -117,6 +117,17 @@ impl Sampler {
             )
         })?;
 
+        for (name, tracepoint) in [
+            (program::SOFTIRQ_ENTRY, "softirq_entry"),
+            (program::SOFTIRQ_EXIT, "softirq_exit"),
+            (program::SOFTIRQ_RAISE, "softirq_raise"),
+        ] {
+            let prog: &mut RawTracePoint = program_mut(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::program(format!("load {name}"), e))?;
+            prog.attach(tracepoint)
+                .map_err(|e| Error::program(format!("attach {name} to raw tracepoint {tracepoint}"), e))?;
+        }
+
         let cpus = online_cpus().map_err(|(path, e)| Error::io(format!("read {path}"), e))?;
         let prog: &mut PerfEvent = program_mut(&mut ebpf, program::SAMPLER)?;
         prog.load()
@@ -163,6 +174,14 @@ impl Sampler {
                 .fold(IfaceCounters::default(), |acc, c| acc.plus(c));
             ifaces.insert(key, total);
         }
+        let softirq_map: PerCpuArray<&MapData, SoftirqStats> = map_ref(&self.ebpf, map::SOFTIRQ)?;
+        let softirq = (0..NR_SOFTIRQS)
+            .map(|vector| {
+                let per_cpu = softirq_map.get(&vector, 0).map_err(|e| Error::map(map::SOFTIRQ, e))?;
+                Ok(per_cpu.iter().fold(SoftirqStats::default(), |acc, s| acc.plus(s)))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let cpu = cpu_ticks()?;
         let faults_map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::FAULTS)?;
         let fault_sum = |index: u32| -> Result<u64, Error> {
             let per_cpu = faults_map
@@ -182,6 +201,8 @@ impl Sampler {
             mono,
             samples,
             ifaces,
+            softirq,
+            cpu,
             faults,
         })
     }
@@ -232,9 +253,29 @@ impl Sampler {
             cpus: self.cpus,
             samples,
             ifaces: delta.ifaces.into_values().collect(),
+            softirq: delta.softirq,
+            cpu: delta.cpu,
             faults: delta.faults,
         })
     }
+}
+
+/// CPU time of all CPUs by state, from /proc/stat.
+fn cpu_ticks() -> Result<CpuTicks, Error> {
+    use procfs::CurrentSI as _;
+    let stats = procfs::KernelStats::current()
+        .map_err(|e| Error::io("read /proc/stat", std::io::Error::other(e.to_string())))?;
+    let t = stats.total;
+    Ok(CpuTicks {
+        user: t.user,
+        nice: t.nice,
+        system: t.system,
+        idle: t.idle,
+        iowait: t.iowait.unwrap_or(0),
+        irq: t.irq.unwrap_or(0),
+        softirq: t.softirq.unwrap_or(0),
+        steal: t.steal.unwrap_or(0),
+    })
 }
 
 fn attach_sampler(
