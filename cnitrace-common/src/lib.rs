@@ -11,11 +11,13 @@ pub mod program {
     pub const SAMPLER: &str = "cnitrace_sample";
     /// Raw tracepoint `net_dev_start_xmit` packet counter.
     pub const TX_COUNTER: &str = "cnitrace_tx";
-    /// Raw tracepoints `irq:softirq_entry`, `softirq_exit`, `softirq_raise`.
+    /// Raw tracepoints `irq:softirq_entry` and `softirq_exit`. (softirq_raise is left out:
+    /// it fires per raise, often per packet, and a raise count is not worth that cost.)
     pub const SOFTIRQ_ENTRY: &str = "cnitrace_si_in";
     pub const SOFTIRQ_EXIT: &str = "cnitrace_si_out";
-    pub const SOFTIRQ_RAISE: &str = "cnitrace_si_raise";
-    /// Prefix every cnitrace program name starts with.
+    /// The lab's tc program with adjustable work per packet (a datapath program, not ours).
+    pub const LAB_TC_WORK: &str = "lab_tc_work";
+    /// Prefix every cnitrace instrumentation program name starts with.
     pub const PREFIX: &str = "cnitrace_";
 }
 
@@ -39,6 +41,7 @@ pub mod global {
     pub const DEV_IFINDEX: &str = "DEV_IFINDEX";
     pub const DEV_ND_NET: &str = "DEV_ND_NET";
     pub const NET_NS_INUM: &str = "NET_NS_INUM";
+    pub const LAB_WORK_LOOPS: &str = "LAB_WORK_LOOPS";
 }
 
 /// Capacity of the stack table (distinct kernel stacks). Filling it is counted, not silent.
@@ -172,6 +175,9 @@ impl IfaceCounters {
     }
 }
 
+/// Most iterations `lab_tc_work` can do per packet (its verifier-visible bound).
+pub const LAB_MAX_LOOPS: u32 = 8192;
+
 /// `NR_SOFTIRQS`: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED, HRTIMER, RCU.
 pub const NR_SOFTIRQS: u32 = 10;
 
@@ -187,8 +193,6 @@ pub struct SoftirqStats {
     /// local_bh_enable.
     pub ksoftirqd_count: u64,
     pub ksoftirqd_ns: u64,
-    /// Times the vector was raised.
-    pub raised: u64,
 }
 
 impl SoftirqStats {
@@ -199,7 +203,6 @@ impl SoftirqStats {
             ns: self.ns + other.ns,
             ksoftirqd_count: self.ksoftirqd_count + other.ksoftirqd_count,
             ksoftirqd_ns: self.ksoftirqd_ns + other.ksoftirqd_ns,
-            raised: self.raised + other.raised,
         }
     }
 
@@ -210,7 +213,6 @@ impl SoftirqStats {
             ns: self.ns.saturating_sub(earlier.ns),
             ksoftirqd_count: self.ksoftirqd_count.saturating_sub(earlier.ksoftirqd_count),
             ksoftirqd_ns: self.ksoftirqd_ns.saturating_sub(earlier.ksoftirqd_ns),
-            raised: self.raised.saturating_sub(earlier.raised),
         }
     }
 }
@@ -247,7 +249,7 @@ const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * STACK_DEPTH);
 const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
 const _: () = assert!(core::mem::size_of::<IfaceCounters>() == 48);
-const _: () = assert!(core::mem::size_of::<SoftirqStats>() == 40);
+const _: () = assert!(core::mem::size_of::<SoftirqStats>() == 32);
 const _: () = assert!(core::mem::size_of::<SoftirqStart>() == 16);
 
 #[cfg(feature = "user")]

@@ -14,14 +14,14 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
     },
-    macros::{map, perf_event, raw_tracepoint},
+    macros::{classifier, map, perf_event, raw_tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    programs::{PerfEventContext, RawTracePointContext},
+    programs::{PerfEventContext, RawTracePointContext, TcContext},
 };
 use cnitrace_common::{
-    FNV_OFFSET, FNV_PRIME, IfaceCounters, MAX_IFACES, NR_SOFTIRQS, SoftirqStart, SoftirqStats, MAX_SAMPLE_KEYS, MAX_STACKS,
-    SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, STACK_DEPTH, SampleKey, SampleValue, StackFrames,
-    fault,
+    FNV_OFFSET, FNV_PRIME, IfaceCounters, LAB_MAX_LOOPS, MAX_IFACES, MAX_SAMPLE_KEYS, MAX_STACKS,
+    NR_SOFTIRQS, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, STACK_DEPTH, SampleKey, SampleValue,
+    SoftirqStart, SoftirqStats, StackFrames, fault,
 };
 
 /// Stack table keyed by the frames' hash. Not preallocated: memory grows with distinct stacks
@@ -216,7 +216,7 @@ fn try_tx(ctx: &RawTracePointContext) -> Result<(), u32> {
     let segs: u16 = read(head, end as usize + global(&SHINFO_GSO_SEGS))?;
     let segs = if segs == 0 { 1 } else { u64::from(segs) };
     let key = dev as u64;
-    if let Some(counters) = IFACES.get_ptr_mut(&key) {
+    if let Some(counters) = IFACES.get_ptr_mut(key) {
         // SAFETY: per-CPU value, written only by this CPU in a non-preemptible program.
         unsafe {
             (*counters).tx_skbs += 1;
@@ -242,7 +242,7 @@ fn try_tx(ctx: &RawTracePointContext) -> Result<(), u32> {
     counters.tx_segments = segs;
     counters.tx_bytes = u64::from(len);
     IFACES
-        .insert(&key, counters, u64::from(BPF_NOEXIST))
+        .insert(key, counters, u64::from(BPF_NOEXIST))
         .map_err(|_| fault::IFACE_MAP_FULL)
 }
 
@@ -293,15 +293,34 @@ pub fn cnitrace_si_out(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// `softirq_raise(unsigned int vec_nr)`.
-#[raw_tracepoint(tracepoint = "softirq_raise")]
-pub fn cnitrace_si_raise(ctx: RawTracePointContext) -> i32 {
-    let vector: u64 = ctx.arg(0);
-    if let Some(stats) = SOFTIRQ.get_ptr_mut(vector as u32) {
-        // SAFETY: per-CPU value, written only by this CPU.
-        unsafe { (*stats).raised += 1 };
+/// Iterations of busy work `lab_tc_work` does per packet, set at load time.
+#[unsafe(no_mangle)]
+static LAB_WORK_LOOPS: u32 = 0;
+
+#[map(name = "LAB_SINK")]
+static LAB_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The project's own datapath program (not cnitrace's instrumentation, hence no `cnitrace_`
+/// prefix): a tc program with a known, adjustable amount of work per packet, which lets tests
+/// and the lab check that BPF costs are measured and attributed.
+#[classifier]
+pub fn lab_tc_work(ctx: TcContext) -> i32 {
+    let loops = global(&LAB_WORK_LOOPS) as u32;
+    let mut acc = u64::from(ctx.len());
+    for i in 0..LAB_MAX_LOOPS {
+        if i >= loops {
+            break;
+        }
+        acc = acc
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(u64::from(i));
     }
-    0
+    // Storing the result keeps the loop from being optimised away.
+    if let Some(sink) = LAB_SINK.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *sink = acc };
+    }
+    0 // TC_ACT_OK: the packet continues unchanged.
 }
 
 #[cfg(not(test))]

@@ -90,7 +90,14 @@ impl CpuTicks {
     }
 
     fn total(&self) -> u64 {
-        self.user + self.nice + self.system + self.idle + self.iowait + self.irq + self.softirq + self.steal
+        self.user
+            + self.nice
+            + self.system
+            + self.idle
+            + self.iowait
+            + self.irq
+            + self.softirq
+            + self.steal
     }
 }
 
@@ -98,6 +105,23 @@ impl CpuTicks {
 pub const SOFTIRQ_NAMES: [&str; 10] = [
     "HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED", "HRTIMER", "RCU",
 ];
+
+/// One BPF program's run statistics over a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfProgramRun {
+    pub id: u32,
+    pub name: String,
+    pub program_type: u32,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub attach: String,
+}
+
+impl BpfProgramRun {
+    fn is_own(&self) -> bool {
+        self.name.starts_with(cnitrace_common::program::PREFIX)
+    }
+}
 
 /// Everything measured in one window, symbolized, before any interpretation.
 #[derive(Debug, Clone)]
@@ -115,6 +139,11 @@ pub struct RawWindow {
     pub softirq: Vec<SoftirqStats>,
     /// CPU time by state over the window, all CPUs.
     pub cpu: CpuTicks,
+    /// BPF programs that ran in the window.
+    pub bpf_programs: Vec<BpfProgramRun>,
+    /// How run-time statistics were enabled, or `None` if they were not (then run times are 0
+    /// and the `bpf` component stays the sampled estimate).
+    pub bpf_stats: Option<String>,
     pub faults: Faults,
 }
 
@@ -176,6 +205,8 @@ pub struct Breakdown {
     pub softirq: Vec<SoftirqCost>,
     /// How the CPUs spent the window (fractions of all CPUs' time; they add up to 1).
     pub cpu: CpuSplit,
+    /// BPF programs (other than cnitrace's) that ran in the window, costliest first.
+    pub bpf_programs: Vec<BpfProgramCost>,
     /// The hottest sampled functions (innermost frame), for finding what a component is made of.
     pub top_functions: Vec<FunctionCost>,
     pub quality: Quality,
@@ -186,13 +217,26 @@ pub struct SoftirqCost {
     pub vector: String,
     /// Handler runs.
     pub count: u64,
-    pub raised: u64,
     /// Handler time converted with `clock.cycles_per_ns`.
     pub cycles: u64,
     pub cpp: Option<f64>,
     /// Fraction of the handler time that ran in ksoftirqd (the rest ran inline on irq exit or
     /// local_bh_enable).
     pub in_ksoftirqd_share: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BpfProgramCost {
+    pub id: u32,
+    pub name: String,
+    /// Where it is attached, from its BPF link ("tcx ingress on ifindex 7 (veth1)").
+    pub attach: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+    pub cycles: u64,
+    pub cpp: Option<f64>,
+    /// Runs per packet of the datapath (counted in the `bpf` component).
+    pub datapath: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -288,6 +332,16 @@ pub struct Quality {
     pub self_cycles: u64,
     /// Cycles not attributed to any datapath component, of which user space:
     pub user_cycles: u64,
+    /// How BPF run-time statistics were enabled for the window (`null`: they were not).
+    pub bpf_stats: Option<String>,
+    /// The `bpf` component as sampling estimated it (bpf_prog_* frames on the stacks) ...
+    pub bpf_sampled_cycles: u64,
+    /// ... and as the kernel's run-time statistics measured it, which `bpf` reports when
+    /// available (the difference is taken from or given to `other`, keeping the closure).
+    pub bpf_exact_cycles: Option<u64>,
+    /// cnitrace's own in-kernel programs: runs and mean cost per run (from bpf_stats).
+    pub probe_runs: u64,
+    pub probe_cost_ns: Option<f64>,
 }
 
 /// The dotted class of one sample, or `None` if the CPU was idle.
@@ -458,7 +512,31 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
                 .sum()
         })
         .collect();
-    let top_cycles = apportion(total_cycles, &top_weights);
+    let mut top_cycles = apportion(total_cycles, &top_weights);
+    let index_of = |name: &str| {
+        COMPONENTS
+            .iter()
+            .position(|c| c.name == name)
+            .expect("contract component")
+    };
+    let (bpf_index, other_index) = (index_of("bpf"), index_of(OTHER));
+    let bpf_sampled_cycles = top_cycles[bpf_index];
+    let bpf_exact_cycles = raw.bpf_stats.as_ref().map(|_| {
+        let ns: u64 = raw
+            .bpf_programs
+            .iter()
+            .filter(|p| !p.is_own() && crate::probe::bpf_stats::is_datapath_type(p.program_type))
+            .map(|p| p.run_time_ns)
+            .sum();
+        (ns as f64 * raw.clock.cycles_per_ns).round() as u64
+    });
+    if let Some(exact) = bpf_exact_cycles {
+        // The exact figure replaces the estimate; `other` absorbs the difference so the
+        // components still add up to the busy total (bounded by what other holds).
+        let pool = top_cycles[bpf_index] + top_cycles[other_index];
+        top_cycles[bpf_index] = exact.min(pool);
+        top_cycles[other_index] = pool - top_cycles[bpf_index];
+    }
     let unavailable_names: Vec<&str> = context
         .unavailable
         .iter()
@@ -529,6 +607,32 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
     top_functions.truncate(TOP_FUNCTIONS);
 
     let softirq = softirq_costs(raw, packets.count);
+    let mut bpf_programs: Vec<BpfProgramCost> = raw
+        .bpf_programs
+        .iter()
+        .filter(|p| !p.is_own())
+        .map(|p| {
+            let cycles = (p.run_time_ns as f64 * raw.clock.cycles_per_ns).round() as u64;
+            BpfProgramCost {
+                id: p.id,
+                name: p.name.clone(),
+                attach: p.attach.clone(),
+                run_cnt: p.run_count,
+                run_time_ns: p.run_time_ns,
+                cycles,
+                cpp: per_packet(cycles, packets.count),
+                datapath: crate::probe::bpf_stats::is_datapath_type(p.program_type),
+            }
+        })
+        .collect();
+    bpf_programs.sort_unstable_by(|a, b| b.run_time_ns.cmp(&a.run_time_ns).then(a.id.cmp(&b.id)));
+    let (probe_runs, probe_ns) = raw
+        .bpf_programs
+        .iter()
+        .filter(|p| p.is_own())
+        .fold((0u64, 0u64), |(runs, ns), p| {
+            (runs + p.run_count, ns + p.run_time_ns)
+        });
     let cpu = cpu_split(raw, packets.bytes);
 
     let lost = raw.faults.stack_lost + raw.faults.sample_map_full;
@@ -551,6 +655,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         unavailable: context.unavailable.clone(),
         softirq,
         cpu,
+        bpf_programs,
         top_functions,
         quality: Quality {
             samples,
@@ -566,6 +671,12 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
                 .round() as u64,
             self_cycles: cycles_of(SELF_COST),
             user_cycles: cycles_of(OTHER_USER),
+            bpf_stats: raw.bpf_stats.clone(),
+            bpf_sampled_cycles,
+            bpf_exact_cycles,
+            probe_runs,
+            probe_cost_ns: (raw.bpf_stats.is_some() && probe_runs > 0)
+                .then(|| probe_ns as f64 / probe_runs as f64),
         },
         subcomponents: subcomponents_out,
     }
@@ -575,16 +686,19 @@ fn softirq_costs(raw: &RawWindow, packets: u64) -> Vec<SoftirqCost> {
     raw.softirq
         .iter()
         .zip(SOFTIRQ_NAMES)
-        .filter(|(s, _)| s.count > 0 || s.raised > 0)
+        .filter(|(s, _)| s.count > 0)
         .map(|(s, name)| {
             let cycles = (s.ns as f64 * raw.clock.cycles_per_ns).round() as u64;
             SoftirqCost {
                 vector: name.to_owned(),
                 count: s.count,
-                raised: s.raised,
                 cycles,
                 cpp: per_packet(cycles, packets),
-                in_ksoftirqd_share: if s.ns == 0 { 0.0 } else { s.ksoftirqd_ns as f64 / s.ns as f64 },
+                in_ksoftirqd_share: if s.ns == 0 {
+                    0.0
+                } else {
+                    s.ksoftirqd_ns as f64 / s.ns as f64
+                },
             }
         })
         .collect()
@@ -593,10 +707,20 @@ fn softirq_costs(raw: &RawWindow, packets: u64) -> Vec<SoftirqCost> {
 fn cpu_split(raw: &RawWindow, bytes: u64) -> CpuSplit {
     let t = &raw.cpu;
     let total = t.total();
-    let fraction = |ticks: u64| if total == 0 { 0.0 } else { ticks as f64 / total as f64 };
+    let fraction = |ticks: u64| {
+        if total == 0 {
+            0.0
+        } else {
+            ticks as f64 / total as f64
+        }
+    };
     let busy = fraction(t.user + t.nice + t.system + t.softirq + t.irq);
     let busy_cpus = busy * f64::from(raw.cpus);
-    let throughput_gbps = if raw.duration_s > 0.0 { bytes as f64 * 8.0 / raw.duration_s / 1e9 } else { 0.0 };
+    let throughput_gbps = if raw.duration_s > 0.0 {
+        bytes as f64 * 8.0 / raw.duration_s / 1e9
+    } else {
+        0.0
+    };
     CpuSplit {
         user: fraction(t.user + t.nice),
         system: fraction(t.system),
@@ -666,6 +790,8 @@ mod tests {
                 .collect(),
             softirq: vec![SoftirqStats::default(); 10],
             cpu: CpuTicks::default(),
+            bpf_programs: Vec::new(),
+            bpf_stats: None,
             faults: Faults::default(),
         }
     }
@@ -883,7 +1009,6 @@ mod tests {
             ns: 4_000_000,
             ksoftirqd_count: 25,
             ksoftirqd_ns: 1_000_000,
-            raised: 120,
         };
         raw.cpu = CpuTicks {
             user: 100,
@@ -907,8 +1032,49 @@ mod tests {
         assert!((sum - 1.0).abs() < 1e-12, "split sums to {sum}");
         assert!((c.busy_cpus - 1.2).abs() < 1e-12);
         // 1000 segments x 1500 bytes x 8 bits over 10 s.
-        assert!((c.throughput_gbps - 1.2e-6).abs() < 1e-15);
-        assert!((c.gbps_per_busy_cpu.unwrap() - 1e-6).abs() < 1e-15);
+        assert!((c.throughput_gbps - 1.2e-3).abs() < 1e-12);
+        assert!((c.gbps_per_busy_cpu.unwrap() - 1e-3).abs() < 1e-12);
+    }
+
+    #[test]
+    fn exact_bpf_replaces_the_estimate_and_keeps_closure() {
+        let mut raw = window(
+            vec![
+                stack(&["bpf_prog_0123456789abcdef_cil_from"], 0, 10, 10_000_000),
+                stack(&["tcp_sendmsg"], 0, 90, 90_000_000),
+            ],
+            &[("a", 10, 1000)],
+        );
+        let run = |id, name: &str, program_type, ns| BpfProgramRun {
+            id,
+            name: name.into(),
+            program_type,
+            run_count: 1000,
+            run_time_ns: ns,
+            attach: "tcx ingress on ifindex 2 (a)".into(),
+        };
+        raw.bpf_programs = vec![
+            run(7, "cil_from", 3, 16_000_000),
+            run(8, "cnitrace_tx", 17, 500_000),
+            run(9, "some_tracer", 2, 1_000_000),
+        ];
+        raw.bpf_stats = Some("BPF_ENABLE_STATS".into());
+        let b = compute(&raw, &context(), &PacketSelection::default());
+        // Exact: only datapath programs that are not cnitrace's, converted at 2.5 cycles/ns.
+        assert_eq!(b.component("bpf").unwrap().cycles, 40_000_000);
+        assert_eq!(b.quality.bpf_sampled_cycles, 25_000_000);
+        assert_eq!(b.quality.bpf_exact_cycles, Some(40_000_000));
+        let sum: u64 = b.components.iter().map(|c| c.cycles).sum();
+        assert_eq!(sum, b.total.cycles);
+        let names: Vec<&str> = b.bpf_programs.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["cil_from", "some_tracer"],
+            "own programs are not listed"
+        );
+        assert!(b.bpf_programs[0].datapath && !b.bpf_programs[1].datapath);
+        assert_eq!(b.quality.probe_runs, 1000);
+        assert_eq!(b.quality.probe_cost_ns, Some(500.0));
     }
 
     #[test]

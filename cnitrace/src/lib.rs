@@ -9,6 +9,7 @@ pub mod components;
 pub mod doctor;
 pub mod error;
 pub mod kallsyms;
+pub mod lab;
 pub mod netns;
 pub mod probe;
 pub mod profile;

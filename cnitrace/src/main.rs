@@ -26,11 +26,37 @@ struct Cli {
 enum Command {
     /// Profile one window and print the cycles-per-packet breakdown.
     Profile(ProfileArgs),
+    /// Datapath lab helpers.
+    #[command(subcommand)]
+    Lab(LabCommand),
     /// Report what this node supports: backends, hooks, PMU, BTF, components, CNI.
     Doctor {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Attach the project's tc program doing LOOPS iterations of work per packet to IFACE and
+    /// keep it attached until interrupted (Ctrl-C / SIGTERM detach it).
+    TcWork {
+        #[arg(long)]
+        iface: String,
+        /// Named network namespace (`ip netns`) of the interface.
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long, value_enum, default_value_t = DirectionArg::Ingress)]
+        direction: DirectionArg,
+        #[arg(long, default_value_t = 1000)]
+        loops: u32,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DirectionArg {
+    Ingress,
+    Egress,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -160,9 +186,52 @@ async fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Attaches, then waits for a signal. Runs before any runtime thread exists, because entering
+/// the namespace affects only the calling thread and the threads it starts afterwards.
+fn run_lab(command: LabCommand) -> anyhow::Result<()> {
+    let LabCommand::TcWork {
+        iface,
+        netns,
+        direction,
+        loops,
+    } = command;
+    let direction = match direction {
+        DirectionArg::Ingress => cnitrace::lab::tc_work::Direction::Ingress,
+        DirectionArg::Egress => cnitrace::lab::tc_work::Direction::Egress,
+    };
+    let attached = cnitrace::lab::tc_work::attach(netns.as_deref(), &iface, direction, loops)?;
+    eprintln!(
+        "cnitrace: lab_tc_work ({loops} loops per packet) attached to {iface}; Ctrl-C detaches"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(interrupted());
+    drop(attached);
+    eprintln!("cnitrace: lab_tc_work detached");
+    Ok(())
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let command = match cli.command {
+        Command::Lab(lab) => return report(run_lab(lab)),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -175,7 +244,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Profile(args) => run_profile(args).await,
             Command::Doctor { format } => {
                 let report = doctor::report();
@@ -185,16 +254,8 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
+            Command::Lab(_) => unreachable!("lab commands run before the runtime starts"),
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    report(result)
 }

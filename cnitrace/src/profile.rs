@@ -7,7 +7,10 @@ use crate::{
     error::Error,
     kallsyms::Kallsyms,
     netns,
-    probe::sampling::{Sampler, SamplerConfig, validate_frequency},
+    probe::{
+        bpf_stats::StatsGuard,
+        sampling::{Sampler, SamplerConfig, validate_frequency},
+    },
     session,
 };
 
@@ -71,6 +74,16 @@ pub async fn run(
 ) -> Result<(Breakdown, Ending), Error> {
     validate(options)?;
     let sampler = Sampler::start(&options.sampler)?;
+    // Run-time statistics cost two clock reads per BPF program run: on only for the window.
+    let stats = match StatsGuard::enable() {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            tracing::warn!(
+                "BPF run-time statistics unavailable ({e}); the bpf component stays sampled"
+            );
+            None
+        }
+    };
     let start = sampler.snapshot()?;
     let total = Duration::from_secs_f64(options.duration_s);
     let deadline = tokio::time::Instant::now() + total;
@@ -84,8 +97,10 @@ pub async fn run(
         }
     };
     let end = sampler.snapshot()?;
+    let mode = stats.as_ref().map(StatsGuard::mode);
     let kallsyms = Kallsyms::load()?;
-    let raw = sampler.window(&start, &end, &kallsyms)?;
+    let raw = sampler.window(&start, &end, &kallsyms, mode)?;
+    drop(stats);
     drop(sampler);
     // Named interfaces live in this namespace or in one of the --netns ones.
     let netns_inodes = if options.ifaces.is_empty() {

@@ -90,15 +90,16 @@ pub fn table(b: &Breakdown) -> String {
     if !b.softirq.is_empty() {
         let mut softirq = Table::new();
         softirq.load_preset(UTF8_FULL_CONDENSED);
-        softirq.set_header(vec!["softirq", "runs", "raised", "Mcycles", "CPP", "in ksoftirqd"]);
+        softirq.set_header(vec!["softirq", "runs", "Mcycles", "CPP", "in ksoftirqd"]);
         for s in &b.softirq {
             softirq.add_row(vec![
                 Cell::new(&s.vector),
                 Cell::new(s.count).set_alignment(CellAlignment::Right),
-                Cell::new(s.raised).set_alignment(CellAlignment::Right),
-                Cell::new(format!("{:.1}", s.cycles as f64 / 1e6)).set_alignment(CellAlignment::Right),
+                Cell::new(format!("{:.1}", s.cycles as f64 / 1e6))
+                    .set_alignment(CellAlignment::Right),
                 Cell::new(cpp_cell(s.cpp)).set_alignment(CellAlignment::Right),
-                Cell::new(format!("{:.1}%", s.in_ksoftirqd_share * 100.0)).set_alignment(CellAlignment::Right),
+                Cell::new(format!("{:.1}%", s.in_ksoftirqd_share * 100.0))
+                    .set_alignment(CellAlignment::Right),
             ]);
         }
         let _ = writeln!(out, "{softirq}");
@@ -115,7 +116,8 @@ pub fn table(b: &Breakdown) -> String {
         c.steal * 100.0,
         c.busy_cpus,
         c.throughput_gbps,
-        c.gbps_per_busy_cpu.map_or_else(String::new, |e| format!(" = {e:.2} Gbit/s per busy CPU")),
+        c.gbps_per_busy_cpu
+            .map_or_else(String::new, |e| format!(" = {e:.2} Gbit/s per busy CPU")),
     );
     if !b.top_functions.is_empty() {
         let _ = writeln!(out, "hottest functions (innermost frame):");

@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use cnitrace_common::{IfaceCounters, SampleKey, SampleValue, SoftirqStats};
 
 use crate::{
-    breakdown::{self, Breakdown, Context, CpuTicks, Faults, PacketSelection, RawWindow, Unavailable},
+    breakdown::{
+        self, Breakdown, Context, CpuTicks, Faults, PacketSelection, RawWindow, Unavailable,
+    },
     components::{self, COMPONENTS},
     kallsyms::Kallsyms,
 };
@@ -23,6 +25,8 @@ pub struct Snapshot {
     /// Per softirq vector, all CPUs summed.
     pub softirq: Vec<SoftirqStats>,
     pub cpu: CpuTicks,
+    /// Every loaded BPF program's cumulative statistics, by id.
+    pub bpf_programs: BTreeMap<u32, crate::probe::bpf_stats::ProgramStats>,
     pub faults: Faults,
 }
 
@@ -70,7 +74,13 @@ impl Snapshot {
         let softirq = self
             .softirq
             .iter()
-            .zip(earlier.softirq.iter().copied().chain(std::iter::repeat(SoftirqStats::default())))
+            .zip(
+                earlier
+                    .softirq
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(SoftirqStats::default())),
+            )
             .map(|(now, before)| now.since(&before))
             .collect();
         Delta {
@@ -169,6 +179,7 @@ mod tests {
                 .collect(),
             softirq: vec![SoftirqStats::default(); 10],
             cpu: CpuTicks::default(),
+            bpf_programs: BTreeMap::new(),
             faults: Faults {
                 stack_lost,
                 ..Default::default()

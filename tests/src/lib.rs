@@ -62,6 +62,9 @@ pub struct Topology {
     pub server_ip: String,
     /// The client pod's interface (unique name): it transmits the benchmark's data packets.
     pub client_iface: String,
+    /// The node-namespace end of the client pod's veth: the benchmark's data enters the node
+    /// through its ingress.
+    pub node_client_iface: String,
     namespaces: Vec<String>,
 }
 
@@ -79,6 +82,7 @@ impl Topology {
             server: format!("{base}-b"),
             server_ip: String::new(),
             client_iface: format!("ca{tag}"),
+            node_client_iface: format!("na{tag}"),
             namespaces: Vec::new(),
         };
         for ns in [topo.node.clone(), topo.client.clone(), topo.server.clone()] {
@@ -87,7 +91,7 @@ impl Topology {
             ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
         }
         let server_iface = format!("cb{tag}");
-        let (node_a, node_b) = (format!("na{tag}"), format!("nb{tag}"));
+        let (node_a, node_b) = (topo.node_client_iface.clone(), format!("nb{tag}"));
         let (client_ns, server_ns, node_ns) =
             (topo.client.clone(), topo.server.clone(), topo.node.clone());
         for (pod_ns, pod_if, node_if) in [

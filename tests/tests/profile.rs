@@ -163,8 +163,8 @@ fn sigint_mid_window_reports_and_detaches() {
     let attached = loaded_cnitrace_programs().expect("bpftool");
     assert_eq!(
         attached.len(),
-        2,
-        "the sampler and the packet counter should be attached: {attached:?}"
+        4,
+        "the sampler, the packet counter and the two softirq probes should be attached: {attached:?}"
     );
     let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: plain kill(2) on our own child.

@@ -14,19 +14,17 @@ use aya::{
     util::online_cpus,
 };
 use cnitrace_common::{
-    IfaceCounters, NR_SOFTIRQS, SampleKey, SampleValue, SoftirqStats, StackFrames, fault, global, map, program,
+    IfaceCounters, NR_SOFTIRQS, SampleKey, SampleValue, SoftirqStats, StackFrames, fault, global,
+    map, program,
 };
 
-use super::{btf, clock, privileges};
+use super::{EBPF_OBJECT, bpf_stats, btf, clock, privileges};
 use crate::{
-    breakdown::{Clock, ClockSource, CpuTicks, Faults, RawWindow, StackSample},
+    breakdown::{BpfProgramRun, Clock, ClockSource, CpuTicks, Faults, RawWindow, StackSample},
     error::Error,
     kallsyms::Kallsyms,
     session::Snapshot,
 };
-
-/// The eBPF object built by build.rs from cnitrace-ebpf.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cnitrace"));
 
 /// Highest sampling frequency accepted; perf_event_max_sample_rate may lower it further.
 pub const MAX_FREQUENCY_HZ: u64 = 20_000;
@@ -120,12 +118,13 @@ impl Sampler {
         for (name, tracepoint) in [
             (program::SOFTIRQ_ENTRY, "softirq_entry"),
             (program::SOFTIRQ_EXIT, "softirq_exit"),
-            (program::SOFTIRQ_RAISE, "softirq_raise"),
         ] {
             let prog: &mut RawTracePoint = program_mut(&mut ebpf, name)?;
-            prog.load().map_err(|e| Error::program(format!("load {name}"), e))?;
-            prog.attach(tracepoint)
-                .map_err(|e| Error::program(format!("attach {name} to raw tracepoint {tracepoint}"), e))?;
+            prog.load()
+                .map_err(|e| Error::program(format!("load {name}"), e))?;
+            prog.attach(tracepoint).map_err(|e| {
+                Error::program(format!("attach {name} to raw tracepoint {tracepoint}"), e)
+            })?;
         }
 
         let cpus = online_cpus().map_err(|(path, e)| Error::io(format!("read {path}"), e))?;
@@ -177,8 +176,12 @@ impl Sampler {
         let softirq_map: PerCpuArray<&MapData, SoftirqStats> = map_ref(&self.ebpf, map::SOFTIRQ)?;
         let softirq = (0..NR_SOFTIRQS)
             .map(|vector| {
-                let per_cpu = softirq_map.get(&vector, 0).map_err(|e| Error::map(map::SOFTIRQ, e))?;
-                Ok(per_cpu.iter().fold(SoftirqStats::default(), |acc, s| acc.plus(s)))
+                let per_cpu = softirq_map
+                    .get(&vector, 0)
+                    .map_err(|e| Error::map(map::SOFTIRQ, e))?;
+                Ok(per_cpu
+                    .iter()
+                    .fold(SoftirqStats::default(), |acc, s| acc.plus(s)))
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let cpu = cpu_ticks()?;
@@ -203,6 +206,7 @@ impl Sampler {
             ifaces,
             softirq,
             cpu,
+            bpf_programs: bpf_stats::programs(),
             faults,
         })
     }
@@ -213,8 +217,10 @@ impl Sampler {
         start: &Snapshot,
         end: &Snapshot,
         kallsyms: &Kallsyms,
+        bpf_stats_mode: Option<&str>,
     ) -> Result<RawWindow, Error> {
         let delta = end.delta(start);
+        let ifaces_for_names: Vec<IfaceCounters> = end.ifaces.values().copied().collect();
         let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&self.ebpf, map::STACKS)?;
         let mut frames_by_hash: HashMap<u64, Vec<String>> = HashMap::new();
         let mut samples = Vec::with_capacity(delta.samples.len());
@@ -255,9 +261,69 @@ impl Sampler {
             ifaces: delta.ifaces.into_values().collect(),
             softirq: delta.softirq,
             cpu: delta.cpu,
+            bpf_programs: bpf_window(start, end, &ifaces_for_names),
+            bpf_stats: bpf_stats_mode.map(str::to_owned),
             faults: delta.faults,
         })
     }
+}
+
+/// Programs that ran in the window, with where they are attached.
+fn bpf_window(start: &Snapshot, end: &Snapshot, devices: &[IfaceCounters]) -> Vec<BpfProgramRun> {
+    let attachments = bpf_stats::attachments();
+    end.bpf_programs
+        .iter()
+        .filter_map(|(id, now)| {
+            let before = start.bpf_programs.get(id);
+            let run_count = now
+                .run_count
+                .saturating_sub(before.map_or(0, |b| b.run_count));
+            let run_time_ns = now
+                .run_time_ns
+                .saturating_sub(before.map_or(0, |b| b.run_time_ns));
+            (run_count > 0).then(|| BpfProgramRun {
+                id: *id,
+                name: now.name.clone(),
+                program_type: now.program_type,
+                run_count,
+                run_time_ns,
+                attach: describe_attachments(
+                    attachments.get(id).map_or(&[], Vec::as_slice),
+                    devices,
+                ),
+            })
+        })
+        .collect()
+}
+
+/// "tcx ingress on ifindex 7 (veth1)"; the device name comes from the devices that transmitted
+/// in the window, all of whose namespaces can hold an ifindex 7, hence every candidate is named.
+fn describe_attachments(
+    attachments: &[bpf_stats::Attachment],
+    devices: &[IfaceCounters],
+) -> String {
+    if attachments.is_empty() {
+        return "no BPF link (legacy tc via netlink, socket, or other)".to_owned();
+    }
+    attachments
+        .iter()
+        .map(|a| match a.ifindex {
+            Some(ifindex) => {
+                let names: Vec<String> = devices
+                    .iter()
+                    .filter(|d| d.ifindex == ifindex)
+                    .map(|d| String::from_utf8_lossy(d.name_bytes()).into_owned())
+                    .collect();
+                if names.is_empty() {
+                    format!("{} on ifindex {ifindex}", a.kind)
+                } else {
+                    format!("{} on ifindex {ifindex} ({})", a.kind, names.join(" or "))
+                }
+            }
+            None => a.kind.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// CPU time of all CPUs by state, from /proc/stat.
@@ -340,7 +406,7 @@ fn attach_sampler(
     })
 }
 
-fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
+pub(crate) fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {

@@ -1,0 +1,4 @@
+//! The lab: datapaths built on one machine. For now, the project's own tc program with an
+//! adjustable amount of work per packet, attached to a device in a named namespace.
+
+pub mod tc_work;
