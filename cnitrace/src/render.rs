@@ -104,6 +104,52 @@ pub fn table(b: &Breakdown) -> String {
         }
         let _ = writeln!(out, "{softirq}");
     }
+    if !b.bpf_programs.is_empty() {
+        let mut programs = Table::new();
+        programs.load_preset(UTF8_FULL_CONDENSED);
+        programs.set_header(vec![
+            "BPF program",
+            "id",
+            "attached",
+            "runs",
+            "ns/run",
+            "CPP",
+        ]);
+        for p in &b.bpf_programs {
+            programs.add_row(vec![
+                Cell::new(if p.datapath {
+                    p.name.clone()
+                } else {
+                    format!("{} (not datapath)", p.name)
+                }),
+                Cell::new(p.id).set_alignment(CellAlignment::Right),
+                Cell::new(&p.attach),
+                Cell::new(p.run_cnt).set_alignment(CellAlignment::Right),
+                Cell::new(format!(
+                    "{:.0}",
+                    p.run_time_ns as f64 / p.run_cnt.max(1) as f64
+                ))
+                .set_alignment(CellAlignment::Right),
+                Cell::new(cpp_cell(p.cpp)).set_alignment(CellAlignment::Right),
+            ]);
+        }
+        let _ = writeln!(out, "{programs}");
+    }
+    if let Some(exact) = b.quality.bpf_exact_cycles {
+        let _ = writeln!(
+            out,
+            "bpf: {:.1} Mcycles measured by the kernel ({}), {:.1} Mcycles estimated from sampled bpf_prog_* frames",
+            exact as f64 / 1e6,
+            b.quality.bpf_stats.as_deref().unwrap_or("bpf_stats"),
+            b.quality.bpf_sampled_cycles as f64 / 1e6,
+        );
+    }
+    if let (Some(cost), runs) = (b.quality.probe_cost_ns, b.quality.probe_runs) {
+        let _ = writeln!(
+            out,
+            "cnitrace's in-kernel probes: {runs} runs, {cost:.0} ns per run (bpf_stats)"
+        );
+    }
     let c = &b.cpu;
     let _ = writeln!(
         out,
