@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::components::{self, COMPONENTS, OTHER, OTHER_KERNEL, OTHER_USER, SELF_COST};
 
 /// Where the cycle figures come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClockSource {
     /// Sample periods are hardware CPU cycles.
@@ -19,7 +19,7 @@ pub enum ClockSource {
     CpuClock,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Clock {
     pub source: ClockSource,
     pub cycles_per_ns: f64,
@@ -148,7 +148,7 @@ pub struct RawWindow {
 }
 
 /// Which packets are the denominator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PacketUnit {
     /// Socket buffers as the stack handles them (a 64 KB GSO skb is one).
@@ -188,7 +188,7 @@ pub struct Context {
 
 // ---- The public JSON contract (DESIGN.md section 3) ----
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Breakdown {
     pub node: String,
     pub kernel: String,
@@ -212,7 +212,7 @@ pub struct Breakdown {
     pub quality: Quality,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SoftirqCost {
     pub vector: String,
     /// Handler runs.
@@ -225,7 +225,7 @@ pub struct SoftirqCost {
     pub in_ksoftirqd_share: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BpfProgramCost {
     pub id: u32,
     pub name: String,
@@ -239,7 +239,7 @@ pub struct BpfProgramCost {
     pub datapath: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CpuSplit {
     /// user + nice.
     pub user: f64,
@@ -258,7 +258,7 @@ pub struct CpuSplit {
     pub gbps_per_busy_cpu: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionCost {
     pub function: String,
     /// The dotted component the whole sample was attributed to.
@@ -270,14 +270,14 @@ pub struct FunctionCost {
 /// How many functions `top_functions` lists.
 pub const TOP_FUNCTIONS: usize = 25;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Window {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub duration_s: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Packets {
     /// The denominator of every `cpp`.
     pub count: u64,
@@ -289,7 +289,7 @@ pub struct Packets {
     pub interfaces: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Total {
     /// Busy cycles of all CPUs in the window (kernel and user; idle excluded).
     pub cycles: u64,
@@ -297,7 +297,7 @@ pub struct Total {
     pub cpp: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ComponentCost {
     pub name: String,
     pub cycles: u64,
@@ -306,13 +306,13 @@ pub struct ComponentCost {
     pub available: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Unavailable {
     pub name: String,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Quality {
     /// Samples taken in the window (busy and idle).
     pub samples: u64,

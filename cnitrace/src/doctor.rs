@@ -11,14 +11,14 @@ use crate::{
     session,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Check {
     pub name: String,
     pub available: bool,
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ComponentSupport {
     pub name: String,
     pub available: bool,
@@ -27,7 +27,7 @@ pub struct ComponentSupport {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeReport {
     pub node: String,
     pub kernel: String,

@@ -4,7 +4,9 @@
 //! and windows ([`session`]) -> a pure breakdown ([`breakdown`]) -> renderers ([`render`]).
 //! Everything above [`probe`] runs without privileges on recorded or synthetic data.
 
+pub mod agent;
 pub mod breakdown;
+pub mod collect;
 pub mod components;
 pub mod doctor;
 pub mod error;
@@ -14,6 +16,7 @@ pub mod netns;
 pub mod probe;
 pub mod profile;
 pub mod render;
+pub mod server;
 pub mod session;
 
 pub use error::Error;

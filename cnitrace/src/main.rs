@@ -26,6 +26,11 @@ struct Cli {
 enum Command {
     /// Profile one window and print the cycles-per-packet breakdown.
     Profile(ProfileArgs),
+    /// Run the agent: probes attached once, the REST API, Prometheus metrics and a live page.
+    Agent(AgentArgs),
+    /// One window across several agents (e.g. sender and receiver), optionally around a
+    /// benchmark command run here: per-node columns and their sum.
+    Collect(CollectArgs),
     /// Datapath lab helpers.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -34,6 +39,43 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Address to listen on. The default serves this host only; pass 0.0.0.0:9560 (with
+    /// --token-file) to serve the cluster.
+    #[arg(long, default_value = "127.0.0.1:9560")]
+    listen: std::net::SocketAddr,
+    /// File holding the bearer token every request (except /healthz and /) must carry.
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+    /// Sampling frequency per CPU, in Hz.
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    frequency: u64,
+    /// Most sessions running at once.
+    #[arg(long, default_value_t = 8)]
+    max_sessions: usize,
+    /// Longest session duration accepted, in seconds.
+    #[arg(long, default_value_t = 3600.0)]
+    max_duration: f64,
+}
+
+#[derive(clap::Args)]
+struct CollectArgs {
+    /// Agent base URLs (http://HOST:PORT).
+    #[arg(required = true)]
+    urls: Vec<String>,
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+    /// Window length when no command is given (Ctrl-C ends it early).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// The benchmark to run while the window is open, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -212,6 +254,198 @@ fn run_lab(command: LabCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read --token-file {}: {e}", path.display()))?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        anyhow::bail!("--token-file {} is empty", path.display());
+    }
+    Ok(token)
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use cnitrace::{
+        agent::{Agent, Limits},
+        probe::sampling::Sampler,
+        server::{AppState, Metrics, router},
+    };
+
+    if !(args.max_duration.is_finite() && args.max_duration > 0.0) {
+        anyhow::bail!(
+            "--max-duration {} must be a positive number of seconds",
+            args.max_duration
+        );
+    }
+    if args.max_sessions == 0 {
+        anyhow::bail!("--max-sessions must be at least 1");
+    }
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    if token.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            "listening on {} without --token-file: anyone who can reach it can read this node's data",
+            args.listen
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let sampler = Sampler::start(&SamplerConfig {
+        frequency_hz: args.frequency,
+        clock: ClockChoice::Auto,
+    })?;
+    let limits = Limits {
+        max_sessions: args.max_sessions,
+        max_duration_s: args.max_duration,
+        ..Limits::default()
+    };
+    let state = Arc::new(AppState {
+        agent: Agent::new(Box::new(sampler), limits),
+        node: doctor::report(),
+        token,
+        metrics: Metrics::new(),
+    });
+    state.metrics.prime(&state.agent)?;
+    // Once a second: a snapshot for rolling windows, and stop sessions whose time is up.
+    let ticker = {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                interval.tick().await;
+                let state = Arc::clone(&state);
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = state.agent.tick() {
+                        tracing::warn!("snapshot failed: {e}");
+                    }
+                    for id in state.agent.due_sessions() {
+                        if let Err(e) = state.agent.stop_session(id) {
+                            tracing::debug!("session {id}: {e}");
+                        }
+                    }
+                })
+                .await;
+            }
+        })
+    };
+    eprintln!(
+        "cnitrace agent: listening on http://{} (SIGTERM or Ctrl-C stops it)",
+        args.listen
+    );
+    axum::serve(listener, router(Arc::clone(&state)))
+        .with_graceful_shutdown(interrupted())
+        .await?;
+    ticker.abort();
+    let _ = ticker.await;
+    // The last reference to the sampler goes here: its programs are detached and unloaded.
+    drop(state);
+    eprintln!("cnitrace agent: stopped, probes detached");
+    Ok(())
+}
+
+async fn run_collect(args: CollectArgs) -> anyhow::Result<()> {
+    use cnitrace::collect::{AgentClient, Collected, sum, table};
+
+    if args.command.is_empty() {
+        cnitrace::profile::validate_duration(args.duration)?;
+    }
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let clients = args
+        .urls
+        .iter()
+        .map(|url| AgentClient::new(url, token.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let clients = std::sync::Arc::new(clients);
+    let started = {
+        let clients = std::sync::Arc::clone(&clients);
+        tokio::task::spawn_blocking(move || {
+            let mut ids = Vec::new();
+            for client in clients.iter() {
+                match client.start() {
+                    Ok(id) => ids.push(id),
+                    Err(e) => {
+                        // Do not leave sessions running on the agents that did start.
+                        for (client, id) in clients.iter().zip(&ids) {
+                            let _ = client.stop(*id);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(ids)
+        })
+        .await??
+    };
+    let mut command_status = None;
+    if let Some((program, rest)) = args.command.split_first() {
+        eprintln!(
+            "cnitrace collect: sessions open on {} agents; running {}",
+            clients.len(),
+            args.command.join(" ")
+        );
+        let mut command = tokio::process::Command::new(program);
+        command.args(rest);
+        if args.format == Format::Json {
+            // Keep stdout for the JSON document: the benchmark's own output goes to stderr.
+            use std::os::fd::AsFd as _;
+            command.stdout(std::io::stderr().as_fd().try_clone_to_owned()?);
+        }
+        let mut child = command.spawn();
+        match &mut child {
+            Ok(child) => {
+                // Ctrl-C reaches the command too; wait for it, then close the windows.
+                let status = tokio::select! {
+                    status = child.wait() => status,
+                    _ = tokio::signal::ctrl_c() => child.wait().await,
+                };
+                command_status = Some(status?);
+            }
+            Err(e) => eprintln!("cnitrace collect: cannot run {program}: {e}"),
+        }
+    } else {
+        eprintln!(
+            "cnitrace collect: sessions open on {} agents for {} s",
+            clients.len(),
+            args.duration
+        );
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs_f64(args.duration)) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    let nodes = {
+        let clients = std::sync::Arc::clone(&clients);
+        tokio::task::spawn_blocking(move || {
+            clients
+                .iter()
+                .zip(started)
+                .map(|(client, id)| client.stop(id))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await??
+    };
+    let collected = Collected {
+        sum: sum(&nodes),
+        nodes,
+    };
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&collected)?),
+        Format::Table => print!("{}", table(&collected)),
+    }
+    match command_status {
+        Some(status) if !status.success() => {
+            anyhow::bail!("the benchmark command exited with {status}")
+        }
+        None if !args.command.is_empty() => {
+            anyhow::bail!("the benchmark command could not be started")
+        }
+        _ => Ok(()),
+    }
+}
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -246,6 +480,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match command {
             Command::Profile(args) => run_profile(args).await,
+            Command::Agent(args) => run_agent(args).await,
+            Command::Collect(args) => run_collect(args).await,
             Command::Doctor { format } => {
                 let report = doctor::report();
                 match format {

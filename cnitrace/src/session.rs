@@ -93,6 +93,32 @@ impl Snapshot {
     }
 }
 
+/// What a window needs from the kernel side. The sampler implements it; router tests use a
+/// synthetic one, so everything above the probe runs without privileges.
+pub trait Probe: Send + Sync + 'static {
+    /// The cumulative counters now.
+    fn snapshot(&self) -> Result<Snapshot, crate::Error>;
+    /// The window between two snapshots, symbolized. `bpf_stats` says how BPF run-time
+    /// statistics were enabled over the window, if they were.
+    fn window(
+        &self,
+        start: &Snapshot,
+        end: &Snapshot,
+        bpf_stats: Option<&str>,
+    ) -> Result<RawWindow, crate::Error>;
+    /// Components this node lacks, with the reason.
+    fn unavailable(&self) -> Vec<Unavailable>;
+    fn backend(&self) -> &'static str {
+        "sampling"
+    }
+    /// Switches BPF run-time statistics on until the guard drops (`None` if unavailable).
+    fn enable_bpf_stats(&self) -> Option<crate::probe::bpf_stats::StatsGuard> {
+        crate::probe::bpf_stats::StatsGuard::enable()
+            .inspect_err(|e| tracing::warn!("BPF run-time statistics unavailable: {e}"))
+            .ok()
+    }
+}
+
 /// The node name: NODE_NAME (the DaemonSet sets it from spec.nodeName), else the hostname.
 pub fn node_name() -> String {
     std::env::var("NODE_NAME")
@@ -126,6 +152,21 @@ pub fn unavailable_components(kallsyms: &Kallsyms) -> Vec<Unavailable> {
             })
         })
         .collect()
+}
+
+/// The Breakdown of a window from any probe, with this node's context.
+pub fn breakdown_from(
+    probe: &dyn Probe,
+    raw: &RawWindow,
+    selection: &PacketSelection,
+) -> Breakdown {
+    let context = Context {
+        node: node_name(),
+        kernel: kernel_release(),
+        backend: probe.backend().to_owned(),
+        unavailable: probe.unavailable(),
+    };
+    breakdown::compute(raw, &context, selection)
 }
 
 /// The Breakdown of a window, with this node's context.

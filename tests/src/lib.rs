@@ -393,3 +393,103 @@ fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A running `cnitrace agent` on a free loopback port; SIGTERM on drop.
+pub struct AgentProcess {
+    pub url: String,
+    pub token: String,
+    child: Option<Child>,
+    token_file: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent with a fresh token and waits until /healthz answers.
+    pub fn start(extra_args: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
+        Self::launch(None, extra_args, envs)
+    }
+
+    /// Starts an agent that accepts `token`.
+    pub fn start_with_token(token: &str, envs: &[(&str, &str)]) -> Result<Self> {
+        Self::launch(Some(token), &[], envs)
+    }
+
+    fn launch(token: Option<&str>, extra_args: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let token = token.map_or_else(|| format!("t{}{port}", std::process::id()), str::to_owned);
+        let token_file = std::env::temp_dir().join(format!("cnitrace-token-{port}"));
+        std::fs::write(&token_file, format!("{token}\n"))?;
+        let listen = format!("127.0.0.1:{port}");
+        let mut command = Command::new(cnitrace_bin());
+        command
+            .args(["agent", "--listen", &listen, "--token-file"])
+            .arg(&token_file)
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let child = command.spawn().context("start cnitrace agent")?;
+        let agent = Self {
+            url: format!("http://{listen}"),
+            token,
+            child: Some(child),
+            token_file,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if ureq::get(format!("{}/healthz", agent.url)).call().is_ok() {
+                return Ok(agent);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the agent did not answer /healthz within 15 s")
+    }
+
+    /// A request with the bearer token; returns status and body text.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, String)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}{path}", self.url);
+        let auth = format!("Bearer {}", self.token);
+        let mut response = match (method, body) {
+            ("GET", _) => agent.get(&url).header("Authorization", &auth).call()?,
+            (_, Some(body)) => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(body)?,
+            (_, None) => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty()?,
+        };
+        let status = response.status().as_u16();
+        Ok((status, response.body_mut().read_to_string()?))
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        let child = self.child.take().context("already stopped")?;
+        run("kill", &["-TERM", &child.id().to_string()])?;
+        Ok(child.wait_with_output()?.status)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.token_file);
+    }
+}

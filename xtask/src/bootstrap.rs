@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
     "procps",
+    // Headless browser for the test of the agent's page.
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -426,3 +426,35 @@ where
         .ok_or_else(|| Error::Object(format!("map {name} missing from the eBPF object")))?;
     T::try_from(map).map_err(|e| Error::map(name, e))
 }
+
+impl crate::session::Probe for Sampler {
+    fn snapshot(&self) -> Result<Snapshot, Error> {
+        Sampler::snapshot(self)
+    }
+
+    fn window(
+        &self,
+        start: &Snapshot,
+        end: &Snapshot,
+        bpf_stats: Option<&str>,
+    ) -> Result<RawWindow, Error> {
+        // Fresh symbols for every window: modules and BPF programs come and go.
+        let kallsyms = Kallsyms::load()?;
+        Sampler::window(self, start, end, &kallsyms, bpf_stats)
+    }
+
+    fn unavailable(&self) -> Vec<crate::breakdown::Unavailable> {
+        Kallsyms::load().map_or_else(
+            |e| {
+                crate::components::COMPONENTS
+                    .iter()
+                    .map(|c| crate::breakdown::Unavailable {
+                        name: c.name.to_owned(),
+                        reason: e.to_string(),
+                    })
+                    .collect()
+            },
+            |syms| crate::session::unavailable_components(&syms),
+        )
+    }
+}

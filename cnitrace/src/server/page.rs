@@ -1,0 +1,61 @@
+//! The page at `/`: the live breakdown as a stacked bar per component (like figs. 9 and 11 of
+//! the paper), the sessions, and a session's breakdown. Self-contained: no external resources.
+
+pub const INDEX: &str = r##"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cnitrace</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em} h2{font-size:1.1em;margin-top:1.5em}
+.bar{display:flex;height:38px;width:100%;max-width:900px;border:1px solid #999}
+.seg{height:100%;overflow:hidden;color:#fff;font-size:11px;line-height:38px;text-align:center;white-space:nowrap}
+table{border-collapse:collapse;margin-top:.5em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left} .muted{color:#777} button{margin-left:.5em}
+.legend span{display:inline-block;margin-right:1em} .sw{display:inline-block;width:10px;height:10px;margin-right:3px}
+</style></head><body>
+<h1>cnitrace <span id="node" class="muted"></span></h1>
+<div id="auth" style="display:none">Token: <input id="token" type="password"><button onclick="saveToken()">use</button></div>
+<h2>Live: last <span id="win">10</span> s <span id="status" class="muted"></span></h2>
+<div id="live-bar" class="bar"></div><div id="live-legend" class="legend"></div><div id="live-table"></div>
+<h2>Sessions <button onclick="startSession()">start</button></h2>
+<table id="sessions"><tr><th>id</th><th>state</th><th>started</th><th></th></tr></table>
+<h2 id="session-title"></h2>
+<div id="session-bar" class="bar" style="display:none"></div><div id="session-legend" class="legend"></div><div id="session-table"></div>
+<script>
+const COLORS={bridge:"#1f77b4",ip_forward:"#ff7f0e",netfilter:"#d62728",vxlan:"#9467bd",ipip:"#8c564b",bpf:"#2ca02c",veth:"#17becf",ovs:"#bcbd22",tunnel_offload:"#e377c2",other:"#bbbbbb"};
+function headers(){const t=localStorage.getItem("cnitrace-token");return t?{"Authorization":"Bearer "+t}:{};}
+function saveToken(){localStorage.setItem("cnitrace-token",document.getElementById("token").value);document.getElementById("auth").style.display="none";refresh();}
+async function api(path,opts={}){const r=await fetch(path,{...opts,headers:{...headers(),"Content-Type":"application/json"}});
+ if(r.status===401){document.getElementById("auth").style.display="block";throw new Error("token needed");}
+ const body=await r.json(); if(!r.ok) throw new Error(body.error||r.status); return body;}
+function fmt(x){return x==null?"-":x.toFixed(1);}
+function draw(b,prefix){
+ const bar=document.getElementById(prefix+"-bar"); bar.style.display="flex"; bar.innerHTML="";
+ const legend=document.getElementById(prefix+"-legend"); legend.innerHTML="";
+ let rows="<table><tr><th>component</th><th>CPP</th><th>share</th></tr>";
+ for(const c of b.components){
+  if(c.share>0){const s=document.createElement("div");s.className="seg";s.dataset.component=c.name;
+   s.style.width=(c.share*100)+"%";s.style.background=COLORS[c.name]||"#666";s.title=c.name+" "+fmt(c.cpp)+" CPP";
+   s.textContent=c.share>0.06?c.name:"";bar.appendChild(s);
+   legend.innerHTML+='<span><i class="sw" style="background:'+(COLORS[c.name]||"#666")+'"></i>'+c.name+'</span>';}
+  rows+="<tr><td>"+c.name+(c.available?"":" (unavailable)")+"</td><td>"+fmt(c.cpp)+"</td><td>"+(c.share*100).toFixed(1)+"%</td></tr>";}
+ rows+="<tr><th>total</th><th>"+fmt(b.total.cpp)+"</th><th>"+b.packets.count+" "+b.packets.unit+"s</th></tr></table>";
+ document.getElementById(prefix+"-table").innerHTML=rows;}
+async function refreshLive(){try{const b=await api("/api/v1/breakdown?window=10");draw(b,"live");
+ document.getElementById("node").textContent=b.node+" · "+b.kernel+" · "+b.backend;document.getElementById("status").textContent="";}
+ catch(e){document.getElementById("status").textContent=e.message;}}
+async function refreshSessions(){try{const list=await api("/api/v1/sessions");const t=document.getElementById("sessions");
+ t.innerHTML="<tr><th>id</th><th>state</th><th>started</th><th></th></tr>";
+ for(const s of list){const tr=document.createElement("tr");tr.innerHTML="<td>"+s.id+"</td><td>"+s.state+"</td><td>"+s.started+"</td><td></td>";
+  const b=document.createElement("button");b.textContent=s.state==="running"?"stop":"show";
+  b.onclick=()=>s.state==="running"?stopSession(s.id):showSession(s.id);tr.lastChild.appendChild(b);t.appendChild(tr);}}catch(e){}}
+async function startSession(){await api("/api/v1/sessions",{method:"POST",body:"{}"});refreshSessions();}
+async function stopSession(id){await api("/api/v1/sessions/"+id+"/stop",{method:"POST"});refreshSessions();showSession(id);}
+async function showSession(id){const s=await api("/api/v1/sessions/"+id);document.getElementById("session-title").textContent="Session "+id+" ("+s.state+")";
+ if(s.breakdown)draw(s.breakdown,"session");}
+function refresh(){refreshLive();refreshSessions();}
+// A token in the fragment (never sent to the server) is stored for the API calls.
+const frag=new URLSearchParams(location.hash.slice(1)); if(frag.get("token")){localStorage.setItem("cnitrace-token",frag.get("token"));history.replaceState(null,"",location.pathname+location.search);}
+const q=new URLSearchParams(location.search); if(q.get("session"))showSession(q.get("session"));
+refresh(); setInterval(refresh,3000);
+</script></body></html>
+"##;

@@ -1,0 +1,439 @@
+//! Router tests with `oneshot`: every path and every error status, on a synthetic probe.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use axum::{
+    body::Body,
+    http::{Method, Request, StatusCode, header},
+};
+use cnitrace_common::{IfaceCounters, SampleKey, SampleValue, SoftirqStats};
+use http_body_util::BodyExt as _;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::{
+    agent::Limits,
+    breakdown::{Clock, ClockSource, CpuTicks, Faults, RawWindow, StackSample, Unavailable},
+    probe::bpf_stats::StatsGuard,
+    session::{Probe, Snapshot},
+};
+
+/// Each snapshot adds 100 bridge samples of 1 ms and 1000 transmitted segments.
+struct SyntheticProbe {
+    ticks: AtomicU64,
+}
+
+impl Probe for SyntheticProbe {
+    fn snapshot(&self) -> Result<Snapshot, crate::Error> {
+        let t = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
+        let key = SampleKey {
+            stack_hash: 1,
+            flags: 0,
+            padding: 0,
+        };
+        let mut dev = IfaceCounters {
+            ifindex: 2,
+            netns_inode: 1,
+            tx_skbs: t * 50,
+            tx_segments: t * 1000,
+            tx_bytes: t * 1_500_000,
+            ..Default::default()
+        };
+        dev.name[..4].copy_from_slice(b"eth0");
+        Ok(Snapshot {
+            wall: chrono::Utc::now(),
+            mono: std::time::Instant::now(),
+            samples: [(
+                key,
+                SampleValue {
+                    count: t * 100,
+                    period: t * 100_000_000,
+                },
+            )]
+            .into(),
+            ifaces: [(7, dev)].into(),
+            softirq: vec![SoftirqStats::default(); 10],
+            cpu: CpuTicks::default(),
+            bpf_programs: std::collections::BTreeMap::new(),
+            faults: Faults::default(),
+        })
+    }
+
+    fn window(
+        &self,
+        start: &Snapshot,
+        end: &Snapshot,
+        bpf_stats: Option<&str>,
+    ) -> Result<RawWindow, crate::Error> {
+        let delta = end.delta(start);
+        Ok(RawWindow {
+            start: start.wall,
+            end: end.wall,
+            duration_s: 1.0,
+            clock: Clock {
+                source: ClockSource::CpuClock,
+                cycles_per_ns: 2.0,
+                calibration: "synthetic".into(),
+            },
+            frequency_hz: 999,
+            cpus: 2,
+            samples: delta
+                .samples
+                .iter()
+                .map(|(k, v)| StackSample {
+                    frames: vec!["br_forward".into()],
+                    flags: k.flags,
+                    stack_lost: false,
+                    count: v.count,
+                    period: v.period,
+                })
+                .collect(),
+            ifaces: delta.ifaces.into_values().collect(),
+            softirq: delta.softirq,
+            cpu: delta.cpu,
+            bpf_programs: Vec::new(),
+            bpf_stats: bpf_stats.map(str::to_owned),
+            faults: delta.faults,
+        })
+    }
+
+    fn unavailable(&self) -> Vec<Unavailable> {
+        vec![Unavailable {
+            name: "ipip".into(),
+            reason: "synthetic".into(),
+        }]
+    }
+
+    fn enable_bpf_stats(&self) -> Option<StatsGuard> {
+        None
+    }
+}
+
+fn app(token: Option<&str>, limits: Limits) -> (Router, Arc<AppState>) {
+    let state = Arc::new(AppState {
+        agent: Agent::new(
+            Box::new(SyntheticProbe {
+                ticks: AtomicU64::new(0),
+            }),
+            limits,
+        ),
+        node: crate::doctor::NodeReport {
+            node: "test".into(),
+            kernel: "k".into(),
+            checks: Vec::new(),
+            backends: Vec::new(),
+            components: Vec::new(),
+            cni: Vec::new(),
+        },
+        token: token.map(str::to_owned),
+        metrics: Metrics::new(),
+    });
+    (router(Arc::clone(&state)), state)
+}
+
+async fn call(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (StatusCode, Value, String) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = match body {
+        Some(body) => request
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_owned())),
+        None => request.body(Body::empty()),
+    }
+    .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
+
+fn is_json_error(body: &Value) -> bool {
+    body["error"].as_str().is_some_and(|e| !e.is_empty())
+}
+
+#[tokio::test]
+async fn health_node_page_and_openapi() {
+    let (app, _) = app(None, Limits::default());
+    let (status, body, _) = call(&app, Method::GET, "/healthz", None, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, body, _) = call(&app, Method::GET, "/api/v1/node", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["node"], "test");
+    let (status, _, html) = call(&app, Method::GET, "/", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("id=\"live-bar\"") && !html.contains("http://") && !html.contains("https://")
+    );
+    let (status, doc, _) = call(&app, Method::GET, "/api/v1/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    for path in [
+        "/api/v1/sessions",
+        "/api/v1/sessions/{id}",
+        "/api/v1/sessions/{id}/stop",
+        "/api/v1/breakdown",
+        "/metrics",
+        "/healthz",
+        "/api/v1/node",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "openapi lacks {path}");
+    }
+    assert!(doc["components"]["schemas"].get("Breakdown").is_some());
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods() {
+    let (app, _) = app(None, Limits::default());
+    let (status, body, _) = call(&app, Method::GET, "/nope", None, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(is_json_error(&body));
+    let (status, _, _) = call(&app, Method::DELETE, "/api/v1/sessions", None, None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn token_is_required_except_for_health_and_page() {
+    let (app, _) = app(Some("s3cret"), Limits::default());
+    assert_eq!(
+        call(&app, Method::GET, "/healthz", None, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&app, Method::GET, "/", None, None).await.0,
+        StatusCode::OK
+    );
+    for uri in [
+        "/api/v1/node",
+        "/api/v1/sessions",
+        "/metrics",
+        "/api/v1/openapi.json",
+        "/api/v1/breakdown",
+    ] {
+        let (status, body, _) = call(&app, Method::GET, uri, None, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}");
+        assert!(is_json_error(&body));
+        assert_eq!(
+            call(&app, Method::GET, uri, None, Some("wrong")).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{uri}"
+        );
+        assert_eq!(
+            call(&app, Method::GET, uri, None, Some("s3cre")).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{uri}"
+        );
+    }
+    assert_eq!(
+        call(&app, Method::GET, "/api/v1/node", None, Some("s3cret"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn session_round_trip() {
+    let (app, _) = app(None, Limits::default());
+    let (status, started, _) = call(&app, Method::POST, "/api/v1/sessions", Some("{}"), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    assert_eq!(started["state"], "running");
+    let id = started["id"].as_u64().unwrap();
+    // No body at all is also a valid request: all defaults.
+    assert_eq!(
+        call(&app, Method::POST, "/api/v1/sessions", None, None)
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let (status, list, _) = call(&app, Method::GET, "/api/v1/sessions", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (status, view, _) = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/sessions/{id}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, view["breakdown"].clone()),
+        (StatusCode::OK, Value::Null)
+    );
+    let (status, stopped, _) = call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/sessions/{id}/stop"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stopped["state"], "stopped");
+    let b = &stopped["breakdown"];
+    let bridge = b["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "bridge")
+        .unwrap();
+    assert!(bridge["cycles"].as_u64().unwrap() > 0);
+    // Start at snapshot 1, the second session's start is snapshot 2, the stop is snapshot 3:
+    // two synthetic ticks of 1000 segments.
+    assert_eq!(b["packets"]["count"], 2000);
+    let (status, again, _) = call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/sessions/{id}/stop"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(is_json_error(&again));
+    let (status, view, _) = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/sessions/{id}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["breakdown"]["packets"]["count"], 2000);
+}
+
+#[tokio::test]
+async fn session_errors() {
+    let limits = Limits {
+        max_sessions: 2,
+        max_duration_s: 60.0,
+        keep_stopped: 4,
+    };
+    let (app, _) = app(None, limits);
+    let cases: &[(&str, StatusCode)] = &[
+        ("{not json", StatusCode::BAD_REQUEST),
+        (r#"{"duration_s": -1}"#, StatusCode::BAD_REQUEST),
+        (r#"{"duration_s": 61}"#, StatusCode::BAD_REQUEST),
+        (r#"{"duration_s": "ten"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"backend": "tracing"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"backend": "magic"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"ifaces": ["cnt-nosuch0"]}"#, StatusCode::BAD_REQUEST),
+        (r#"{"netns": ["cnt-nosuch-ns"]}"#, StatusCode::BAD_REQUEST),
+        (r#"{"unknown_field": 1}"#, StatusCode::BAD_REQUEST),
+    ];
+    for (body, expected) in cases {
+        let (status, response, _) =
+            call(&app, Method::POST, "/api/v1/sessions", Some(body), None).await;
+        assert_eq!(status, *expected, "{body}: {response}");
+        assert!(is_json_error(&response), "{body}");
+    }
+    let huge = format!(r#"{{"ifaces": ["{}"]}}"#, "x".repeat(BODY_LIMIT));
+    let (status, response, _) =
+        call(&app, Method::POST, "/api/v1/sessions", Some(&huge), None).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(is_json_error(&response));
+    for _ in 0..2 {
+        assert_eq!(
+            call(&app, Method::POST, "/api/v1/sessions", Some("{}"), None)
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+    }
+    let (status, response, _) =
+        call(&app, Method::POST, "/api/v1/sessions", Some("{}"), None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(is_json_error(&response));
+    let (status, response, _) = call(&app, Method::GET, "/api/v1/sessions/999", None, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(is_json_error(&response));
+    assert_eq!(
+        call(&app, Method::POST, "/api/v1/sessions/999/stop", None, None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&app, Method::GET, "/api/v1/sessions/abc", None, None)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn rolling_breakdown() {
+    let (app, state) = app(None, Limits::default());
+    let (status, body, _) = call(&app, Method::GET, "/api/v1/breakdown?window=5", None, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "no history yet: {body}");
+    state.agent.tick().unwrap();
+    let (status, body, _) = call(&app, Method::GET, "/api/v1/breakdown?window=5", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["packets"]["count"], 1000);
+    for bad in ["0", "301", "abc", "-1"] {
+        let (status, body, _) = call(
+            &app,
+            Method::GET,
+            &format!("/api/v1/breakdown?window={bad}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "window={bad}");
+        assert!(is_json_error(&body));
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_monotonic_prometheus_counters() {
+    let (app, state) = app(None, Limits::default());
+    state.metrics.prime(&state.agent).unwrap();
+    let scrape = || async {
+        let (status, _, text) = call(&app, Method::GET, "/metrics", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        prometheus_parse::Scrape::parse(lines).expect("valid exposition")
+    };
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, component: Option<&str>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == name && component.is_none_or(|c| s.labels.get("component") == Some(c))
+            })
+            .map_or_else(
+                || panic!("{name} missing"),
+                |s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                    _ => panic!("{name} is not a counter"),
+                },
+            )
+    };
+    let first = scrape().await;
+    let second = scrape().await;
+    let bridge1 = value(&first, "cnitrace_component_cycles_total", Some("bridge"));
+    let bridge2 = value(&second, "cnitrace_component_cycles_total", Some("bridge"));
+    assert!(
+        bridge1 > 0.0 && bridge2 > bridge1,
+        "monotonic: {bridge1} then {bridge2}"
+    );
+    let packets2 = value(&second, "cnitrace_packets_total", None);
+    assert!((packets2 - 2000.0).abs() < f64::EPSILON, "{packets2}");
+}

@@ -1,0 +1,263 @@
+//! The agent as a real process: sessions over HTTP around real iperf3 traffic, Prometheus
+//! metrics, `collect` across two agents, and a clean SIGTERM.
+
+use std::{process::Command, sync::Mutex, thread, time::Duration};
+
+use cnitrace_tests::{
+    AgentProcess, Shape, Topology, cnitrace_bin, loaded_cnitrace_programs, privileged, remove_stale,
+};
+use serde_json::{Value, json};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn component_cycles(b: &Value, name: &str) -> u64 {
+    b["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()["cycles"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn agent_session_round_trip_metrics_and_sigterm() {
+    if !privileged("agent_session_round_trip_metrics_and_sigterm") {
+        return;
+    }
+    let _serial = lock();
+    remove_stale();
+    let topo = Topology::new(Shape::Bridged { rules: 50 }).expect("topology");
+    let agent = AgentProcess::start(&[], &[("NODE_NAME", "node-under-test")]).expect("agent");
+    let (status, body) = agent.request("GET", "/api/v1/node", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let traffic = topo.start_iperf3(5).expect("iperf3");
+    thread::sleep(Duration::from_millis(700));
+    let request = json!({"ifaces": [topo.client_iface], "netns": [topo.client]});
+    let (status, body) = agent
+        .request("POST", "/api/v1/sessions", Some(&request))
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    thread::sleep(Duration::from_secs(3));
+    let (status, body) = agent
+        .request("POST", &format!("/api/v1/sessions/{id}/stop"), None)
+        .unwrap();
+    traffic.finish().expect("iperf3 result");
+    assert_eq!(status, 200, "{body}");
+    let view: Value = serde_json::from_str(&body).unwrap();
+    let b = &view["breakdown"];
+    assert_eq!(b["node"], "node-under-test", "NODE_NAME is reported");
+    assert!(
+        component_cycles(b, "bridge") > 0,
+        "bridge cost: {}",
+        b["components"]
+    );
+    assert!(component_cycles(b, "netfilter") > 0);
+    assert!(b["packets"]["count"].as_u64().unwrap() > 10_000);
+    assert_eq!(b["packets"]["interfaces"][0], topo.client_iface.as_str());
+
+    let (status, text) = agent.request("GET", "/metrics", None).unwrap();
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let bridge = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "cnitrace_component_cycles_total"
+                && s.labels.get("component") == Some("bridge")
+        })
+        .expect("bridge counter");
+    // prometheus-parse reads the classic text format, where TYPE names the sample itself; in
+    // OpenMetrics the family is named without `_total`, so check the TYPE line separately.
+    assert!(
+        matches!(bridge.value, prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) if v > 0.0),
+        "{:?}",
+        bridge.value
+    );
+    assert!(
+        text.contains("# TYPE cnitrace_component_cycles counter"),
+        "{text}"
+    );
+    assert_eq!(bridge.labels.get("node"), Some("node-under-test"));
+
+    let status = agent.terminate().unwrap();
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+    drop(topo);
+    assert!(
+        loaded_cnitrace_programs().unwrap().is_empty(),
+        "programs left after SIGTERM"
+    );
+}
+
+#[test]
+fn collect_across_two_agents_sums_them() {
+    if !privileged("collect_across_two_agents_sums_them") {
+        return;
+    }
+    let _serial = lock();
+    remove_stale();
+    let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
+    let sender = AgentProcess::start(&[], &[("NODE_NAME", "sender")]).expect("agent 1");
+    let receiver = AgentProcess::start(&[], &[("NODE_NAME", "receiver")]).expect("agent 2");
+    // Both agents must accept the same token for one --token-file: give them the sender's.
+    let token_file =
+        std::env::temp_dir().join(format!("cnitrace-collect-token-{}", std::process::id()));
+    std::fs::write(&token_file, &sender.token).unwrap();
+    drop(receiver);
+    let receiver = AgentProcess::start_with_token(&sender.token, &[("NODE_NAME", "receiver")])
+        .expect("agent 2");
+    let server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.server,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &topo.server_ip,
+        ])
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let out = Command::new(cnitrace_bin())
+        .args([
+            "collect",
+            &sender.url,
+            &receiver.url,
+            "--format",
+            "json",
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .args([
+            "--",
+            "ip",
+            "netns",
+            "exec",
+            &topo.client,
+            "iperf3",
+            "-c",
+            &topo.server_ip,
+            "-t",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&token_file);
+    drop(server);
+    assert!(
+        out.status.success(),
+        "collect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let collected: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let nodes = collected["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert_eq!(
+        (nodes[0]["node"].as_str(), nodes[1]["node"].as_str()),
+        (Some("sender"), Some("receiver"))
+    );
+    for name in ["bridge", "veth", "other"] {
+        let summed = collected["sum"]["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["cycles"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            summed,
+            component_cycles(&nodes[0], name) + component_cycles(&nodes[1], name),
+            "{name}"
+        );
+    }
+    assert!(collected["sum"]["packets"].as_u64().unwrap() > 10_000);
+    // Sessions are closed on both agents.
+    for agent in [&sender, &receiver] {
+        let (_, body) = agent.request("GET", "/api/v1/sessions", None).unwrap();
+        let sessions: Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            sessions
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["state"] != "running"),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn page_draws_a_real_session_in_headless_chromium() {
+    if !privileged("page_draws_a_real_session_in_headless_chromium") {
+        return;
+    }
+    let _serial = lock();
+    remove_stale();
+    let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
+    let agent = AgentProcess::start(&[], &[]).expect("agent");
+    let traffic = topo.start_iperf3(4).expect("iperf3");
+    thread::sleep(Duration::from_millis(500));
+    let (status, body) = agent
+        .request("POST", "/api/v1/sessions", Some(&json!({"duration_s": 2})))
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    thread::sleep(Duration::from_secs(3));
+    traffic.finish().expect("iperf3");
+    let profile_dir =
+        std::env::temp_dir().join(format!("cnitrace-chromium-{}", std::process::id()));
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+        ])
+        .args([
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile_dir.display()))
+        .args(["--virtual-time-budget=8000", "--dump-dom"])
+        .arg(format!("{}/?session={id}#token={}", agent.url, agent.token))
+        .output()
+        .expect("chromium (cargo xtask bootstrap installs it)");
+    let _ = std::fs::remove_dir_all(&profile_dir);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // The session's stacked bar has a segment per component with a share, bridge among them.
+    let session_bar = dom
+        .split("id=\"session-bar\"")
+        .nth(1)
+        .expect("session bar in the DOM");
+    let session_bar = session_bar.split("id=\"session-legend\"").next().unwrap();
+    assert!(
+        session_bar.contains("data-component=\"bridge\""),
+        "no bridge segment drawn: {session_bar}"
+    );
+    assert!(
+        session_bar.contains("data-component=\"other\""),
+        "no other segment drawn"
+    );
+    assert!(
+        dom.contains(&format!("Session {id} (stopped)")),
+        "session title missing"
+    );
+}
