@@ -413,7 +413,25 @@ impl AgentProcess {
         Self::launch(Some(token), &[], envs)
     }
 
+    /// Starts a given binary (e.g. the release build) with a fresh token.
+    pub fn start_binary(binary: &std::path::Path, envs: &[(&str, &str)]) -> Result<Self> {
+        Self::launch_binary(binary, None, &[], envs)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn launch(token: Option<&str>, extra_args: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
+        Self::launch_binary(&cnitrace_bin(), token, extra_args, envs)
+    }
+
+    fn launch_binary(
+        binary: &std::path::Path,
+        token: Option<&str>,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -421,7 +439,7 @@ impl AgentProcess {
         let token_file = std::env::temp_dir().join(format!("cnitrace-token-{port}"));
         std::fs::write(&token_file, format!("{token}\n"))?;
         let listen = format!("127.0.0.1:{port}");
-        let mut command = Command::new(cnitrace_bin());
+        let mut command = Command::new(binary);
         command
             .args(["agent", "--listen", &listen, "--token-file"])
             .arg(&token_file)

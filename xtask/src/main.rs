@@ -2,6 +2,7 @@
 //! `demo` (profile a real datapath on this machine), `bench` (overhead, measured A/B).
 
 mod bench;
+mod bench_agent;
 mod bootstrap;
 mod demo;
 
@@ -40,6 +41,8 @@ enum Task {
     },
     /// Sampling overhead on iperf3 throughput, A/B alternated in one run.
     Bench(bench::Args),
+    /// The agent's memory, idle CPU and stop-to-breakdown time.
+    BenchAgent(bench_agent::Args),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
         Task::Test { no_lint } => test(no_lint),
         Task::Demo { duration, rules } => demo::run(duration, rules),
         Task::Bench(args) => bench::run(&args),
+        Task::BenchAgent(args) => bench_agent::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -77,6 +77,8 @@ pub fn validate_frequency(hz: u64) -> Result<(), Error> {
 /// The loaded and attached sampler. Dropping it detaches and unloads every program.
 pub struct Sampler {
     ebpf: Ebpf,
+    /// Components absent from the kernel, as of the last window's symbol read.
+    unavailable: std::sync::Mutex<Option<Vec<crate::breakdown::Unavailable>>>,
     clock: Clock,
     frequency_hz: u64,
     cpus: u32,
@@ -135,6 +137,7 @@ impl Sampler {
         tracing::debug!(?clock, cpus = cpus.len(), "sampler attached");
         Ok(Self {
             ebpf,
+            unavailable: std::sync::Mutex::new(None),
             clock,
             frequency_hz: config.frequency_hz,
             cpus: cpus.len() as u32,
@@ -438,23 +441,32 @@ impl crate::session::Probe for Sampler {
         end: &Snapshot,
         bpf_stats: Option<&str>,
     ) -> Result<RawWindow, Error> {
-        // Fresh symbols for every window: modules and BPF programs come and go.
+        // Fresh symbols for every window: modules and BPF programs come and go. The same read
+        // answers which components are absent, so /proc/kallsyms is parsed once per window.
         let kallsyms = Kallsyms::load()?;
+        *self
+            .unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(crate::session::unavailable_components(&kallsyms));
         Sampler::window(self, start, end, &kallsyms, bpf_stats)
     }
 
     fn unavailable(&self) -> Vec<crate::breakdown::Unavailable> {
-        Kallsyms::load().map_or_else(
-            |e| {
-                crate::components::COMPONENTS
-                    .iter()
-                    .map(|c| crate::breakdown::Unavailable {
-                        name: c.name.to_owned(),
-                        reason: e.to_string(),
-                    })
-                    .collect()
-            },
-            |syms| crate::session::unavailable_components(&syms),
-        )
+        let cached = self
+            .unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        cached.unwrap_or_else(|| match Kallsyms::load() {
+            Ok(syms) => crate::session::unavailable_components(&syms),
+            Err(e) => crate::components::COMPONENTS
+                .iter()
+                .map(|c| crate::breakdown::Unavailable {
+                    name: c.name.to_owned(),
+                    reason: e.to_string(),
+                })
+                .collect(),
+        })
     }
 }
