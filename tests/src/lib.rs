@@ -367,6 +367,19 @@ pub fn loaded_cnitrace_programs() -> Result<Vec<String>> {
         .collect())
 }
 
+/// cnitrace programs still loaded after waiting up to 3 s: the kernel frees a program in
+/// deferred work after its last descriptor closes, so "gone" can lag the process exit a little.
+pub fn programs_left_after_exit() -> Result<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = loaded_cnitrace_programs()?;
+        if left.is_empty() || Instant::now() > deadline {
+            return Ok(left);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether privileged tests can run. When they cannot, says why; under
 /// CNITRACE_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test`) that is a failure, not a skip.
 pub fn privileged(test: &str) -> bool {

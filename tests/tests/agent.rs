@@ -4,7 +4,7 @@
 use std::{process::Command, sync::Mutex, thread, time::Duration};
 
 use cnitrace_tests::{
-    AgentProcess, Shape, Topology, cnitrace_bin, loaded_cnitrace_programs, privileged, remove_stale,
+    AgentProcess, Shape, Topology, cnitrace_bin, privileged, programs_left_after_exit, remove_stale,
 };
 use serde_json::{Value, json};
 
@@ -95,7 +95,7 @@ fn agent_session_round_trip_metrics_and_sigterm() {
     assert!(status.success(), "SIGTERM exit: {status:?}");
     drop(topo);
     assert!(
-        loaded_cnitrace_programs().unwrap().is_empty(),
+        programs_left_after_exit().unwrap().is_empty(),
         "programs left after SIGTERM"
     );
 }

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use cnitrace_tests::{cnitrace_bin, loaded_cnitrace_programs, privileged};
+use cnitrace_tests::{cnitrace_bin, privileged, programs_left_after_exit};
 
 fn fails_with(args: &[&str], expected: &str) {
     let out = Command::new(cnitrace_bin())
@@ -47,7 +47,7 @@ fn rejects_bad_arguments_before_attaching() {
         "--backend tracing is not available",
     );
     if privileged("rejects_bad_arguments_before_attaching (bpftool check)") {
-        assert!(loaded_cnitrace_programs().unwrap().is_empty());
+        assert!(programs_left_after_exit().unwrap().is_empty());
     }
 }
 

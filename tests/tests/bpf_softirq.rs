@@ -9,7 +9,7 @@ use std::{
 };
 
 use cnitrace_tests::{
-    Shape, Topology, cnitrace_bin, loaded_cnitrace_programs, privileged, remove_stale,
+    Shape, Topology, cnitrace_bin, privileged, programs_left_after_exit, remove_stale,
 };
 use serde_json::Value;
 
@@ -152,7 +152,7 @@ fn tc_program_cost_is_measured_attributed_and_scales_with_work() {
         stats_before, stats_after,
         "kernel.bpf_stats_enabled must be restored"
     );
-    assert!(loaded_cnitrace_programs().unwrap().is_empty());
+    assert!(programs_left_after_exit().unwrap().is_empty());
     let lab_left = Command::new("bpftool")
         .args(["prog", "show"])
         .output()

@@ -8,7 +8,8 @@ use std::{
 };
 
 use cnitrace_tests::{
-    Shape, Topology, cnitrace_bin, loaded_cnitrace_programs, privileged, remove_stale,
+    Shape, Topology, cnitrace_bin, loaded_cnitrace_programs, privileged, programs_left_after_exit,
+    remove_stale,
 };
 use serde_json::Value;
 
@@ -78,7 +79,7 @@ fn assert_closure(b: &Value) {
 }
 
 fn assert_nothing_left_attached() {
-    let left = loaded_cnitrace_programs().expect("bpftool");
+    let left = programs_left_after_exit().expect("bpftool");
     assert!(left.is_empty(), "programs left loaded: {left:?}");
 }
 
@@ -198,7 +199,6 @@ fn sigkill_leaves_nothing_attached() {
     child.kill().unwrap();
     child.wait().unwrap();
     // Nothing is pinned: the kernel frees the programs with the process's file descriptors.
-    thread::sleep(Duration::from_millis(500));
     assert_nothing_left_attached();
 }
 
