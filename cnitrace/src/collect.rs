@@ -16,6 +16,39 @@ pub enum CollectError {
     BadUrl(String),
 }
 
+/// Expands the agent list: `dns+http://HOST:PORT` (a headless Service) becomes one
+/// `http://ADDRESS:PORT` per address HOST resolves to; other URLs pass through.
+pub fn discover(urls: &[String]) -> Result<Vec<String>, CollectError> {
+    let mut agents = Vec::new();
+    for url in urls {
+        let Some(rest) = url.strip_prefix("dns+http://") else {
+            agents.push(normalise(url)?);
+            continue;
+        };
+        let host_port = rest.trim_end_matches('/');
+        let bad = || CollectError::BadUrl(url.clone());
+        let (_, port) = host_port.rsplit_once(':').ok_or_else(bad)?;
+        port.parse::<u16>().map_err(|_| bad())?;
+        let mut addresses: Vec<std::net::SocketAddr> =
+            std::net::ToSocketAddrs::to_socket_addrs(host_port)
+                .map_err(|e| CollectError::Agent {
+                    url: url.clone(),
+                    detail: format!("cannot resolve: {e}"),
+                })?
+                .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        if addresses.is_empty() {
+            return Err(CollectError::Agent {
+                url: url.clone(),
+                detail: "resolves to no address".to_owned(),
+            });
+        }
+        agents.extend(addresses.into_iter().map(|a| format!("http://{a}")));
+    }
+    Ok(agents)
+}
+
 /// An agent's base URL, normalised (no trailing slash).
 pub fn normalise(url: &str) -> Result<String, CollectError> {
     let trimmed = url.trim_end_matches('/');
@@ -212,6 +245,23 @@ pub fn table(collected: &Collected) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discovery_expands_dns_names_and_keeps_urls() {
+        let agents = discover(&[
+            "dns+http://localhost:9560".into(),
+            "http://10.0.0.1:9560/".into(),
+        ])
+        .unwrap();
+        assert!(
+            agents.contains(&"http://127.0.0.1:9560".to_owned()),
+            "{agents:?}"
+        );
+        assert_eq!(agents.last().unwrap(), "http://10.0.0.1:9560");
+        assert!(discover(&["dns+http://localhost".into()]).is_err());
+        assert!(discover(&["dns+http://localhost:http".into()]).is_err());
+        assert!(discover(&["dns+http://no-such-host.invalid:9560".into()]).is_err());
+    }
 
     #[test]
     fn urls_are_checked() {

@@ -63,7 +63,8 @@ struct AgentArgs {
 
 #[derive(clap::Args)]
 struct CollectArgs {
-    /// Agent base URLs (http://HOST:PORT).
+    /// Agents: http://HOST:PORT, or dns+http://NAME:PORT for every address NAME resolves to
+    /// (a headless Service: one agent per node).
     #[arg(required = true)]
     urls: Vec<String>,
     #[arg(long)]
@@ -347,14 +348,14 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn run_collect(args: CollectArgs) -> anyhow::Result<()> {
-    use cnitrace::collect::{AgentClient, Collected, sum, table};
+    use cnitrace::collect::{AgentClient, Collected, discover, sum, table};
 
     if args.command.is_empty() {
         cnitrace::profile::validate_duration(args.duration)?;
     }
     let token = args.token_file.as_deref().map(read_token).transpose()?;
-    let clients = args
-        .urls
+    let urls = discover(&args.urls)?;
+    let clients = urls
         .iter()
         .map(|url| AgentClient::new(url, token.clone()))
         .collect::<Result<Vec<_>, _>>()?;

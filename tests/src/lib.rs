@@ -428,30 +428,48 @@ impl AgentProcess {
 
     /// Starts a given binary (e.g. the release build) with a fresh token.
     pub fn start_binary(binary: &std::path::Path, envs: &[(&str, &str)]) -> Result<Self> {
-        Self::launch_binary(binary, None, &[], envs)
+        Self::launch_binary(binary, None, None, &[], envs)
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Starts an agent listening on `listen` (e.g. "127.0.0.2:9999") that accepts `token`.
+    pub fn start_at(listen: &str, token: &str, envs: &[(&str, &str)]) -> Result<Self> {
+        Self::launch_binary(&cnitrace_bin(), Some(token), Some(listen), &[], envs)
+    }
+
     fn launch(token: Option<&str>, extra_args: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
-        Self::launch_binary(&cnitrace_bin(), token, extra_args, envs)
+        Self::launch_binary(&cnitrace_bin(), token, None, extra_args, envs)
     }
 
     fn launch_binary(
         binary: &std::path::Path,
         token: Option<&str>,
+        listen: Option<&str>,
         extra_args: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let listen = match listen {
+            Some(listen) => listen.to_owned(),
+            None => format!(
+                "127.0.0.1:{}",
+                std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port()
+            ),
+        };
+        let port: u16 = listen
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .context("listen port")?;
         let token = token.map_or_else(|| format!("t{}{port}", std::process::id()), str::to_owned);
-        let token_file = std::env::temp_dir().join(format!("cnitrace-token-{port}"));
+        let token_file = std::env::temp_dir().join(format!(
+            "cnitrace-token-{}-{port}",
+            listen.replace([':', '.'], "_")
+        ));
         std::fs::write(&token_file, format!("{token}\n"))?;
-        let listen = format!("127.0.0.1:{port}");
         let mut command = Command::new(binary);
         command
             .args(["agent", "--listen", &listen, "--token-file"])

@@ -8,12 +8,15 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::run_command as run;
 
-/// Debian packages: LLVM 22 for building bpf-linker; the rest are the tests' real tools.
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages for building: LLVM 22 for bpf-linker.
+const BUILD_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+];
+/// The tests' and the demo's real tools.
+const TEST_PACKAGES: &[&str] = &[
     "iperf3",
     "iptables",
     "nftables",
@@ -23,12 +26,14 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     // Headless browser for the test of the agent's page.
     "chromium",
+    // A virtualenv for kubernetes-validate (offline manifest validation).
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-fn apt_missing() -> Vec<&'static str> {
-    APT_PACKAGES
+fn apt_missing(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -40,8 +45,8 @@ fn apt_missing() -> Vec<&'static str> {
         .collect()
 }
 
-fn ensure_apt() -> Result<()> {
-    let missing = apt_missing();
+fn ensure_apt(packages: &[&'static str]) -> Result<()> {
+    let missing = apt_missing(packages);
     if missing.is_empty() {
         return Ok(());
     }
@@ -122,8 +127,15 @@ fn ensure_bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", LLVM_PREFIX))
 }
 
+/// Everything: the build toolchain and the test tools.
 pub fn ensure() -> Result<()> {
-    ensure_apt()?;
+    ensure_apt(TEST_PACKAGES)?;
+    ensure_build()
+}
+
+/// Only what building needs (the container image's builder stage).
+pub fn ensure_build() -> Result<()> {
+    ensure_apt(BUILD_PACKAGES)?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
     eprintln!(

@@ -24,7 +24,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent: checks first, installs what is missing).
-    Bootstrap,
+    Bootstrap {
+        /// Only the build toolchain, not the test tools (for the container image).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Lints, unit tests and the privileged integration tests (what CI runs).
     Test {
         /// Skip formatting and clippy checks.
@@ -79,6 +83,35 @@ pub fn is_root() -> bool {
     })
 }
 
+/// The manifests the kustomization applies (the ServiceMonitor needs the operator's CRD schema,
+/// which the Kubernetes schemas do not have).
+const MANIFESTS: &[&str] = &[
+    "deploy/namespace.yaml",
+    "deploy/serviceaccount.yaml",
+    "deploy/daemonset.yaml",
+    "deploy/service.yaml",
+];
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Validates deploy/ offline against the Kubernetes schemas bundled with kubernetes-validate,
+/// installed in a virtualenv inside the clone (target/k8s-venv).
+fn validate_manifests() -> Result<()> {
+    let venv = workspace_root().join("target/k8s-venv");
+    if !venv.join("bin/kubernetes-validate").exists() {
+        run_command(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_command(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            KUBERNETES_VALIDATE,
+        ]))?;
+    }
+    run_command(
+        Command::new(venv.join("bin/kubernetes-validate"))
+            .args(["--strict", "--quiet"])
+            .args(MANIFESTS),
+    )
+}
+
 fn test(no_lint: bool) -> Result<()> {
     bootstrap::ensure()?;
     if !no_lint {
@@ -126,6 +159,7 @@ fn test(no_lint: bool) -> Result<()> {
                 ),
         )?;
     }
+    validate_manifests()?;
     run_command(cargo().args(["build", "--package", "cnitrace"]))?;
     let mut tests = cargo();
     tests.args(["test", "--workspace", "--exclude", "cnitrace-ebpf"]);
@@ -144,7 +178,8 @@ fn test(no_lint: bool) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Bootstrap => bootstrap::ensure(),
+        Task::Bootstrap { build_only: false } => bootstrap::ensure(),
+        Task::Bootstrap { build_only: true } => bootstrap::ensure_build(),
         Task::Test { no_lint } => test(no_lint),
         Task::Demo { duration, rules } => demo::run(duration, rules),
         Task::Bench(args) => bench::run(&args),
