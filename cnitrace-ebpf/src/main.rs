@@ -11,7 +11,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
     },
     macros::{classifier, map, perf_event, raw_tracepoint},
@@ -252,7 +252,7 @@ pub fn cnitrace_si_in(ctx: RawTracePointContext) -> i32 {
     let vector: u64 = ctx.arg(0);
     if let Some(start) = SOFTIRQ_START.get_ptr_mut(0) {
         // Softirq handlers do not nest on a CPU, so one slot per CPU suffices.
-        let in_ksoftirqd = bpf_get_current_comm().is_ok_and(|comm| comm.starts_with(b"ksoftirqd/"));
+        let in_ksoftirqd = current_comm_is_ksoftirqd();
         // SAFETY: per-CPU slot, written only by this CPU in a non-preemptible program.
         unsafe {
             (*start).start_ns = bpf_ktime_get_ns();
@@ -261,6 +261,24 @@ pub fn cnitrace_si_in(ctx: RawTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// Whether the current task is `ksoftirqd/N`. Reads the name with the raw helper into two
+/// words and compares integers: aya's wrapper zero-fills a byte array and a byte-slice prefix
+/// test becomes `memcmp`, both compiled to builtin BPF subprograms (see [`zero_in_place`]).
+#[inline(always)]
+fn current_comm_is_ksoftirqd() -> bool {
+    let mut comm = MaybeUninit::<[u64; 2]>::uninit();
+    // SAFETY: the buffer is 16 writable bytes; the kernel copies the NUL-padded task name.
+    let rc =
+        unsafe { aya_ebpf::helpers::generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), 16) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: the helper succeeded and wrote all 16 bytes.
+    let [first, second] = unsafe { comm.assume_init() };
+    first == u64::from_le_bytes(*b"ksoftirq")
+        && second & 0xffff == u64::from(u16::from_le_bytes(*b"d/"))
 }
 
 /// `softirq_exit(unsigned int vec_nr)`.

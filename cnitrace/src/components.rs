@@ -8,6 +8,9 @@
 pub enum Pattern {
     Exact(&'static str),
     Prefix(&'static str),
+    /// A JITed BPF program: `bpf_prog_<16 hex digit tag>_<name>` (not kernel functions such as
+    /// `bpf_prog_load`).
+    JitImage,
 }
 
 impl Pattern {
@@ -15,6 +18,7 @@ impl Pattern {
         match self {
             Pattern::Exact(exact) => name == exact,
             Pattern::Prefix(prefix) => name.starts_with(prefix),
+            Pattern::JitImage => jit_image_name(name).is_some(),
         }
     }
 }
@@ -157,7 +161,7 @@ const RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("ip_tunnel_rcv"), "ipip"),
     (Pattern::Exact("ip_tunnel_lookup"), "ipip"),
     // eBPF on the datapath. cnitrace's own programs are reported as its self-cost instead.
-    (Pattern::Prefix("bpf_prog_"), "bpf.prog"),
+    (Pattern::JitImage, "bpf.prog"),
     (Pattern::Prefix("bpf_dispatcher_"), "bpf.prog"),
     (Pattern::Prefix("___bpf_prog_run"), "bpf.prog"),
     (Pattern::Prefix("__bpf_prog_run"), "bpf.prog"),
@@ -239,11 +243,14 @@ pub fn classify(symbol: &str) -> Option<&'static str> {
         .map(|&(_, component)| component)
 }
 
-/// JITed programs appear in kallsyms as `bpf_prog_<tag>_<name>`.
+/// The program name of a JITed program's symbol, `bpf_prog_<16 hex digit tag>_<name>`.
+fn jit_image_name(symbol: &str) -> Option<&str> {
+    let (tag, name) = symbol.strip_prefix("bpf_prog_")?.split_once('_')?;
+    (tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit())).then_some(name)
+}
+
 fn is_own_program(name: &str) -> bool {
-    name.strip_prefix("bpf_prog_")
-        .and_then(|rest| rest.split_once('_'))
-        .is_some_and(|(_tag, prog)| prog.starts_with(cnitrace_common::program::PREFIX))
+    jit_image_name(name).is_some_and(|prog| prog.starts_with(cnitrace_common::program::PREFIX))
 }
 
 /// Whether a frame is interrupt-entry or softirq code.
@@ -312,6 +319,9 @@ mod tests {
             ("skb_segment", Some("tunnel_offload.gso")),
             ("bpf_prog_3b185187f1855c4c_cilium_from", Some("bpf.prog")),
             ("bpf_prog_3b185187f1855c4c_cnitrace_tx", Some(SELF_COST)),
+            // Kernel functions that only look like program images.
+            ("bpf_prog_load", None),
+            ("bpf_prog_run_array_cg", None),
             ("tcp_sendmsg", None),
             ("ip_rcv", None),
             ("iptunnel_xmit", None),

@@ -13,6 +13,7 @@ pub mod error;
 pub mod kallsyms;
 pub mod lab;
 pub mod netns;
+pub mod perf_import;
 pub mod probe;
 pub mod profile;
 pub mod render;

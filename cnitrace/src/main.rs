@@ -31,6 +31,9 @@ enum Command {
     /// One window across several agents (e.g. sender and receiver), optionally around a
     /// benchmark command run here: per-node columns and their sum.
     Collect(CollectArgs),
+    /// Apply cnitrace's taxonomy to a perf recording: reads `perf script -F
+    /// comm,pid,tid,cpu,period,event,ip,sym,dso` output (from `perf record -a -g -e cpu-clock`).
+    ImportPerf(ImportPerfArgs),
     /// Datapath lab helpers.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -77,6 +80,23 @@ struct CollectArgs {
     /// The benchmark to run while the window is open, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ImportPerfArgs {
+    /// The `perf script` output; `-` reads standard input.
+    input: std::path::PathBuf,
+    /// Length of the recording in seconds.
+    #[arg(long)]
+    duration: f64,
+    /// The `-F` frequency of the recording.
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    frequency: u64,
+    /// Packets in the recording (the paper's N_packet), for CPP.
+    #[arg(long, default_value_t = 0)]
+    packets: u64,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
 }
 
 #[derive(Subcommand)]
@@ -447,6 +467,56 @@ async fn run_collect(args: CollectArgs) -> anyhow::Result<()> {
     }
 }
 
+fn run_import_perf(args: &ImportPerfArgs) -> anyhow::Result<()> {
+    use cnitrace::{breakdown, perf_import, probe::clock, session};
+    use std::io::Read as _;
+
+    cnitrace::profile::validate_duration(args.duration)?;
+    let mut text = String::new();
+    if args.input.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(&args.input)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.input.display()))?;
+    }
+    let samples = perf_import::parse(&text)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let calibration = clock::calibrate(std::time::Duration::from_millis(100));
+    let mut raw = perf_import::window(
+        samples,
+        args.duration,
+        args.frequency,
+        cpus,
+        calibration.cycles_per_ns,
+    );
+    if args.packets > 0 {
+        // The count the user measured, as a single pseudo-device.
+        let mut device = cnitrace_common::IfaceCounters {
+            tx_skbs: args.packets,
+            tx_segments: args.packets,
+            ifindex: 1,
+            ..Default::default()
+        };
+        device.name[..6].copy_from_slice(b"import");
+        raw.ifaces.push(device);
+    }
+    let unavailable = cnitrace::kallsyms::Kallsyms::load()
+        .map(|k| session::unavailable_components(&k))
+        .unwrap_or_default();
+    let context = breakdown::Context {
+        node: session::node_name(),
+        kernel: session::kernel_release(),
+        backend: "perf-import".to_owned(),
+        unavailable,
+    };
+    let b = breakdown::compute(&raw, &context, &breakdown::PacketSelection::default());
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&b)?),
+        Format::Table => print!("{}", render::table(&b)),
+    }
+    Ok(())
+}
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -465,6 +535,7 @@ fn main() -> ExitCode {
     init_logging();
     let command = match cli.command {
         Command::Lab(lab) => return report(run_lab(lab)),
+        Command::ImportPerf(args) => return report(run_import_perf(&args)),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -491,7 +562,9 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Lab(_) => unreachable!("lab commands run before the runtime starts"),
+            Command::Lab(_) | Command::ImportPerf(_) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     report(result)

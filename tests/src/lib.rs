@@ -65,6 +65,7 @@ pub struct Topology {
     /// The node-namespace end of the client pod's veth: the benchmark's data enters the node
     /// through its ingress.
     pub node_client_iface: String,
+    tag: String,
     namespaces: Vec<String>,
 }
 
@@ -83,6 +84,7 @@ impl Topology {
             server_ip: String::new(),
             client_iface: format!("ca{tag}"),
             node_client_iface: format!("na{tag}"),
+            tag: tag.clone(),
             namespaces: Vec::new(),
         };
         for ns in [topo.node.clone(), topo.client.clone(), topo.server.clone()] {
@@ -175,6 +177,42 @@ impl Topology {
             }
         }
         Ok(topo)
+    }
+
+    /// Adds `count` more pods to a bridged topology (10.77.0.10 upwards); returns their
+    /// namespaces and addresses. They are removed with the topology.
+    pub fn add_pods(&mut self, count: usize) -> Result<Vec<(String, String)>> {
+        if !matches!(self.shape, Shape::Bridged { .. }) || count > 200 {
+            bail!("extra pods need a bridged topology (and at most 200)");
+        }
+        let bridge = format!("br{}", self.tag);
+        let mut pods = Vec::with_capacity(count);
+        for i in 0..count {
+            let ns = format!("{}-p{i}", self.node.trim_end_matches("-node"));
+            run("ip", &["netns", "add", &ns])?;
+            self.namespaces.push(ns.clone());
+            let (node_if, pod_if) = (format!("p{i}{}", self.tag), format!("q{i}{}", self.tag));
+            let ip = format!("10.77.0.{}", 10 + i);
+            ns_run(
+                &self.node,
+                &[
+                    "ip", "link", "add", &node_if, "type", "veth", "peer", "name", &pod_if,
+                    "netns", &ns,
+                ],
+            )?;
+            ns_run(
+                &self.node,
+                &["ip", "link", "set", &node_if, "master", &bridge, "up"],
+            )?;
+            ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
+            ns_run(
+                &ns,
+                &["ip", "addr", "add", &format!("{ip}/24"), "dev", &pod_if],
+            )?;
+            ns_run(&ns, &["ip", "link", "set", &pod_if, "up"])?;
+            pods.push((ns, ip));
+        }
+        Ok(pods)
     }
 
     /// Starts an iperf3 TCP stream from the client pod to the server pod for `seconds`.
@@ -281,6 +319,64 @@ impl Drop for Topology {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// Starts an iperf3 server in `server_ns` on `port` and a client in `client_ns` with extra
+/// arguments (e.g. `-P 100`, `-b 1G`); no readiness wait beyond a short pause.
+pub fn start_iperf3_flow(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: &str,
+    port: u16,
+    seconds: u32,
+    extra: &[&str],
+) -> Result<Traffic> {
+    let port = port.to_string();
+    let server = Command::new("ip")
+        .args([
+            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_ip, "-p", &port,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start iperf3")?;
+    let mut traffic = Traffic {
+        server,
+        client: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let listening = ns_run(
+            server_ns,
+            &["ss", "-Hltn", "sport", "=", &format!(":{port}")],
+        )
+        .is_ok_and(|out| !out.stdout.is_empty());
+        if listening {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client_ns,
+            "iperf3",
+            "-c",
+            server_ip,
+            "-p",
+            &port,
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the iperf3 client")?;
+    traffic.client = Some(client);
+    Ok(traffic)
 }
 
 /// A running iperf3 pair. Dropping it kills both ends.

@@ -167,6 +167,22 @@ fn sigint_mid_window_reports_and_detaches() {
         4,
         "the sampler, the packet counter and the two softirq probes should be attached: {attached:?}"
     );
+    // Compiler-builtin subprograms (memset, memcmp, ...) would show in kallsyms as BPF programs
+    // of their own, named without our prefix, and be taken for datapath BPF: none may load.
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap();
+    let builtins: Vec<&str> = kallsyms
+        .lines()
+        .filter(|l| l.ends_with("[bpf]"))
+        .filter(|l| {
+            ["_memset", "_memcpy", "_memmove", "_memcmp", "_bcmp"]
+                .iter()
+                .any(|b| l.contains(b))
+        })
+        .collect();
+    assert!(
+        builtins.is_empty(),
+        "builtin subprograms loaded: {builtins:?}"
+    );
     let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: plain kill(2) on our own child.
     assert_eq!(unsafe { libc_kill(pid, 2) }, 0);

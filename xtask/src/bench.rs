@@ -20,9 +20,12 @@ pub struct Args {
     /// Seconds of iperf3 per run.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
-    /// Sampling frequencies to compare against no profiler.
+    /// Sampling frequencies; each is run with cnitrace, perf record and bpftrace.
     #[arg(long, value_delimiter = ',', default_values_t = vec![999u64])]
     frequencies: Vec<u64>,
+    /// Only cnitrace at each frequency (no perf, bpftrace or agent configurations).
+    #[arg(long)]
+    cnitrace_only: bool,
     /// Non-matching FORWARD rules on the path (the paper's netfilter cost).
     #[arg(long, default_value_t = 100)]
     rules: usize,
@@ -35,6 +38,95 @@ fn median(values: &mut [f64]) -> f64 {
         values[n / 2]
     } else {
         f64::midpoint(values[n / 2 - 1], values[n / 2])
+    }
+}
+
+/// What runs beside iperf3.
+#[derive(Clone, Copy)]
+enum Config {
+    Nothing,
+    Cnitrace(u64),
+    /// The paper's method.
+    PerfRecord(u64),
+    /// An equivalent profile probe: kernel stacks counted in a BPF map.
+    Bpftrace(u64),
+    /// `cnitrace agent` with no session open (its probes stay attached).
+    AgentIdle,
+}
+
+impl Config {
+    fn label(self) -> String {
+        match self {
+            Config::Nothing => "no profiler".to_owned(),
+            Config::Cnitrace(hz) => format!("cnitrace {hz} Hz"),
+            Config::PerfRecord(hz) => format!("perf record -g {hz} Hz"),
+            Config::Bpftrace(hz) => format!("bpftrace profile {hz} Hz"),
+            Config::AgentIdle => "cnitrace agent, idle".to_owned(),
+        }
+    }
+
+    fn start(self, bin: &std::path::Path, seconds: u32) -> Result<Option<Child>> {
+        let span = (seconds + 1).to_string();
+        let child = match self {
+            Config::Nothing => return Ok(None),
+            Config::Cnitrace(hz) => start_profiler(bin, hz, seconds)?,
+            Config::PerfRecord(hz) => {
+                let data = workspace_root().join("target/bench/overhead-perf.data");
+                std::fs::create_dir_all(data.parent().unwrap())?;
+                let child = Command::new("perf")
+                    .args([
+                        "record",
+                        "-q",
+                        "-a",
+                        "-g",
+                        "-e",
+                        "cpu-clock",
+                        "-F",
+                        &hz.to_string(),
+                        "-o",
+                    ])
+                    .arg(&data)
+                    .args(["--", "sleep", &span])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("perf (linux-perf)")?;
+                thread::sleep(Duration::from_millis(800));
+                child
+            }
+            Config::Bpftrace(hz) => {
+                let program = format!(
+                    "profile:hz:{hz} {{ @[kstack] = count(); }} interval:s:{span} {{ exit(); }}"
+                );
+                let mut child = Command::new("bpftrace")
+                    .args(["-e", &program])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("bpftrace")?;
+                // bpftrace compiles before it attaches: wait for its "Attaching" line.
+                let stdout = child.stdout.take().context("stdout")?;
+                let mut reader = std::io::BufReader::new(stdout);
+                let mut line = String::new();
+                std::io::BufRead::read_line(&mut reader, &mut line)?;
+                // Keep draining: bpftrace prints its map at exit and must not hit a closed pipe.
+                thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+                child
+            }
+            Config::AgentIdle => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                let child = Command::new(bin)
+                    .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                thread::sleep(Duration::from_millis(1500));
+                child
+            }
+        };
+        Ok(Some(child))
     }
 }
 
@@ -130,20 +222,26 @@ pub fn run(args: &Args) -> Result<()> {
     let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     let _stats = BpfStats::enable()?;
 
-    // Configuration 0 is "nothing"; the others sample at the given frequencies.
-    let configs: Vec<Option<u64>> = std::iter::once(None)
-        .chain(args.frequencies.iter().copied().map(Some))
-        .collect();
+    // Configuration 0 is "nothing"; the others run beside the same traffic.
+    let mut configs = vec![Config::Nothing];
+    for &hz in &args.frequencies {
+        configs.push(Config::Cnitrace(hz));
+        if !args.cnitrace_only {
+            configs.extend([Config::PerfRecord(hz), Config::Bpftrace(hz)]);
+        }
+    }
+    if !args.cnitrace_only {
+        configs.push(Config::AgentIdle);
+    }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut costs: Vec<Vec<Cost>> = (0..configs.len()).map(|_| Vec::new()).collect();
     for round in 0..args.rounds as usize {
         for step in 0..configs.len() {
             // Rotate the order each round so no configuration always runs first.
             let index = (step + round) % configs.len();
+            let config = configs[index];
             let started = std::time::Instant::now();
-            let profiler = configs[index]
-                .map(|hz| start_profiler(&bin, hz, args.seconds))
-                .transpose()?;
+            let profiler = config.start(&bin, args.seconds)?;
             let gbps = topo.start_iperf3(args.seconds)?.finish()?;
             if let Some(mut p) = profiler {
                 // Read while the programs are still loaded (the window outlasts iperf3 by 1 s).
@@ -155,17 +253,22 @@ pub fn run(args: &Args) -> Result<()> {
                     bpf_runs_per_s: runs as f64 / elapsed,
                     process_fraction: process_s / (elapsed * cpus),
                 });
+                if matches!(config, Config::AgentIdle) {
+                    let _ = Command::new("kill").arg(p.id().to_string()).status();
+                }
                 let status = p.wait()?;
                 if !status.success() {
-                    bail!("cnitrace exited with {status} during the benchmark");
+                    bail!(
+                        "{} exited with {status} during the benchmark",
+                        config.label()
+                    );
                 }
             }
-            let label =
-                configs[index].map_or_else(|| "nothing".to_owned(), |hz| format!("{hz} Hz"));
             eprintln!(
-                "bench: round {}/{} {label:>9}: {gbps:.2} Gbit/s",
+                "bench: round {}/{} {:>24}: {gbps:.2} Gbit/s",
                 round + 1,
-                args.rounds
+                args.rounds,
+                config.label()
             );
             results[index].push(gbps);
         }
@@ -191,10 +294,7 @@ pub fn run(args: &Args) -> Result<()> {
     for ((config, values), cost) in configs.iter().zip(&results).zip(&costs) {
         let mut v = values.clone();
         let m = median(&mut v);
-        let label = config.map_or_else(
-            || "no profiler".to_owned(),
-            |hz| format!("cnitrace sampling {hz} Hz"),
-        );
+        let label = config.label();
         let med = |f: &dyn Fn(&Cost) -> f64| {
             let mut values: Vec<f64> = cost.iter().map(f).collect();
             (!values.is_empty()).then(|| median(&mut values))
@@ -214,6 +314,6 @@ pub fn run(args: &Args) -> Result<()> {
     println!(
         "\nBPF CPU share: run_time_ns of cnitrace's programs (kernel.bpf_stats_enabled=1, restored after) over elapsed x CPUs."
     );
-    println!("process CPU: utime+stime of the cnitrace process over elapsed x CPUs.");
+    println!("process CPU: utime+stime of the profiler process over elapsed x CPUs.");
     Ok(())
 }

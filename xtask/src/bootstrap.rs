@@ -28,6 +28,9 @@ const TEST_PACKAGES: &[&str] = &[
     "chromium",
     // A virtualenv for kubernetes-validate (offline manifest validation).
     "python3-venv",
+    // The paper's method, as the benchmarks' reference, and GNU time for its costs.
+    "linux-perf",
+    "time",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

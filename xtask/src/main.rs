@@ -3,6 +3,8 @@
 
 mod bench;
 mod bench_agent;
+mod bench_fidelity;
+mod bench_scale;
 mod bootstrap;
 mod demo;
 
@@ -47,6 +49,10 @@ enum Task {
     Bench(bench::Args),
     /// The agent's memory, idle CPU and stop-to-breakdown time.
     BenchAgent(bench_agent::Args),
+    /// Component shares vs perf record on the same window, and the cost of a result.
+    BenchFidelity(bench_fidelity::Args),
+    /// The agent's cost and memory as pods and TCP connections grow.
+    BenchScale(bench_scale::Args),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -184,6 +190,8 @@ fn main() -> ExitCode {
         Task::Demo { duration, rules } => demo::run(duration, rules),
         Task::Bench(args) => bench::run(&args),
         Task::BenchAgent(args) => bench_agent::run(&args),
+        Task::BenchFidelity(args) => bench_fidelity::run(&args),
+        Task::BenchScale(args) => bench_scale::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
