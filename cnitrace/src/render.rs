@@ -135,7 +135,9 @@ pub fn table(b: &Breakdown) -> String {
         }
         let _ = writeln!(out, "{programs}");
     }
-    if let Some(exact) = b.quality.bpf_exact_cycles {
+    if let Some(exact) = b.quality.bpf_exact_cycles
+        && (exact > 0 || b.quality.bpf_sampled_cycles > 0)
+    {
         let _ = writeln!(
             out,
             "bpf: {:.1} Mcycles measured by the kernel ({}), {:.1} Mcycles estimated from sampled bpf_prog_* frames",
