@@ -217,55 +217,38 @@ impl Topology {
 
     /// Starts an iperf3 TCP stream from the client pod to the server pod for `seconds`.
     pub fn start_iperf3(&self, seconds: u32) -> Result<Traffic> {
-        let server = Command::new("ip")
+        start_iperf3_flow(
+            &self.client,
+            &self.server,
+            &self.server_ip,
+            5201,
+            seconds,
+            &[],
+        )
+    }
+
+    /// Profiles `seconds` of iperf3 traffic from the client pod with `cnitrace profile`,
+    /// counting packets on the client pod's interface, and returns the JSON breakdown.
+    pub fn profile_traffic(&self, seconds: u32) -> Result<serde_json::Value> {
+        let traffic = self.start_iperf3(seconds + 3)?;
+        thread::sleep(Duration::from_millis(700));
+        let out = Command::new(cnitrace_bin())
             .args([
-                "netns",
-                "exec",
-                &self.server,
-                "iperf3",
-                "-s",
-                "-1",
-                "-B",
-                &self.server_ip,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context(
-                "cannot start iperf3 (is it installed? `cargo xtask bootstrap` installs it)",
-            )?;
-        let mut traffic = Traffic {
-            server,
-            client: None,
-        };
-        // Wait until the server listens (a probe connection would use up the one-off server).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            let listening = ns_run(&self.server, &["ss", "-Hltn", "sport", "=", ":5201"])
-                .is_ok_and(|out| !out.stdout.is_empty());
-            if listening {
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let client = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.client,
-                "iperf3",
-                "-c",
-                &self.server_ip,
-                "-t",
+                "profile",
+                "--duration",
                 &seconds.to_string(),
-                "-J",
+                "--format",
+                "json",
             ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start the iperf3 client")?;
-        traffic.client = Some(client);
-        Ok(traffic)
+            .args(["--iface", &self.client_iface, "--netns", &self.client])
+            .output()
+            .context("run cnitrace")?;
+        let gbps = traffic.finish()?;
+        if !out.status.success() {
+            bail!("cnitrace failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        eprintln!("iperf3: {gbps:.1} Gbit/s");
+        serde_json::from_slice(&out.stdout).context("JSON breakdown")
     }
 }
 
@@ -474,6 +457,15 @@ pub fn programs_left_after_exit() -> Result<Vec<String>> {
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Profilers, agents and iperf3 runs of one test would disturb another's figures and leftover
+/// checks: privileged tests in one binary take this lock to run one at a time.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether privileged tests can run. When they cannot, says why; under

@@ -1,20 +1,12 @@
 //! The agent as a real process: sessions over HTTP around real iperf3 traffic, Prometheus
 //! metrics, `collect` across two agents, and a clean SIGTERM.
 
-use std::{process::Command, sync::Mutex, thread, time::Duration};
+use std::{process::Command, thread, time::Duration};
 
 use cnitrace_tests::{
     AgentProcess, Shape, Topology, cnitrace_bin, privileged, programs_left_after_exit, remove_stale,
 };
 use serde_json::{Value, json};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn component_cycles(b: &Value, name: &str) -> u64 {
     b["components"]
@@ -32,7 +24,7 @@ fn agent_session_round_trip_metrics_and_sigterm() {
     if !privileged("agent_session_round_trip_metrics_and_sigterm") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 50 }).expect("topology");
     let agent = AgentProcess::start(&[], &[("NODE_NAME", "node-under-test")]).expect("agent");
@@ -105,7 +97,7 @@ fn collect_across_two_agents_sums_them() {
     if !privileged("collect_across_two_agents_sums_them") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
     let sender = AgentProcess::start(&[], &[("NODE_NAME", "sender")]).expect("agent 1");
@@ -205,7 +197,7 @@ fn page_draws_a_real_session_in_headless_chromium() {
     if !privileged("page_draws_a_real_session_in_headless_chromium") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
     let agent = AgentProcess::start(&[], &[]).expect("agent");

@@ -1,48 +1,12 @@
 //! Softirq accounting, the CPU split, and BPF program costs, on the real kernel with real
 //! traffic and the project's own tc program.
 
-use std::{
-    process::{Child, Command, Stdio},
-    sync::Mutex,
-    thread,
-    time::Duration,
-};
+use std::process::{Child, Command, Stdio};
 
 use cnitrace_tests::{
     Shape, Topology, cnitrace_bin, privileged, programs_left_after_exit, remove_stale,
 };
 use serde_json::Value;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn profile_traffic(topo: &Topology, seconds: u32) -> Value {
-    let traffic = topo.start_iperf3(seconds + 3).expect("iperf3");
-    thread::sleep(Duration::from_millis(700));
-    let out = Command::new(cnitrace_bin())
-        .args([
-            "profile",
-            "--duration",
-            &seconds.to_string(),
-            "--format",
-            "json",
-        ])
-        .args(["--iface", &topo.client_iface, "--netns", &topo.client])
-        .output()
-        .expect("run cnitrace");
-    traffic.finish().expect("iperf3 result");
-    assert!(
-        out.status.success(),
-        "cnitrace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON breakdown")
-}
 
 /// `cnitrace lab tc-work` holding the program attached; killed (and so detached) on drop.
 struct TcWork(Child);
@@ -98,14 +62,14 @@ fn tc_program_cost_is_measured_attributed_and_scales_with_work() {
     if !privileged("tc_program_cost_is_measured_attributed_and_scales_with_work") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     remove_stale();
     let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap();
     let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
     let mut cpp = Vec::new();
     for loops in [1000, 2000] {
         let work = TcWork::attach(&topo, loops);
-        let b = profile_traffic(&topo, 3);
+        let b = topo.profile_traffic(3).expect("profile");
         drop(work);
         let p = lab_program(&b);
         eprintln!("loops {loops}: {p}");
@@ -168,10 +132,10 @@ fn net_rx_softirq_and_cpu_split_under_iperf3() {
     if !privileged("net_rx_softirq_and_cpu_split_under_iperf3") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
-    let b = profile_traffic(&topo, 3);
+    let b = topo.profile_traffic(3).expect("profile");
     eprintln!("softirq: {}\ncpu: {}", b["softirq"], b["cpu"]);
     let net_rx = b["softirq"]
         .as_array()

@@ -13,15 +13,6 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 const NODE: &str = "node-from-downward-api";
 
-/// Agents of one test must not be counted as leftovers of another: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn daemonset() -> Yaml {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
     let text = std::fs::read_to_string(path).unwrap();
@@ -65,7 +56,7 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
     if !privileged("the_daemonsets_arguments_and_environment_start_a_working_agent") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     let ds = daemonset();
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["hostNetwork"].as_bool(), Some(true));
@@ -198,7 +189,7 @@ fn collect_discovers_agents_through_dns() {
     if !privileged("collect_discovers_agents_through_dns") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -2,7 +2,6 @@
 
 use std::{
     process::{Command, Stdio},
-    sync::Mutex,
     thread,
     time::Duration,
 };
@@ -12,42 +11,6 @@ use cnitrace_tests::{
     remove_stale,
 };
 use serde_json::Value;
-
-/// Profilers and iperf3 runs would disturb each other's figures: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Profiles `seconds` of iperf3 traffic across `topo` and returns the JSON breakdown.
-fn profile_traffic(topo: &Topology, seconds: u32) -> Value {
-    let traffic = topo.start_iperf3(seconds + 3).expect("iperf3");
-    thread::sleep(Duration::from_millis(700));
-    let out = Command::new(cnitrace_bin())
-        .args([
-            "profile",
-            "--duration",
-            &seconds.to_string(),
-            "--format",
-            "json",
-            "--iface",
-            &topo.client_iface,
-        ])
-        .args(["--netns", &topo.client])
-        .output()
-        .expect("run cnitrace");
-    let gbps = traffic.finish().expect("iperf3 result");
-    assert!(
-        out.status.success(),
-        "cnitrace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("iperf3: {gbps:.1} Gbit/s");
-    serde_json::from_slice(&out.stdout).expect("JSON breakdown")
-}
 
 fn cycles(b: &Value, name: &str) -> u64 {
     b["components"]
@@ -88,10 +51,10 @@ fn bridged_pair_with_rules_shows_bridge_netfilter_and_veth() {
     if !privileged("bridged_pair_with_rules_shows_bridge_netfilter_and_veth") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 200 }).expect("topology");
-    let b = profile_traffic(&topo, 3);
+    let b = topo.profile_traffic(3).expect("profile");
     eprintln!(
         "{}",
         serde_json::to_string_pretty(&b["components"]).unwrap()
@@ -127,10 +90,10 @@ fn routed_pair_shows_ip_forward_and_no_bridge() {
     if !privileged("routed_pair_shows_ip_forward_and_no_bridge") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Routed).expect("topology");
-    let b = profile_traffic(&topo, 3);
+    let b = topo.profile_traffic(3).expect("profile");
     eprintln!(
         "{}",
         serde_json::to_string_pretty(&b["components"]).unwrap()
@@ -153,7 +116,7 @@ fn sigint_mid_window_reports_and_detaches() {
     if !privileged("sigint_mid_window_reports_and_detaches") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     let child = Command::new(cnitrace_bin())
         .args(["profile", "--duration", "60", "--format", "json"])
         .stdout(Stdio::piped())
@@ -204,7 +167,7 @@ fn sigkill_leaves_nothing_attached() {
     if !privileged("sigkill_leaves_nothing_attached") {
         return;
     }
-    let _serial = lock();
+    let _serial = cnitrace_tests::serial();
     let mut child = Command::new(cnitrace_bin())
         .args(["profile", "--duration", "60"])
         .stdout(Stdio::null())
