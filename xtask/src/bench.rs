@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use std::fmt::Write as _;
+
 use anyhow::{Context as _, Result, bail};
 use cnitrace_tests::{Shape, Topology, remove_stale};
 
@@ -275,12 +277,15 @@ pub fn run(args: &Args) -> Result<()> {
     }
     drop(topo);
 
+    let mut out = String::new();
     let baseline = median(&mut results[0].clone());
-    println!(
+    let _ = writeln!(
+        out,
         "\niperf3 over a bridged pod pair ({} FORWARD rules), {} rounds x {} s, A/B alternated, {cpus} CPUs",
         args.rules, args.rounds, args.seconds
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:<26} {:>13} {:>7} {:>7} {:>7} {:>13} {:>12} {:>11}",
         "configuration",
         "median Gbit/s",
@@ -301,7 +306,8 @@ pub fn run(args: &Args) -> Result<()> {
         };
         let pct =
             |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{:.3}%", v * 100.0));
-        println!(
+        let _ = writeln!(
+            out,
             "{label:<26} {m:>13.2} {:>7.2} {:>7.2} {:>7.4} {:>13} {:>12} {:>11}",
             v.first().copied().unwrap_or_default(),
             v.last().copied().unwrap_or_default(),
@@ -311,9 +317,13 @@ pub fn run(args: &Args) -> Result<()> {
             med(&|c| c.bpf_runs_per_s).map_or_else(|| "-".to_owned(), |r| format!("{r:.0}")),
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\nBPF CPU share: run_time_ns of cnitrace's programs (kernel.bpf_stats_enabled=1, restored after) over elapsed x CPUs."
     );
-    println!("process CPU: utime+stime of the profiler process over elapsed x CPUs.");
-    Ok(())
+    let _ = writeln!(
+        out,
+        "process CPU: utime+stime of the profiler process over elapsed x CPUs."
+    );
+    crate::report::publish("overhead", &out)
 }

@@ -3,6 +3,8 @@
 
 use std::{thread, time::Duration, time::Instant};
 
+use std::fmt::Write as _;
+
 use anyhow::{Context as _, Result, bail};
 use cnitrace_tests::{AgentProcess, Shape, Topology, remove_stale};
 use serde_json::json;
@@ -83,33 +85,42 @@ pub fn run(args: &Args) -> Result<()> {
     let peak_rss = status_kb(pid, "VmHWM:")?;
     drop(topo);
     let status = agent.terminate()?;
+    let mut out = String::new();
     stop_ms.sort_by(f64::total_cmp);
-    println!("\ncnitrace agent (release), 999 Hz sampling, default limits");
-    println!(
+    let _ = writeln!(
+        out,
+        "\ncnitrace agent (release), 999 Hz sampling, default limits"
+    );
+    let _ = writeln!(
+        out,
         "idle CPU over {} s:            {:.3}% of one core",
         args.idle_seconds,
         idle_cpu * 100.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "RSS idle:                     {:.1} MB",
         idle_rss as f64 / 1024.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "RSS peak before any session:  {:.1} MB (start-up: BTF parse, symbols)",
         startup_peak as f64 / 1024.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "RSS peak (after {} sessions): {:.1} MB",
         args.stops,
         peak_rss as f64 / 1024.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "stop -> breakdown in response: median {:.0} ms, min {:.0} ms, max {:.0} ms ({} stops under iperf3)",
         stop_ms[stop_ms.len() / 2],
         stop_ms[0],
         stop_ms[stop_ms.len() - 1],
         stop_ms.len()
     );
-    println!("SIGTERM exit: {status}");
-    Ok(())
+    let _ = writeln!(out, "SIGTERM exit: {status}");
+    crate::report::publish("agent", &out)
 }

@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::fmt::Write as _;
+
 use anyhow::{Context as _, Result, bail};
 use cnitrace_tests::{Shape, Topology, remove_stale};
 use serde_json::Value;
@@ -196,12 +198,15 @@ pub fn run(args: &Args) -> Result<()> {
     }
     drop(topo);
 
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "\nfidelity: shares of busy cycles, cnitrace vs perf record -a -g -e cpu-clock -F {hz} on the same window\n\
          ({} runs x {} s, iperf3 through a bridged pod pair with {} FORWARD rules; both at {hz} Hz at once)",
         args.runs, args.seconds, args.rules
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:<16} {:>16} {:>16} {:>22}",
         "component", "cnitrace (mean)", "perf (mean)", "diff pp (mean, max)"
     );
@@ -218,7 +223,8 @@ pub fn run(args: &Args) -> Result<()> {
             .iter()
             .copied()
             .fold(0.0_f64, |m, x| if x.abs() > m.abs() { x } else { m });
-        println!(
+        let _ = writeln!(
+            out,
             "{name:<16} {:>15.2}% {:>15.2}% {:>+12.2} {:>+8.2}",
             mean(&ours) * 100.0,
             mean(&reference) * 100.0,
@@ -226,19 +232,21 @@ pub fn run(args: &Args) -> Result<()> {
             max
         );
     }
-    println!("\ncost of one result (median of {} runs)", costs.len());
+    let _ = writeln!(out, "\ncost of one result (median of {} runs)", costs.len());
     let med = |f: &dyn Fn(&RunCosts) -> f64| {
         let mut v: Vec<f64> = costs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!(
+    let _ = writeln!(
+        out,
         "cnitrace profile:          CPU {:.2} s, peak RSS {:.1} MB, breakdown {:.0} ms after the window",
         med(&|c| c.0.cpu),
         med(&|c| c.0.max_rss_kb as f64) / 1024.0,
         med(&|c| c.3) * 1000.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "perf record + perf script: CPU {:.2} s + {:.2} s, peak RSS {:.1} MB / {:.1} MB, result {:.0} ms after the window",
         med(&|c| c.1.cpu),
         med(&|c| c.2.cpu),
@@ -246,10 +254,11 @@ pub fn run(args: &Args) -> Result<()> {
         med(&|c| c.2.max_rss_kb as f64) / 1024.0,
         med(&|c| c.4) * 1000.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "(perf's wall times: record {:.1} s, script {:.1} s)",
         med(&|c| c.1.wall),
         med(&|c| c.2.wall)
     );
-    Ok(())
+    crate::report::publish("fidelity", &out)
 }

@@ -3,6 +3,8 @@
 
 use std::{thread, time::Duration};
 
+use std::fmt::Write as _;
+
 use anyhow::{Context as _, Result, bail};
 use cnitrace_tests::{AgentProcess, Shape, Topology, Traffic, remove_stale, start_iperf3_flow};
 use serde_json::{Value, json};
@@ -163,16 +165,20 @@ pub fn run(args: &Args) -> Result<()> {
         drop(agent);
         drop(topo);
     }
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "\nscale: cnitrace agent (release, 999 Hz) with one session per point, {} s each",
         args.seconds
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:<18} {:>8} {:>14} {:>10} {:>11} {:>9} {:>9} {:>6}",
         "point", "Gbit/s", "probe runs/s", "ns/run", "BPF share", "RSS MB", "peak MB", "lost"
     );
     for p in &points {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<18} {:>8.2} {:>14.0} {:>10.0} {:>10.2}% {:>9.1} {:>9.1} {:>6}",
             p.label,
             p.gbps,
@@ -184,8 +190,9 @@ pub fn run(args: &Args) -> Result<()> {
             p.lost
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\nBPF share: cnitrace's probe runs x mean cost (bpf_stats, on during the session) over the window x CPUs."
     );
-    Ok(())
+    crate::report::publish("scale", &out)
 }

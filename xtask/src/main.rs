@@ -7,6 +7,7 @@ mod bench_fidelity;
 mod bench_scale;
 mod bootstrap;
 mod demo;
+mod report;
 
 use std::{
     path::{Path, PathBuf},
