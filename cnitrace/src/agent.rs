@@ -181,15 +181,7 @@ impl Agent {
         let namespaces = request.netns.clone().unwrap_or_default();
         netns::validate_interfaces(&ifaces, &namespaces)
             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        let netns_inodes = if ifaces.is_empty() {
-            Vec::new()
-        } else {
-            let mut inodes = vec![netns::own_inode()?];
-            for name in &namespaces {
-                inodes.push(netns::inode(name)?);
-            }
-            inodes
-        };
+        let netns_inodes = netns::selection_inodes(&ifaces, &namespaces)?;
         Ok(PacketSelection {
             ifaces,
             netns_inodes,

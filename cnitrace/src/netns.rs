@@ -31,6 +31,19 @@ pub fn inode(name: &str) -> Result<u32, Error> {
     inode_of(&path(name))
 }
 
+/// The namespaces (inodes) named interfaces may be in: this process's and the `--netns` ones;
+/// empty when no interface is named (any device may then be the busiest).
+pub fn selection_inodes(ifaces: &[String], namespaces: &[String]) -> Result<Vec<u32>, Error> {
+    if ifaces.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut inodes = vec![own_inode()?];
+    for name in namespaces {
+        inodes.push(inode(name)?);
+    }
+    Ok(inodes)
+}
+
 /// Checks that a named namespace exists.
 pub fn validate(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.contains('/') || !path(name).exists() {

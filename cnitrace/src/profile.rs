@@ -103,15 +103,7 @@ pub async fn run(
     drop(stats);
     drop(sampler);
     // Named interfaces live in this namespace or in one of the --netns ones.
-    let netns_inodes = if options.ifaces.is_empty() {
-        Vec::new()
-    } else {
-        let mut inodes = vec![netns::own_inode()?];
-        for name in &options.netns {
-            inodes.push(netns::inode(name)?);
-        }
-        inodes
-    };
+    let netns_inodes = netns::selection_inodes(&options.ifaces, &options.netns)?;
     let selection = PacketSelection {
         ifaces: options.ifaces.clone(),
         netns_inodes,

@@ -80,10 +80,10 @@ impl From<JsonRejection> for ApiError {
 /// Runs blocking measurement work (snapshots, symbolization) off the async workers.
 async fn blocking<T: Send + 'static>(
     state: &Arc<AppState>,
-    work: impl FnOnce(&Agent) -> Result<T, AgentError> + Send + 'static,
+    work: impl FnOnce(&AppState) -> Result<T, AgentError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let state = Arc::clone(state);
-    tokio::task::spawn_blocking(move || work(&state.agent))
+    tokio::task::spawn_blocking(move || work(&state))
         .await
         .map_err(|e| {
             ApiError(
@@ -117,13 +117,13 @@ async fn start_session(
 ) -> Result<(StatusCode, Json<SessionView>), ApiError> {
     // No body (no Content-Type) means all defaults; a body that is not valid JSON is an error.
     let request = body?.map(|Json(request)| request).unwrap_or_default();
-    let view = blocking(&state, move |agent| agent.start_session(&request)).await?;
+    let view = blocking(&state, move |s| s.agent.start_session(&request)).await?;
     if let Some(duration) = view.duration_s {
         // Its own timer, so a bounded window ends on time (the agent's 1 s ticker is a backstop).
         let (state, id) = (Arc::clone(&state), view.id);
         tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_secs_f64(duration)).await;
-            let _ = blocking(&state, move |agent| agent.stop_session(id)).await;
+            let _ = blocking(&state, move |s| s.agent.stop_session(id)).await;
         });
     }
     Ok((StatusCode::CREATED, Json(view)))
@@ -167,7 +167,7 @@ async fn stop_session(
 ) -> Result<Json<SessionView>, ApiError> {
     let id = parse_id(&id)?;
     Ok(Json(
-        blocking(&state, move |agent| agent.stop_session(id)).await?,
+        blocking(&state, move |s| s.agent.stop_session(id)).await?,
     ))
 }
 
@@ -195,22 +195,16 @@ async fn rolling(
         })?,
     };
     Ok(Json(
-        blocking(&state, move |agent| agent.rolling(seconds)).await?,
+        blocking(&state, move |s| s.agent.rolling(seconds)).await?,
     ))
 }
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let state2 = Arc::clone(&state);
-    let text = tokio::task::spawn_blocking(move || state2.metrics.scrape(&state2.agent))
-        .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("worker failed: {e}"),
-            )
-        })?
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let text = blocking(&state, |s| {
+        s.metrics.scrape(&s.agent).map_err(AgentError::Probe)
+    })
+    .await?;
     Ok((
         [(
             header::CONTENT_TYPE,
