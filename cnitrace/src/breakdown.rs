@@ -7,7 +7,13 @@ use chrono::{DateTime, Utc};
 use cnitrace_common::{IfaceCounters, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, SoftirqStats};
 use serde::{Deserialize, Serialize};
 
-use crate::components::{self, COMPONENTS, OTHER, OTHER_KERNEL, OTHER_USER, SELF_COST};
+use crate::{
+    components::{self, COMPONENTS, OTHER, OTHER_KERNEL, OTHER_USER, SELF_COST},
+    netfilter::hooks::{self, HookSite},
+};
+
+const NETFILTER: &str = "netfilter";
+const NETFILTER_RULES: &str = "netfilter.rules";
 
 /// Where the cycle figures come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -209,7 +215,46 @@ pub struct Breakdown {
     pub bpf_programs: Vec<BpfProgramCost>,
     /// The hottest sampled functions (innermost frame), for finding what a component is made of.
     pub top_functions: Vec<FunctionCost>,
+    /// Netfilter per hook (from the calling frames) and, where the ruleset was read, the chains
+    /// and rules packets walked.
+    pub netfilter: NetfilterSection,
     pub quality: Quality,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetfilterSection {
+    /// One entry per family and hook, costliest first; their cycles add up to the `netfilter`
+    /// component.
+    pub hooks: Vec<HookCost>,
+    /// Each base chain walked in the window (one per table, hook and namespace read).
+    pub chains: Vec<crate::netfilter::ruleset::ChainWalk>,
+    /// How the ruleset was read, or why it was not.
+    pub ruleset_notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HookCost {
+    /// `ipv4`, `ipv6`, `bridge`, `arp`, or `unknown` when no calling frame told.
+    pub family: String,
+    /// `PREROUTING`, `INPUT`, `FORWARD`, `OUTPUT`, `POSTROUTING` or `unknown`.
+    pub hook: String,
+    pub cycles: u64,
+    pub cpp: Option<f64>,
+    /// Fraction of the netfilter component.
+    pub share: f64,
+    /// Of `cycles`, the part run by bridge-netfilter on bridged frames.
+    pub from_bridge_cycles: u64,
+    /// Of `cycles`, rule evaluation (`netfilter.rules`).
+    pub rule_cycles: u64,
+    /// Base chains at this hook plus the user chains they reach, over the namespaces read.
+    pub chains: u32,
+    pub rules: u32,
+    /// Packets that entered the hook (`null`: not known).
+    pub packets: Option<u64>,
+    pub rules_evaluated: Option<u64>,
+    pub rules_traversed_per_packet: Option<f64>,
+    /// `rule_cycles / rules_evaluated`: the cost of one rule for one packet.
+    pub cycles_per_rule_evaluated: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -481,6 +526,7 @@ pub fn select_packets(devices: &[IfaceCounters], selection: &PacketSelection) ->
 pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) -> Breakdown {
     let mut period_by_class: HashMap<&'static str, u64> = HashMap::new();
     let mut period_by_function: HashMap<(&str, &'static str), u64> = HashMap::new();
+    let mut netfilter_sites: HashMap<HookSite, SitePeriods> = HashMap::new();
     let (mut busy_samples, mut idle_samples, mut samples) = (0u64, 0u64, 0u64);
     for sample in &raw.samples {
         samples += sample.count;
@@ -493,6 +539,14 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
                     .first()
                     .map_or("[user or unknown]", String::as_str);
                 *period_by_function.entry((function, class)).or_default() += sample.period;
+                if components::top_level(class) == NETFILTER {
+                    let site = hooks::site_of(&sample.frames).unwrap_or(HookSite::UNKNOWN);
+                    let periods = netfilter_sites.entry(site).or_default();
+                    periods.total += sample.period;
+                    if class == NETFILTER_RULES {
+                        periods.rules += sample.period;
+                    }
+                }
             }
             None => idle_samples += sample.count,
         }
@@ -634,6 +688,15 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             (runs + p.run_count, ns + p.run_time_ns)
         });
     let cpu = cpu_split(raw, packets.bytes);
+    let netfilter = NetfilterSection {
+        hooks: hook_costs(
+            &netfilter_sites,
+            top_cycles[index_of(NETFILTER)],
+            cycles_of(NETFILTER_RULES),
+            packets.count,
+        ),
+        ..NetfilterSection::default()
+    };
 
     let lost = raw.faults.stack_lost + raw.faults.sample_map_full;
     Breakdown {
@@ -657,6 +720,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         cpu,
         bpf_programs,
         top_functions,
+        netfilter,
         quality: Quality {
             samples,
             busy_samples,
@@ -679,6 +743,80 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
                 .then(|| probe_ns as f64 / probe_runs as f64),
         },
         subcomponents: subcomponents_out,
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SitePeriods {
+    total: u64,
+    rules: u64,
+}
+
+/// Splits the netfilter component (and its rules part) over the hooks the samples were in.
+/// Families and hooks are merged across `from_bridge`, which is kept as a part.
+fn hook_costs(
+    sites: &HashMap<HookSite, SitePeriods>,
+    netfilter_cycles: u64,
+    rule_cycles: u64,
+    packets: u64,
+) -> Vec<HookCost> {
+    let mut sites: Vec<(&HookSite, &SitePeriods)> = sites.iter().collect();
+    sites.sort_unstable_by_key(|(site, _)| **site);
+    let totals = apportion(
+        netfilter_cycles,
+        &sites.iter().map(|(_, p)| p.total).collect::<Vec<_>>(),
+    );
+    let rules = apportion(
+        rule_cycles,
+        &sites.iter().map(|(_, p)| p.rules).collect::<Vec<_>>(),
+    );
+    let mut out: Vec<HookCost> = Vec::new();
+    for ((site, _), (cycles, rule_cycles)) in sites.iter().zip(totals.into_iter().zip(rules)) {
+        let (family, hook) = (site.family.as_str(), site.hook.as_str());
+        let entry = HookCost::entry(&mut out, family, hook);
+        entry.cycles += cycles;
+        entry.rule_cycles += rule_cycles;
+        if site.from_bridge {
+            entry.from_bridge_cycles += cycles;
+        }
+    }
+    for entry in &mut out {
+        entry.cpp = per_packet(entry.cycles, packets);
+        entry.share = share(entry.cycles, netfilter_cycles);
+    }
+    out.sort_by_key(|h| std::cmp::Reverse(h.cycles));
+    out
+}
+
+impl HookCost {
+    /// The entry of `family` and `hook` in `hooks`, added if missing.
+    pub fn entry<'a>(hooks: &'a mut Vec<HookCost>, family: &str, hook: &str) -> &'a mut HookCost {
+        let index = hooks
+            .iter()
+            .position(|h| h.family == family && h.hook == hook)
+            .unwrap_or_else(|| {
+                hooks.push(HookCost::empty(family, hook));
+                hooks.len() - 1
+            });
+        &mut hooks[index]
+    }
+
+    pub fn empty(family: &str, hook: &str) -> Self {
+        Self {
+            family: family.to_owned(),
+            hook: hook.to_owned(),
+            cycles: 0,
+            cpp: None,
+            share: 0.0,
+            from_bridge_cycles: 0,
+            rule_cycles: 0,
+            chains: 0,
+            rules: 0,
+            packets: None,
+            rules_evaluated: None,
+            rules_traversed_per_packet: None,
+            cycles_per_rule_evaluated: None,
+        }
     }
 }
 
@@ -1075,6 +1213,67 @@ mod tests {
         assert!(b.bpf_programs[0].datapath && !b.bpf_programs[1].datapath);
         assert_eq!(b.quality.probe_runs, 1000);
         assert_eq!(b.quality.probe_cost_ns, Some(500.0));
+    }
+
+    #[test]
+    fn netfilter_is_split_by_hook_and_adds_up() {
+        let samples = vec![
+            // Rules on a bridged frame: IPv4 FORWARD from the bridge.
+            stack(
+                &[
+                    "ipt_do_table",
+                    "nf_hook_slow",
+                    "br_nf_forward_ip",
+                    "nf_hook_slow",
+                    "__br_forward",
+                ],
+                0,
+                30,
+                30_000,
+            ),
+            // Rules on a routed packet: IPv4 FORWARD.
+            stack(
+                &["ipt_do_table", "nf_hook_slow", "ip_forward"],
+                0,
+                10,
+                10_000,
+            ),
+            // Conntrack in PREROUTING.
+            stack(
+                &["nf_conntrack_in", "nf_hook_slow", "ip_rcv"],
+                0,
+                20,
+                20_000,
+            ),
+            // No caller that tells.
+            stack(&["nf_ct_get_tuple", "mystery"], 0, 1, 1_001),
+            // Not netfilter at all.
+            stack(&["br_forward", "br_handle_frame"], 0, 40, 40_000),
+        ];
+        let b = compute(
+            &window(samples, &[("veth0", 100, 100)]),
+            &context(),
+            &PacketSelection::default(),
+        );
+        let hooks = &b.netfilter.hooks;
+        let netfilter = b.component("netfilter").unwrap().cycles;
+        assert_eq!(hooks.iter().map(|h| h.cycles).sum::<u64>(), netfilter);
+        let forward = &hooks[0];
+        assert_eq!(
+            (forward.family.as_str(), forward.hook.as_str()),
+            ("ipv4", "FORWARD")
+        );
+        assert_eq!(forward.cycles, 100_000, "40 000 ns x 2.5 cycles/ns");
+        assert_eq!(forward.from_bridge_cycles, 75_000);
+        assert_eq!(forward.rule_cycles, 100_000);
+        assert_eq!(forward.cpp, Some(1000.0));
+        assert_eq!(hooks[1].hook, "PREROUTING");
+        assert_eq!(hooks[1].rule_cycles, 0);
+        assert_eq!(
+            (hooks[2].family.as_str(), hooks[2].hook.as_str()),
+            ("unknown", "unknown")
+        );
+        assert!((hooks.iter().map(|h| h.share).sum::<f64>() - 1.0).abs() < 1e-9);
     }
 
     #[test]

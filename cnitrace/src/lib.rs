@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod error;
 pub mod kallsyms;
 pub mod lab;
+pub mod netfilter;
 pub mod netns;
 pub mod perf_import;
 pub mod probe;

@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Profile one window and print the cycles-per-packet breakdown.
     Profile(ProfileArgs),
+    /// Profile one window and report netfilter per hook: cost, chains, rules walked per packet
+    /// and cycles per rule (adds a temporary nftables table counting hook entries).
+    Netfilter(NetfilterArgs),
     /// Run the agent: probes attached once, the REST API, Prometheus metrics and a live page.
     Agent(AgentArgs),
     /// One window across several agents (e.g. sender and receiver), optionally around a
@@ -170,8 +173,24 @@ struct ProfileArgs {
     /// Sample a hardware cycles counter when present (auto), or always cpu-clock.
     #[arg(long, value_enum, default_value_t = ClockArg::Auto)]
     clock: ClockArg,
+    /// Count the packets entering each netfilter hook with a temporary nftables table (removed
+    /// afterwards), so rules per packet are known for nft-based iptables too.
+    #[arg(long)]
+    count_hook_entries: bool,
+    /// Do not read the iptables/nftables rulesets around the window.
+    #[arg(long, conflicts_with = "count_hook_entries")]
+    no_ruleset: bool,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+}
+
+#[derive(clap::Args)]
+struct NetfilterArgs {
+    #[command(flatten)]
+    profile: ProfileArgs,
+    /// Do not add the counting table: rules per packet then only for legacy iptables.
+    #[arg(long)]
+    no_count: bool,
 }
 
 fn init_logging() {
@@ -196,7 +215,13 @@ async fn interrupted() {
     }
 }
 
-async fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Report {
+    Breakdown,
+    Netfilter,
+}
+
+async fn run_profile(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
     let options = ProfileOptions {
         duration_s: args.duration,
         backend: match args.backend {
@@ -212,11 +237,16 @@ async fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
             },
         },
         ifaces: args.ifaces,
-        netns: args.netns,
         unit: match args.packet_unit {
             UnitArg::Segment => PacketUnit::Segment,
             UnitArg::Skb => PacketUnit::Skb,
         },
+        netfilter: cnitrace::netfilter::Options {
+            read_rules: !args.no_ruleset,
+            count_entries: args.count_hook_entries,
+            namespaces: args.netns.clone(),
+        },
+        netns: args.netns,
     };
     let tty = std::io::stderr().is_terminal();
     if !tty {
@@ -242,9 +272,10 @@ async fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
             breakdown.window.duration_s
         );
     }
-    match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&breakdown)?),
-        Format::Table => print!("{}", render::table(&breakdown)),
+    match (args.format, report) {
+        (Format::Json, _) => println!("{}", serde_json::to_string_pretty(&breakdown)?),
+        (Format::Table, Report::Breakdown) => print!("{}", render::table(&breakdown)),
+        (Format::Table, Report::Netfilter) => print!("{}", render::netfilter_report(&breakdown)),
     }
     Ok(())
 }
@@ -551,7 +582,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command {
-            Command::Profile(args) => run_profile(args).await,
+            Command::Profile(args) => run_profile(args, Report::Breakdown).await,
+            Command::Netfilter(mut args) => {
+                args.profile.count_hook_entries = !args.no_count;
+                args.profile.no_ruleset = false;
+                run_profile(args.profile, Report::Netfilter).await
+            }
             Command::Agent(args) => run_agent(args).await,
             Command::Collect(args) => run_collect(args).await,
             Command::Doctor { format } => {

@@ -77,6 +77,64 @@ pub fn has_interface(netns: Option<&str>, iface: &str) -> Result<bool, Error> {
     })
 }
 
+/// Runs a program in the named network namespace (`None`: this process's) and returns its
+/// output. `Ok(None)` when the program is not installed.
+pub fn output_in(
+    netns: Option<&str>,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Option<std::process::Output>, Error> {
+    let file = netns
+        .map(|name| {
+            validate(name)?;
+            std::fs::File::open(path(name))
+                .map_err(|e| Error::io(format!("open {}", path(name).display()), e))
+        })
+        .transpose()?;
+    let program = program.to_owned();
+    let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+    let stdin = stdin.map(str::to_owned);
+    // The child inherits the namespaces of the thread that forks it: enter on a thread of its
+    // own so this process's other threads stay where they are.
+    std::thread::spawn(move || -> Result<Option<std::process::Output>, Error> {
+        use std::io::Write as _;
+        if let Some(file) = &file {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| Error::io("setns", e.into()))?;
+        }
+        let mut command = std::process::Command::new(&program);
+        command
+            .args(&args)
+            .stdin(if stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("run {program}"), e)),
+        };
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .map_err(|e| Error::io(format!("write to {program}"), e))?;
+        }
+        child
+            .wait_with_output()
+            .map(Some)
+            .map_err(|e| Error::io(format!("run {program}"), e))
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(Error::InvalidArgument(
+            "namespace command thread panicked".to_owned(),
+        ))
+    })
+}
+
 /// Checks every interface exists in this namespace or one of `namespaces`.
 pub fn validate_interfaces(ifaces: &[String], namespaces: &[String]) -> Result<(), Error> {
     for ns in namespaces {

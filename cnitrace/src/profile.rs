@@ -6,7 +6,7 @@ use crate::{
     breakdown::{Breakdown, PacketSelection, PacketUnit},
     error::Error,
     kallsyms::Kallsyms,
-    netns,
+    netfilter, netns,
     probe::{
         bpf_stats::StatsGuard,
         sampling::{Sampler, SamplerConfig, validate_frequency},
@@ -33,6 +33,8 @@ pub struct ProfileOptions {
     pub ifaces: Vec<String>,
     pub netns: Vec<String>,
     pub unit: PacketUnit,
+    /// Rulesets to read and whether to count hook entries (the `netfilter` section).
+    pub netfilter: netfilter::Options,
 }
 
 /// How the window ended.
@@ -84,6 +86,16 @@ pub async fn run(
             None
         }
     };
+    let mut netfilter_notes = Vec::new();
+    let rules = match netfilter::Window::begin(&options.netfilter) {
+        Ok(window) => Some(window),
+        // Counting was asked for explicitly; reading rules is a best-effort extra.
+        Err(e) if !options.netfilter.count_entries => {
+            netfilter_notes.push(format!("rulesets not read: {e}"));
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let start = sampler.snapshot()?;
     let total = Duration::from_secs_f64(options.duration_s);
     let deadline = tokio::time::Instant::now() + total;
@@ -97,6 +109,14 @@ pub async fn run(
         }
     };
     let end = sampler.snapshot()?;
+    let walks = match rules.map(netfilter::Window::end).transpose() {
+        Ok(walks) => walks,
+        Err(e) if !options.netfilter.count_entries => {
+            netfilter_notes.push(format!("rulesets not read: {e}"));
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let mode = stats.as_ref().map(StatsGuard::mode);
     let kallsyms = Kallsyms::load()?;
     let raw = sampler.window(&start, &end, &kallsyms, mode)?;
@@ -109,10 +129,11 @@ pub async fn run(
         netns_inodes,
         unit: options.unit,
     };
-    Ok((
-        session::breakdown_of(&raw, &kallsyms, "sampling", &selection),
-        ending,
-    ))
+    let mut breakdown = session::breakdown_of(&raw, &kallsyms, "sampling", &selection);
+    let (chains, notes) = walks.unwrap_or_default();
+    netfilter_notes.extend(notes);
+    netfilter::apply(&mut breakdown.netfilter, chains, netfilter_notes);
+    Ok((breakdown, ending))
 }
 
 #[cfg(test)]
@@ -127,6 +148,7 @@ mod tests {
             ifaces: Vec::new(),
             netns: Vec::new(),
             unit: PacketUnit::Segment,
+            netfilter: netfilter::Options::default(),
         }
     }
 

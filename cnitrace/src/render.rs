@@ -152,6 +152,9 @@ pub fn table(b: &Breakdown) -> String {
             "cnitrace's in-kernel probes: {runs} runs, {cost:.0} ns per run (bpf_stats)"
         );
     }
+    if !b.netfilter.hooks.is_empty() {
+        let _ = write!(out, "{}", hooks_table(b));
+    }
     let c = &b.cpu;
     let _ = writeln!(
         out,
@@ -198,6 +201,123 @@ pub fn table(b: &Breakdown) -> String {
             q.self_cycles as f64 * 100.0 / b.total.cycles as f64
         }
     );
+    out
+}
+
+fn opt<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn float(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// Netfilter per hook: cost, and the rules packets walked there.
+fn hooks_table(b: &Breakdown) -> String {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec![
+        "netfilter hook",
+        "CPP",
+        "share",
+        "from bridge",
+        "chains",
+        "rules",
+        "packets in",
+        "rules/packet",
+        "cycles/rule",
+    ]);
+    for h in &b.netfilter.hooks {
+        let right = |text: String| Cell::new(text).set_alignment(CellAlignment::Right);
+        table.add_row(vec![
+            Cell::new(format!("{} {}", h.family, h.hook)),
+            right(cpp_cell(h.cpp)),
+            right(format!("{:.1}%", h.share * 100.0)),
+            right(if h.cycles == 0 {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{:.0}%",
+                    h.from_bridge_cycles as f64 * 100.0 / h.cycles as f64
+                )
+            }),
+            right(h.chains.to_string()),
+            right(h.rules.to_string()),
+            right(opt(h.packets)),
+            right(float(h.rules_traversed_per_packet, 1)),
+            right(float(h.cycles_per_rule_evaluated, 1)),
+        ]);
+    }
+    format!("{table}\n")
+}
+
+/// `cnitrace netfilter`: the hooks, then every base chain walked (this node's table III).
+pub fn netfilter_report(b: &Breakdown) -> String {
+    let mut out = String::new();
+    let netfilter = b.component("netfilter");
+    let _ = writeln!(
+        out,
+        "node {}  kernel {}  window {:.2}s  {} {}s from {}",
+        b.node,
+        b.kernel,
+        b.window.duration_s,
+        b.packets.count,
+        b.packets.unit.as_str(),
+        b.packets.source
+    );
+    let _ = writeln!(
+        out,
+        "netfilter: {} CPP, {:.1}% of busy cycles (total {} CPP)",
+        cpp_cell(netfilter.and_then(|n| n.cpp)),
+        netfilter.map_or(0.0, |n| n.share * 100.0),
+        cpp_cell(b.total.cpp)
+    );
+    for sub in b
+        .subcomponents
+        .iter()
+        .filter(|s| s.name.starts_with("netfilter."))
+    {
+        let _ = writeln!(out, "  {:<22} {:>8} CPP", sub.name, cpp_cell(sub.cpp));
+    }
+    let _ = write!(out, "{}", hooks_table(b));
+    if !b.netfilter.chains.is_empty() {
+        let mut chains = Table::new();
+        chains.load_preset(UTF8_FULL_CONDENSED);
+        chains.set_header(vec![
+            "netns",
+            "backend",
+            "table",
+            "hook",
+            "chains",
+            "rules",
+            "packets in",
+            "rules/packet",
+        ]);
+        for c in b.netfilter.chains.iter().filter(|c| c.rules > 0) {
+            let per_packet = match (c.packets, c.rules_evaluated) {
+                (Some(p), Some(e)) if p > 0 => format!(
+                    "{:.1}{}",
+                    e as f64 / p as f64,
+                    if c.approximate { " (bound)" } else { "" }
+                ),
+                _ => "-".to_owned(),
+            };
+            chains.add_row(vec![
+                Cell::new(&c.netns),
+                Cell::new(&c.backend),
+                Cell::new(format!("{} {}", c.family, c.table)),
+                Cell::new(&c.hook),
+                Cell::new(c.chains.join(" ")),
+                Cell::new(c.rules).set_alignment(CellAlignment::Right),
+                Cell::new(opt(c.packets)).set_alignment(CellAlignment::Right),
+                Cell::new(per_packet).set_alignment(CellAlignment::Right),
+            ]);
+        }
+        let _ = writeln!(out, "{chains}");
+    }
+    for note in &b.netfilter.ruleset_notes {
+        let _ = writeln!(out, "note: {note}");
+    }
     out
 }
 
