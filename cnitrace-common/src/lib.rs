@@ -17,6 +17,9 @@ pub mod program {
     pub const SOFTIRQ_EXIT: &str = "cnitrace_si_out";
     /// The lab's tc program with adjustable work per packet (a datapath program, not ours).
     pub const LAB_TC_WORK: &str = "lab_tc_work";
+    /// The lab's Cilium-like forwarding program: redirects pod traffic to the destination
+    /// pod's host-side device by destination IPv4 address.
+    pub const LAB_REDIRECT: &str = "lab_redirect";
     /// Prefix every cnitrace instrumentation program name starts with.
     pub const PREFIX: &str = "cnitrace_";
 }
@@ -28,6 +31,8 @@ pub mod map {
     pub const IFACES: &str = "CNT_IFACES";
     pub const FAULTS: &str = "CNT_FAULTS";
     pub const SOFTIRQ: &str = "CNT_SOFTIRQ";
+    /// `lab_redirect`'s table: destination IPv4 address (network order) -> [`super::LabRoute`].
+    pub const LAB_ROUTES: &str = "LAB_ROUTES";
 }
 
 /// Names of the read-only globals user space sets before loading: struct offsets read from the
@@ -178,6 +183,20 @@ impl IfaceCounters {
 /// Most iterations `lab_tc_work` can do per packet (its verifier-visible bound).
 pub const LAB_MAX_LOOPS: u32 = 8192;
 
+/// Most destinations `lab_redirect` knows.
+pub const LAB_MAX_ROUTES: u32 = 1024;
+
+/// Where `lab_redirect` sends packets for one destination: out of `ifindex`, with the
+/// Ethernet header rewritten to `macs` (destination then source), as a router would.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LabRoute {
+    pub ifindex: u32,
+    pub macs: [u8; 12],
+}
+
+const _: () = assert!(core::mem::size_of::<LabRoute>() == 16);
+
 /// `NR_SOFTIRQS`: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED, HRTIMER, RCU.
 pub const NR_SOFTIRQS: u32 = 10;
 
@@ -260,6 +279,8 @@ mod pod {
     unsafe impl aya::Pod for super::SampleValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IfaceCounters {}
+    // SAFETY: repr(C), integers and bytes only, no padding (size asserted).
+    unsafe impl aya::Pod for super::LabRoute {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::StackFrames {}
     // SAFETY: as above.

@@ -12,16 +12,17 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
+        bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_stack, bpf_redirect},
     },
     macros::{classifier, map, perf_event, raw_tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{PerfEventContext, RawTracePointContext, TcContext},
 };
 use cnitrace_common::{
-    FNV_OFFSET, FNV_PRIME, IfaceCounters, LAB_MAX_LOOPS, MAX_IFACES, MAX_SAMPLE_KEYS, MAX_STACKS,
-    NR_SOFTIRQS, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, STACK_DEPTH, SampleKey, SampleValue,
-    SoftirqStart, SoftirqStats, StackFrames, fault,
+    FNV_OFFSET, FNV_PRIME, IfaceCounters, LAB_MAX_LOOPS, LAB_MAX_ROUTES, LabRoute, MAX_IFACES,
+    MAX_SAMPLE_KEYS, MAX_STACKS, NR_SOFTIRQS, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, STACK_DEPTH,
+    SampleKey, SampleValue, SoftirqStart, SoftirqStats, StackFrames, fault,
 };
 
 /// Stack table keyed by the frames' hash. Not preallocated: memory grows with distinct stacks
@@ -339,6 +340,38 @@ pub fn lab_tc_work(ctx: TcContext) -> i32 {
         unsafe { *sink = acc };
     }
     0 // TC_ACT_OK: the packet continues unchanged.
+}
+
+#[map(name = "LAB_ROUTES")]
+static LAB_ROUTES: HashMap<u32, LabRoute> = HashMap::with_max_entries(LAB_MAX_ROUTES, 0);
+
+const TC_ACT_OK: i32 = 0;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// Offset of the IPv4 destination address in an Ethernet frame.
+const IPV4_DST_OFFSET: usize = 14 + 16;
+
+/// The lab's Cilium-like datapath: on the ingress of a pod's host-side device, IPv4 packets to
+/// a known pod are sent straight out of that pod's host-side device (bpf_redirect), skipping
+/// the host's IP stack and netfilter, as Cilium's per-endpoint programs do.
+#[classifier]
+pub fn lab_redirect(ctx: TcContext) -> i32 {
+    try_lab_redirect(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+fn try_lab_redirect(ctx: &TcContext) -> Result<i32, i64> {
+    let ethertype: u16 = ctx.load(12)?;
+    if ethertype != ETH_P_IP_BE {
+        return Ok(TC_ACT_OK);
+    }
+    let destination: u32 = ctx.load(IPV4_DST_OFFSET)?;
+    // SAFETY: the value is read in place and not kept beyond this program run.
+    let Some(route) = (unsafe { LAB_ROUTES.get(&destination) }) else {
+        return Ok(TC_ACT_OK);
+    };
+    // The map value is passed to the helper in place: no copy, no compiler memcpy.
+    ctx.store(0, &route.macs, 0)?;
+    // SAFETY: plain helper call; it only records the target device for the kernel.
+    Ok(unsafe { bpf_redirect(route.ifindex, 0) } as i32)
 }
 
 #[cfg(not(test))]

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cnitrace::{
     breakdown::PacketUnit,
     doctor,
+    lab::topology::{Model, Scenario},
     probe::sampling::{ClockChoice, DEFAULT_FREQUENCY_HZ, SamplerConfig},
     profile::{self, Backend, Ending, ProfileOptions},
     render,
@@ -117,6 +118,45 @@ enum LabCommand {
         #[arg(long, default_value_t = 1000)]
         loops: u32,
     },
+    /// Build a CNI datapath model from network namespaces (two hosts, three pods).
+    Up {
+        #[arg(value_enum)]
+        model: Model,
+    },
+    /// Remove everything any lab made (namespaces named cnl-*), also after a crash.
+    Down,
+    /// Benchmark models: iperf3 stream profiled by cnitrace, request/response latency, repeated.
+    Bench(LabBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct LabBenchArgs {
+    /// Models to benchmark (default: all).
+    #[arg(value_enum)]
+    models: Vec<Model>,
+    /// Scenario(s): pods on one host, or across the two hosts (default: both).
+    #[arg(long, value_enum)]
+    scenario: Vec<Scenario>,
+    /// Profiled seconds of each stream.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Runs per model and scenario (mean and 95% CI over them).
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    frequency: u64,
+    #[arg(long, value_enum, default_value_t = LabFormat::Table)]
+    format: LabFormat,
+    /// Also write the stacked-bar chart (figs. 9/11 style) as SVG to this file.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LabFormat {
+    Table,
+    Json,
+    Markdown,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -288,7 +328,10 @@ fn run_lab(command: LabCommand) -> anyhow::Result<()> {
         netns,
         direction,
         loops,
-    } = command;
+    } = command
+    else {
+        unreachable!("only tc-work runs before the runtime");
+    };
     let direction = match direction {
         DirectionArg::Ingress => cnitrace::lab::tc_work::Direction::Ingress,
         DirectionArg::Egress => cnitrace::lab::tc_work::Direction::Egress,
@@ -304,6 +347,93 @@ fn run_lab(command: LabCommand) -> anyhow::Result<()> {
     drop(attached);
     eprintln!("cnitrace: lab_tc_work detached");
     Ok(())
+}
+
+async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
+    use cnitrace::lab::{bench, topology};
+    match command {
+        LabCommand::TcWork { .. } => unreachable!("runs before the runtime"),
+        LabCommand::Up { model } => {
+            cnitrace::probe::privileges::check()?;
+            let lab = topology::up(model).await?;
+            eprintln!("cnitrace: lab {} is up:", model.name());
+            for pod in &lab.pods {
+                eprintln!(
+                    "  pod {} in netns {} (host {}), {}",
+                    pod.letter,
+                    pod.netns,
+                    lab.host_netns(pod.host),
+                    pod.ip
+                );
+            }
+            eprintln!("  remove it with `cnitrace lab down`");
+            Ok(())
+        }
+        LabCommand::Down => {
+            let removed = topology::down().await?;
+            eprintln!(
+                "cnitrace: removed {} lab namespace(s){}",
+                removed.len(),
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", removed.join(", "))
+                }
+            );
+            Ok(())
+        }
+        LabCommand::Bench(args) => {
+            cnitrace::probe::privileges::check()?;
+            let options = bench::BenchOptions {
+                models: if args.models.is_empty() {
+                    Model::ALL.to_vec()
+                } else {
+                    args.models
+                },
+                scenarios: if args.scenario.is_empty() {
+                    vec![Scenario::Intra, Scenario::Inter]
+                } else {
+                    args.scenario
+                },
+                duration_s: args.duration,
+                repeats: args.repeat,
+                sampler: SamplerConfig {
+                    frequency_hz: args.frequency,
+                    clock: ClockChoice::Auto,
+                },
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let progress = |line: &str, transient: bool| {
+                if transient {
+                    bar.set_message(line.to_owned());
+                } else {
+                    bar.suspend(|| eprintln!("cnitrace: {line}"));
+                }
+            };
+            let entries = tokio::select! {
+                result = bench::run(&options, progress) => result,
+                () = interrupted() => {
+                    bar.finish_and_clear();
+                    topology::down().await?;
+                    anyhow::bail!("interrupted; the lab was removed");
+                }
+            };
+            bar.finish_and_clear();
+            let entries = entries?;
+            if let Some(path) = &args.svg {
+                std::fs::write(path, bench::svg(&entries))
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                eprintln!("cnitrace: chart written to {}", path.display());
+            }
+            match args.format {
+                LabFormat::Table => print!("{}", bench::table(&entries)),
+                LabFormat::Markdown => print!("{}", bench::markdown(&entries)),
+                LabFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+            }
+            Ok(())
+        }
+    }
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
@@ -565,7 +695,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let command = match cli.command {
-        Command::Lab(lab) => return report(run_lab(lab)),
+        Command::Lab(lab @ LabCommand::TcWork { .. }) => return report(run_lab(lab)),
         Command::ImportPerf(args) => return report(run_import_perf(&args)),
         other => other,
     };
@@ -598,7 +728,8 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Lab(_) | Command::ImportPerf(_) => {
+            Command::Lab(lab) => run_lab_async(lab).await,
+            Command::ImportPerf(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }

@@ -135,6 +135,43 @@ pub fn output_in(
     })
 }
 
+/// Starts a program in the named network namespace; it keeps running there.
+pub fn spawn_in(netns: &str, command: std::process::Command) -> Result<std::process::Child, Error> {
+    validate(netns)?;
+    let file = std::fs::File::open(path(netns))
+        .map_err(|e| Error::io(format!("open {}", path(netns).display()), e))?;
+    let mut command = command;
+    // Forked from a thread that entered the namespace; the child stays there.
+    std::thread::spawn(move || -> Result<std::process::Child, Error> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| Error::io("setns", e.into()))?;
+        let program = command.get_program().to_string_lossy().into_owned();
+        command
+            .spawn()
+            .map_err(|e| Error::io(format!("run {program}"), e))
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(Error::InvalidArgument(
+            "namespace spawn thread panicked".to_owned(),
+        ))
+    })
+}
+
+/// Runs `f` on a thread inside the named network namespace (sockets it opens live there).
+pub fn run_in<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T, Error>> {
+    let file = std::fs::File::open(path(netns));
+    std::thread::spawn(move || {
+        let file = file.map_err(|e| Error::io("open netns", e))?;
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| Error::io("setns", e.into()))?;
+        f()
+    })
+}
+
 /// Checks every interface exists in this namespace or one of `namespaces`.
 pub fn validate_interfaces(ifaces: &[String], namespaces: &[String]) -> Result<(), Error> {
     for ns in namespaces {

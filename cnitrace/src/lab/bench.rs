@@ -1,0 +1,515 @@
+//! `cnitrace lab bench`: for each model and scenario, an iperf3 stream profiled by cnitrace
+//! and a request/response latency run, repeated; mean and 95% confidence interval of
+//! throughput, latency and cycles per packet per component; a table, markdown, JSON, and an
+//! SVG stacked-bar chart in the style of paper 000's figs. 9 and 11.
+
+use std::{fmt::Write as _, time::Duration};
+
+use serde::Serialize;
+
+use super::{
+    topology::{self, Lab, Model, Scenario},
+    traffic,
+};
+use crate::{
+    breakdown::{Breakdown, PacketUnit},
+    components::COMPONENTS,
+    error::Error,
+    netfilter,
+    probe::sampling::SamplerConfig,
+    profile::{self, Backend, ProfileOptions},
+};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub models: Vec<Model>,
+    pub scenarios: Vec<Scenario>,
+    /// Profiled seconds of each stream.
+    pub duration_s: f64,
+    pub repeats: u32,
+    pub sampler: SamplerConfig,
+}
+
+/// A mean with the half-width of its 95% confidence interval (`null` for one run).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Estimate {
+    pub mean: f64,
+    pub ci95: Option<f64>,
+}
+
+/// Student's t for a two-sided 95% interval, by degrees of freedom 1..=30.
+const T_95: [f64; 30] = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+    2.052, 2.048, 2.045, 2.042,
+];
+
+impl Estimate {
+    pub fn of(values: &[f64]) -> Self {
+        let n = values.len();
+        let mean = values.iter().sum::<f64>() / n.max(1) as f64;
+        let ci95 = (n >= 2).then(|| {
+            let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            let t = T_95.get(n - 2).copied().unwrap_or(1.96);
+            t * (variance / n as f64).sqrt()
+        });
+        Self { mean, ci95 }
+    }
+
+    fn show(&self, decimals: usize) -> String {
+        match self.ci95 {
+            Some(ci) => format!("{:.decimals$} ± {ci:.decimals$}", self.mean),
+            None => format!("{:.decimals$}", self.mean),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentEstimate {
+    pub name: String,
+    pub cpp: Estimate,
+}
+
+/// One model and scenario (DESIGN.md: model, scenario, throughput_gbps, rtt_us, repeats,
+/// breakdown), plus the spread over the repeats.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchEntry {
+    pub model: String,
+    pub scenario: String,
+    /// Mean over the repeats; `null` when the model is unavailable.
+    pub throughput_gbps: Option<f64>,
+    pub rtt_us: Option<f64>,
+    pub repeats: u32,
+    /// The last repeat's full breakdown.
+    pub breakdown: Option<Breakdown>,
+    pub throughput: Option<Estimate>,
+    pub rtt: Option<Estimate>,
+    pub total_cpp: Option<Estimate>,
+    pub components: Vec<ComponentEstimate>,
+    /// Why the model could not be built here.
+    pub unavailable: Option<String>,
+}
+
+struct Run {
+    throughput_gbps: f64,
+    rtt_us: f64,
+    breakdown: Breakdown,
+}
+
+/// Runs the benchmark. `progress` gets a line per step. The lab is taken down after each
+/// model, also on failure.
+pub async fn run(
+    options: &BenchOptions,
+    mut progress: impl FnMut(&str, bool),
+) -> Result<Vec<BenchEntry>, Error> {
+    if options.repeats == 0 || options.repeats > 30 {
+        return Err(Error::InvalidArgument(format!(
+            "--repeat {} is out of range: 1..=30",
+            options.repeats
+        )));
+    }
+    profile::validate_duration(options.duration_s)?;
+    if options.duration_s < 1.0 {
+        return Err(Error::InvalidArgument(
+            "--duration must be at least 1 s for a meaningful stream".to_owned(),
+        ));
+    }
+    if let Some(lab) = topology::current() {
+        return Err(Error::InvalidArgument(format!(
+            "a lab is up ({}); `cnitrace lab down` first",
+            lab.model.name()
+        )));
+    }
+    let mut entries = Vec::new();
+    for &model in &options.models {
+        if let Some(reason) = topology::unavailable_reason(model) {
+            progress(&format!("{}: {reason}", model.name()), false);
+            for &scenario in &options.scenarios {
+                entries.push(unavailable_entry(model, scenario, &reason));
+            }
+            continue;
+        }
+        progress(&format!("{}: building the lab", model.name()), true);
+        let lab = topology::up(model).await?;
+        let result = bench_model(&lab, options, &mut progress).await;
+        let removed = topology::down().await;
+        entries.extend(result?);
+        removed?;
+    }
+    Ok(entries)
+}
+
+fn unavailable_entry(model: Model, scenario: Scenario, reason: &str) -> BenchEntry {
+    BenchEntry {
+        model: model.name().to_owned(),
+        scenario: scenario.name().to_owned(),
+        throughput_gbps: None,
+        rtt_us: None,
+        repeats: 0,
+        breakdown: None,
+        throughput: None,
+        rtt: None,
+        total_cpp: None,
+        components: Vec::new(),
+        unavailable: Some(reason.to_owned()),
+    }
+}
+
+async fn bench_model(
+    lab: &Lab,
+    options: &BenchOptions,
+    progress: &mut impl FnMut(&str, bool),
+) -> Result<Vec<BenchEntry>, Error> {
+    let mut entries = Vec::new();
+    for &scenario in &options.scenarios {
+        let mut runs = Vec::new();
+        for repeat in 1..=options.repeats {
+            let label = format!(
+                "{} {} {repeat}/{}",
+                lab.model.name(),
+                scenario.name(),
+                options.repeats
+            );
+            progress(&format!("{label}: stream"), true);
+            let run = one_run(lab, scenario, options).await?;
+            progress(
+                &format!(
+                    "{label}: {:.2} Gbit/s, {} CPP, RTT {:.1} us",
+                    run.throughput_gbps,
+                    run.breakdown
+                        .total
+                        .cpp
+                        .map_or_else(|| "-".to_owned(), |c| format!("{c:.0}")),
+                    run.rtt_us
+                ),
+                false,
+            );
+            runs.push(run);
+        }
+        entries.push(summarize(lab.model, scenario, runs));
+    }
+    Ok(entries)
+}
+
+async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Result<Run, Error> {
+    let client = lab.client();
+    let server = lab.server(scenario);
+    // The stream covers the sampler's start-up and the window.
+    let seconds = options.duration_s.ceil() as u32 + 2;
+    let stream = traffic::Stream::start(&client.netns, &server.netns, server.ip, seconds)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let profile_options = ProfileOptions {
+        duration_s: options.duration_s,
+        backend: Backend::Auto,
+        sampler: options.sampler.clone(),
+        // The client pod's eth0 transmits every data packet of the stream once.
+        ifaces: vec!["eth0".to_owned()],
+        netns: vec![client.netns.clone()],
+        unit: PacketUnit::Segment,
+        netfilter: netfilter::Options {
+            read_rules: true,
+            count_entries: false,
+            namespaces: vec![lab.host_netns(1), lab.host_netns(2)],
+        },
+    };
+    let (breakdown, _) = profile::run(&profile_options, std::future::pending(), |_, _| {}).await?;
+    let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;
+    let (client_ns, server_ns, ip) = (client.netns.clone(), server.netns.clone(), server.ip);
+    let rr_seconds = (options.duration_s / 2.0).clamp(1.0, 5.0);
+    let rr = tokio::task::spawn_blocking(move || {
+        traffic::request_response(
+            &client_ns,
+            &server_ns,
+            ip,
+            Duration::from_secs_f64(rr_seconds),
+        )
+    })
+    .await
+    .map_err(|e| Error::InvalidArgument(format!("request/response task: {e}")))??;
+    Ok(Run {
+        throughput_gbps,
+        rtt_us: rr.mean_rtt_us,
+        breakdown,
+    })
+}
+
+fn summarize(model: Model, scenario: Scenario, runs: Vec<Run>) -> BenchEntry {
+    let throughput = Estimate::of(&runs.iter().map(|r| r.throughput_gbps).collect::<Vec<_>>());
+    let rtt = Estimate::of(&runs.iter().map(|r| r.rtt_us).collect::<Vec<_>>());
+    let total = Estimate::of(
+        &runs
+            .iter()
+            .map(|r| r.breakdown.total.cpp.unwrap_or(0.0))
+            .collect::<Vec<_>>(),
+    );
+    let components = COMPONENTS
+        .iter()
+        .map(|c| ComponentEstimate {
+            name: c.name.to_owned(),
+            cpp: Estimate::of(
+                &runs
+                    .iter()
+                    .map(|r| {
+                        r.breakdown
+                            .component(c.name)
+                            .and_then(|x| x.cpp)
+                            .unwrap_or(0.0)
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        })
+        .collect();
+    BenchEntry {
+        model: model.name().to_owned(),
+        scenario: scenario.name().to_owned(),
+        throughput_gbps: Some(throughput.mean),
+        rtt_us: Some(rtt.mean),
+        repeats: runs.len() as u32,
+        breakdown: runs.into_iter().last().map(|r| r.breakdown),
+        throughput: Some(throughput),
+        rtt: Some(rtt),
+        total_cpp: Some(total),
+        components,
+        unavailable: None,
+    }
+}
+
+/// Components shown as columns: the datapath ones, then `other`.
+const COLUMNS: [&str; 10] = [
+    "bridge",
+    "ip_forward",
+    "netfilter",
+    "vxlan",
+    "ipip",
+    "bpf",
+    "veth",
+    "ovs",
+    "tunnel_offload",
+    "other",
+];
+
+fn component_cpp<'a>(entry: &'a BenchEntry, name: &str) -> Option<&'a Estimate> {
+    entry
+        .components
+        .iter()
+        .find(|c| c.name == name)
+        .map(|c| &c.cpp)
+}
+
+fn rows(entries: &[BenchEntry]) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut header = vec![
+        "model".to_owned(),
+        "scenario".to_owned(),
+        "Gbit/s".to_owned(),
+        "RTT us".to_owned(),
+        "total CPP".to_owned(),
+    ];
+    header.extend(COLUMNS.iter().map(|c| (*c).to_owned()));
+    let rows = entries
+        .iter()
+        .map(|e| {
+            let mut row = vec![e.model.clone(), e.scenario.clone()];
+            if let Some(reason) = &e.unavailable {
+                row.push("unavailable".to_owned());
+                row.push(reason.split(':').next().unwrap_or(reason).to_owned());
+                row.extend(std::iter::repeat_n(String::new(), COLUMNS.len() + 1));
+            } else {
+                row.push(e.throughput.map_or_else(String::new, |t| t.show(2)));
+                row.push(e.rtt.map_or_else(String::new, |t| t.show(1)));
+                row.push(e.total_cpp.map_or_else(String::new, |t| t.show(0)));
+                for column in COLUMNS {
+                    row.push(component_cpp(e, column).map_or_else(String::new, |c| c.show(0)));
+                }
+            }
+            row
+        })
+        .collect();
+    (header, rows)
+}
+
+pub fn table(entries: &[BenchEntry]) -> String {
+    let (header, rows) = rows(entries);
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(header);
+    for row in rows {
+        table.add_row(row);
+    }
+    format!("{table}\n(CPP per component; mean ± 95% CI half-width over the repeats)\n")
+}
+
+pub fn markdown(entries: &[BenchEntry]) -> String {
+    let (header, rows) = rows(entries);
+    let mut out = format!("| {} |\n", header.join(" | "));
+    let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
+    for row in rows {
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out
+}
+
+/// Colours per component, in the order the bars stack (bottom first).
+const PALETTE: [(&str, &str); 10] = [
+    ("bridge", "#4e79a7"),
+    ("ip_forward", "#f28e2b"),
+    ("netfilter", "#e15759"),
+    ("vxlan", "#76b7b2"),
+    ("ipip", "#59a14f"),
+    ("bpf", "#edc948"),
+    ("veth", "#b07aa1"),
+    ("ovs", "#ff9da7"),
+    ("tunnel_offload", "#9c755f"),
+    ("other", "#bab0ac"),
+];
+
+/// A stacked bar per model and scenario: cycles per packet split by component.
+pub fn svg(entries: &[BenchEntry]) -> String {
+    let bars: Vec<&BenchEntry> = entries.iter().filter(|e| e.unavailable.is_none()).collect();
+    let max = bars
+        .iter()
+        .filter_map(|e| e.total_cpp.map(|t| t.mean))
+        .fold(1.0_f64, f64::max);
+    let (bar_width, gap, left, top, plot_height) = (42.0, 26.0, 70.0, 30.0, 320.0);
+    let width = left + bars.len() as f64 * (bar_width + gap) + 170.0;
+    let height = top + plot_height + 90.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        out,
+        "<text x=\"{left}\" y=\"18\" font-size=\"13\">Cycles per packet by component (cnitrace lab bench)</text>"
+    );
+    // Axis with four ticks.
+    for tick in 0..=4 {
+        let value = max * f64::from(tick) / 4.0;
+        let y = top + plot_height - plot_height * f64::from(tick) / 4.0;
+        let _ = writeln!(
+            out,
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.0}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{value:.0}</text>",
+            width - 170.0,
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    for (index, entry) in bars.iter().enumerate() {
+        let x = left + gap / 2.0 + index as f64 * (bar_width + gap);
+        let mut y = top + plot_height;
+        for (name, colour) in PALETTE {
+            let cpp = component_cpp(entry, name).map_or(0.0, |c| c.mean);
+            let h = plot_height * cpp / max;
+            if h > 0.0 {
+                y -= h;
+                let _ = writeln!(
+                    out,
+                    "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_width}\" height=\"{h:.1}\" fill=\"{colour}\"><title>{} {} {name}: {cpp:.0} CPP</title></rect>",
+                    entry.model, entry.scenario
+                );
+            }
+        }
+        let label_y = top + plot_height + 14.0;
+        let _ = writeln!(
+            out,
+            "<text x=\"{:.1}\" y=\"{label_y:.1}\" text-anchor=\"middle\">{}</text>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+            x + bar_width / 2.0,
+            entry.model,
+            x + bar_width / 2.0,
+            label_y + 13.0,
+            entry.scenario
+        );
+    }
+    let legend_x = width - 150.0;
+    for (index, (name, colour)) in PALETTE.iter().rev().enumerate() {
+        let y = top + index as f64 * 18.0;
+        let _ = writeln!(
+            out,
+            "<rect x=\"{legend_x:.0}\" y=\"{y:.0}\" width=\"12\" height=\"12\" fill=\"{colour}\"/>\
+             <text x=\"{:.0}\" y=\"{:.0}\">{name}</text>",
+            legend_x + 18.0,
+            y + 10.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "<text x=\"{left}\" y=\"{:.0}\" fill=\"#555\">CPP = busy cycles / packets sent by the client pod (eq. 1 of paper 000)</text>",
+        height - 12.0
+    );
+    out.push_str("</svg>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates() {
+        let one = Estimate::of(&[5.0]);
+        assert_eq!((one.mean, one.ci95), (5.0, None));
+        let three = Estimate::of(&[1.0, 2.0, 3.0]);
+        assert!((three.mean - 2.0).abs() < 1e-12);
+        // s = 1, n = 3: 4.303 / sqrt(3).
+        assert!((three.ci95.unwrap() - 4.303 / 3f64.sqrt()).abs() < 1e-9);
+    }
+
+    fn entry(model: &str, bridge: f64, other: f64) -> BenchEntry {
+        BenchEntry {
+            model: model.to_owned(),
+            scenario: "intra".to_owned(),
+            throughput_gbps: Some(10.0),
+            rtt_us: Some(30.0),
+            repeats: 1,
+            breakdown: None,
+            throughput: Some(Estimate::of(&[10.0])),
+            rtt: Some(Estimate::of(&[30.0])),
+            total_cpp: Some(Estimate::of(&[bridge + other])),
+            components: vec![
+                ComponentEstimate {
+                    name: "bridge".into(),
+                    cpp: Estimate::of(&[bridge]),
+                },
+                ComponentEstimate {
+                    name: "other".into(),
+                    cpp: Estimate::of(&[other]),
+                },
+            ],
+            unavailable: None,
+        }
+    }
+
+    #[test]
+    fn outputs_carry_every_entry() {
+        let entries = vec![
+            entry("flannel", 100.0, 900.0),
+            entry("calico-np", 0.0, 800.0),
+            unavailable_entry(Model::CalicoIpip, Scenario::Inter, "unavailable: no ipip"),
+        ];
+        let md = markdown(&entries);
+        assert_eq!(md.lines().count(), 2 + 3);
+        assert!(
+            md.contains("| flannel | intra | 10.00 | 30.0 | 1000 | 100 |"),
+            "{md}"
+        );
+        assert!(md.contains("calico-ipip | inter | unavailable"));
+        let chart = svg(&entries);
+        assert_eq!(
+            chart.matches("<title>flannel").count(),
+            2,
+            "bridge and other"
+        );
+        assert_eq!(
+            chart.matches("<title>calico-np").count(),
+            1,
+            "no zero-height bars"
+        );
+        assert!(!chart.contains("calico-ipip"));
+        assert!(table(&entries).contains("flannel"));
+        let json = serde_json::to_value(&entries).unwrap();
+        assert_eq!(json[0]["throughput_gbps"], 10.0);
+        assert!(json[2]["rtt_us"].is_null());
+    }
+}

@@ -1,0 +1,496 @@
+//! The CNI datapaths of paper 000 (section III, figs. 3-6) built from network namespaces: two
+//! hosts joined by a veth "wire", three pods (a and b on host 1, c on host 2), and per model the
+//! devices, routes and rules that CNI would install. Everything is named `cnl-MODEL-*`, so
+//! `lab down` finds and removes it, also after a crash.
+
+use std::net::Ipv4Addr;
+
+use cnitrace_common::LabRoute;
+use serde::Serialize;
+
+use super::net::{self, LinkSettings, Ns};
+use crate::{error::Error, netns};
+
+/// Prefix of every namespace the lab makes.
+pub const PREFIX: &str = "cnl-";
+
+/// MTU of the host-to-host wire: room for VXLAN's 50 bytes so pods keep 1500.
+const WIRE_MTU: u32 = 1600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Model {
+    /// A bridge per host, VXLAN between hosts (L3 over the host stack).
+    Flannel,
+    /// Routed veths, host routes, no policy rules; native routing between hosts.
+    CalicoNp,
+    /// calico-np with a Calico-shaped iptables policy ruleset.
+    CalicoWp,
+    /// calico-np with IP-in-IP between hosts.
+    CalicoIpip,
+    /// tc eBPF programs redirecting pod to pod; VXLAN between hosts.
+    Cilium,
+    /// A bridge per host, native routing between hosts.
+    KubeRouter,
+    /// A bridge plus a veth pair to an overlay bridge with VXLAN (flat L2).
+    Weave,
+}
+
+impl Model {
+    pub const ALL: [Model; 7] = [
+        Model::Flannel,
+        Model::CalicoNp,
+        Model::CalicoWp,
+        Model::CalicoIpip,
+        Model::Cilium,
+        Model::KubeRouter,
+        Model::Weave,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Model::Flannel => "flannel",
+            Model::CalicoNp => "calico-np",
+            Model::CalicoWp => "calico-wp",
+            Model::CalicoIpip => "calico-ipip",
+            Model::Cilium => "cilium",
+            Model::KubeRouter => "kube-router",
+            Model::Weave => "weave",
+        }
+    }
+
+    /// Host-side name of a pod's veth, as the CNI names it (Calico's policy matches `cali+`).
+    fn host_veth(self, pod: char) -> String {
+        match self {
+            Model::CalicoNp | Model::CalicoWp | Model::CalicoIpip => format!("cali{pod}"),
+            Model::Cilium => format!("lxc{pod}"),
+            Model::Flannel | Model::KubeRouter | Model::Weave => format!("veth{pod}"),
+        }
+    }
+
+    fn bridge(self) -> Option<&'static str> {
+        match self {
+            Model::Flannel => Some("cni0"),
+            Model::KubeRouter => Some("kube-bridge"),
+            Model::Weave => Some("weave"),
+            _ => None,
+        }
+    }
+
+    fn routed(self) -> bool {
+        matches!(
+            self,
+            Model::CalicoNp | Model::CalicoWp | Model::CalicoIpip | Model::Cilium
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// Pod to pod on one host.
+    Intra,
+    /// Pod to pod across the two hosts.
+    Inter,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Intra => "intra",
+            Scenario::Inter => "inter",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub letter: char,
+    /// The pod's network namespace.
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// 1 or 2.
+    pub host: u8,
+}
+
+/// A lab that is up.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    pub model: Model,
+    pub pods: Vec<Pod>,
+}
+
+impl Lab {
+    pub fn client(&self) -> &Pod {
+        &self.pods[0]
+    }
+
+    pub fn server(&self, scenario: Scenario) -> &Pod {
+        match scenario {
+            Scenario::Intra => &self.pods[1],
+            Scenario::Inter => &self.pods[2],
+        }
+    }
+
+    pub fn host_netns(&self, host: u8) -> String {
+        host_name(self.model, host)
+    }
+}
+
+fn host_name(model: Model, host: u8) -> String {
+    format!("{PREFIX}{}-h{host}", model.name())
+}
+
+fn pod_name(model: Model, letter: char) -> String {
+    format!("{PREFIX}{}-{letter}", model.name())
+}
+
+fn wire_ip(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 77, host)
+}
+
+fn pod_ip(host: u8, index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, host, index)
+}
+
+/// Pod MACs, fixed so routes and neighbours can be written before devices exist.
+fn pod_mac(letter: char) -> [u8; 6] {
+    [0x02, 0x77, 0, 0, letter as u8, 0x02]
+}
+
+fn host_veth_mac(model: Model, letter: char) -> [u8; 6] {
+    if matches!(model, Model::CalicoNp | Model::CalicoWp | Model::CalicoIpip) {
+        [0xee; 6] // Calico gives every host-side veth this MAC.
+    } else {
+        [0x02, 0x77, 0, 0, letter as u8, 0x01]
+    }
+}
+
+fn tunnel_mac(host: u8) -> [u8; 6] {
+    [0x02, 0x77, 0, 0xff, host, 0x01]
+}
+
+/// The gateway address routed pods use (Calico's and Cilium's link-local next hop).
+const LINK_LOCAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// The namespaces of any lab that exists, found by prefix.
+pub fn existing() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(netns::NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| name.starts_with(PREFIX))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The model of the lab that is up, if one is.
+pub fn current() -> Option<Lab> {
+    let names = existing();
+    let model = Model::ALL
+        .into_iter()
+        .find(|m| names.contains(&host_name(*m, 1)))?;
+    Some(Lab {
+        model,
+        pods: pods(model),
+    })
+}
+
+fn pods(model: Model) -> Vec<Pod> {
+    [('a', 1, 2), ('b', 1, 3), ('c', 2, 2)]
+        .into_iter()
+        .map(|(letter, host, index)| Pod {
+            letter,
+            netns: pod_name(model, letter),
+            ip: pod_ip(host, index),
+            host,
+        })
+        .collect()
+}
+
+/// Removes every lab namespace (their devices, routes, rules and tc programs go with them).
+pub async fn down() -> Result<Vec<String>, Error> {
+    let names = existing();
+    for name in &names {
+        net::delete_namespace(name).await?;
+    }
+    Ok(names)
+}
+
+/// Whether the kernel can make IP-in-IP devices (the `ipip` module or built in).
+pub fn ipip_available() -> bool {
+    std::path::Path::new("/sys/module/ipip").exists()
+        || std::fs::read_to_string("/proc/modules").is_ok_and(|m| m.contains("ipip "))
+        || has_module_file("ipip")
+}
+
+fn has_module_file(module: &str) -> bool {
+    let release = crate::session::kernel_release();
+    let dir = std::path::PathBuf::from(format!("/lib/modules/{release}/kernel/net/ipv4"));
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{module}.ko"))
+        })
+}
+
+/// Why a model cannot be built here, if it cannot.
+pub fn unavailable_reason(model: Model) -> Option<String> {
+    (model == Model::CalicoIpip && !ipip_available()).then(|| {
+        "unavailable on this kernel: no IP-in-IP support (module ipip absent); the QEMU \
+         kernels of `cargo xtask vmtest` have it"
+            .to_owned()
+    })
+}
+
+/// Builds `model`. A lab that is already up is an error; a failure halfway removes what was
+/// made.
+pub async fn up(model: Model) -> Result<Lab, Error> {
+    if let Some(reason) = unavailable_reason(model) {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {reason}",
+            model.name()
+        )));
+    }
+    if let Some(lab) = current() {
+        return Err(Error::InvalidArgument(format!(
+            "a lab is already up ({}); run `cnitrace lab down` first",
+            lab.model.name()
+        )));
+    }
+    let leftovers = existing();
+    if !leftovers.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "lab namespaces are left from an earlier run ({}); run `cnitrace lab down`",
+            leftovers.join(", ")
+        )));
+    }
+    match build(model).await {
+        Ok(lab) => Ok(lab),
+        Err(e) => {
+            if let Err(cleanup) = down().await {
+                tracing::warn!("removing the half-built lab: {cleanup}");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn build(model: Model) -> Result<Lab, Error> {
+    let pods = pods(model);
+    let host_names = [host_name(model, 1), host_name(model, 2)];
+    for name in host_names.iter().chain(pods.iter().map(|p| &p.netns)) {
+        net::add_namespace(name).await?;
+    }
+    let hosts = [Ns::open(&host_names[0])?, Ns::open(&host_names[1])?];
+    for host in &hosts {
+        host.set_up("lo", LinkSettings::default()).await?;
+        host.sysctl("net.ipv4.ip_forward", "1")?;
+        if model.bridge().is_some() {
+            // What kubelet's br_netfilter set-up does: bridged IPv4 goes through iptables.
+            host.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+        }
+    }
+    // The wire: one veth pair between the hosts.
+    hosts[0].add_veth("wire", "wire2").await?;
+    hosts[0].move_to("wire2", &host_names[1]).await?;
+    for (index, host) in hosts.iter().enumerate() {
+        let n = index as u8 + 1;
+        let link = if n == 1 { "wire" } else { "wire2" };
+        host.set_up(
+            link,
+            LinkSettings {
+                rename: (n == 2).then_some("wire"),
+                mtu: Some(WIRE_MTU),
+                ..LinkSettings::default()
+            },
+        )
+        .await?;
+        host.add_address("wire", wire_ip(n), 24).await?;
+    }
+    for pod in &pods {
+        add_pod(model, &hosts[usize::from(pod.host) - 1], pod).await?;
+    }
+    for (index, host) in hosts.iter().enumerate() {
+        let n = index as u8 + 1;
+        let other = 3 - n;
+        match model {
+            Model::Flannel | Model::Cilium => {
+                let device = if model == Model::Flannel {
+                    "flannel.1"
+                } else {
+                    "cilium_vxlan"
+                };
+                host.add_vxlan(device, 1, 8472, wire_ip(n), wire_ip(other), tunnel_mac(n))
+                    .await?;
+                host.set_up(device, LinkSettings::default()).await?;
+                host.add_address(device, pod_ip(n, 0), 32).await?;
+                host.add_route(pod_ip(other, 0), 24, device, Some(pod_ip(other, 0)))
+                    .await?;
+                host.add_neighbour(device, pod_ip(other, 0), tunnel_mac(other))
+                    .await?;
+            }
+            Model::CalicoNp | Model::CalicoWp | Model::KubeRouter => {
+                host.add_route(pod_ip(other, 0), 24, "wire", Some(wire_ip(other)))
+                    .await?;
+            }
+            Model::CalicoIpip => {
+                host.add_ipip("tunl1", wire_ip(n), wire_ip(other)).await?;
+                host.set_up("tunl1", LinkSettings::default()).await?;
+                host.add_address("tunl1", pod_ip(n, 0), 32).await?;
+                host.add_route(pod_ip(other, 0), 24, "tunl1", Some(wire_ip(other)))
+                    .await?;
+            }
+            Model::Weave => {
+                // weave bridge <-> vethwe-bridge/vethwe-datapath <-> datapath bridge + VXLAN.
+                host.add_bridge("datapath").await?;
+                host.add_veth("vethwe-bridge", "vethwe-datapath").await?;
+                host.enslave("vethwe-bridge", "weave").await?;
+                host.enslave("vethwe-datapath", "datapath").await?;
+                host.set_up("vethwe-bridge", LinkSettings::default())
+                    .await?;
+                host.set_up("vethwe-datapath", LinkSettings::default())
+                    .await?;
+                host.add_vxlan(
+                    "vxlan-6784",
+                    1,
+                    6784,
+                    wire_ip(n),
+                    wire_ip(other),
+                    tunnel_mac(n),
+                )
+                .await?;
+                host.enslave("vxlan-6784", "datapath").await?;
+                host.set_up("vxlan-6784", LinkSettings::default()).await?;
+            }
+        }
+    }
+    match model {
+        Model::CalicoWp => {
+            for (index, host) in host_names.iter().enumerate() {
+                super::policy::install_calico_policy(host, index as u8 + 1)?;
+            }
+        }
+        Model::Cilium => {
+            for (index, host) in hosts.iter().enumerate() {
+                let n = index as u8 + 1;
+                let mut routes = Vec::new();
+                for pod in pods.iter().filter(|p| p.host == n) {
+                    let device = model.host_veth(pod.letter);
+                    let mut macs = [0u8; 12];
+                    macs[..6].copy_from_slice(&pod_mac(pod.letter));
+                    macs[6..].copy_from_slice(&host_veth_mac(model, pod.letter));
+                    routes.push((
+                        pod.ip,
+                        LabRoute {
+                            ifindex: host.index(&device).await?,
+                            macs,
+                        },
+                        device,
+                    ));
+                }
+                let mut devices: Vec<String> = routes.iter().map(|r| r.2.clone()).collect();
+                devices.push("cilium_vxlan".to_owned());
+                super::redirect::attach(
+                    &host.name,
+                    &devices,
+                    &routes.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+                )?;
+            }
+        }
+        _ => {}
+    }
+    Ok(Lab { model, pods })
+}
+
+async fn add_pod(model: Model, host: &Ns, pod: &Pod) -> Result<(), Error> {
+    let host_side = model.host_veth(pod.letter);
+    let pod_side = format!("eth0{}", pod.letter);
+    host.add_veth(&host_side, &pod_side).await?;
+    host.move_to(&pod_side, &pod.netns).await?;
+    let ns = Ns::open(&pod.netns)?;
+    ns.set_up("lo", LinkSettings::default()).await?;
+    ns.set_up(
+        &pod_side,
+        LinkSettings {
+            rename: Some("eth0"),
+            mac: Some(pod_mac(pod.letter)),
+            mtu: None,
+        },
+    )
+    .await?;
+    host.set_up(
+        &host_side,
+        LinkSettings {
+            mac: Some(host_veth_mac(model, pod.letter)),
+            ..LinkSettings::default()
+        },
+    )
+    .await?;
+    if let Some(bridge) = model.bridge() {
+        if host.index(bridge).await.is_err() {
+            host.add_bridge(bridge).await?;
+            if model != Model::Weave {
+                host.add_address(bridge, pod_ip(pod.host, 1), 24).await?;
+            }
+        }
+        host.enslave(&host_side, bridge).await?;
+        if model == Model::Weave {
+            // One flat L2 network across hosts.
+            ns.add_address("eth0", pod.ip, 16).await?;
+        } else {
+            ns.add_address("eth0", pod.ip, 24).await?;
+            ns.add_route(Ipv4Addr::UNSPECIFIED, 0, "eth0", Some(pod_ip(pod.host, 1)))
+                .await?;
+        }
+    } else {
+        debug_assert!(model.routed());
+        ns.add_address("eth0", pod.ip, 32).await?;
+        ns.add_route(Ipv4Addr::UNSPECIFIED, 0, "eth0", Some(LINK_LOCAL_GATEWAY))
+            .await?;
+        ns.add_neighbour("eth0", LINK_LOCAL_GATEWAY, host_veth_mac(model, pod.letter))
+            .await?;
+        host.add_route(pod.ip, 32, &host_side, None).await?;
+        host.add_neighbour(&host_side, pod.ip, pod_mac(pod.letter))
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_and_round_trip() {
+        for model in Model::ALL {
+            // The command line spells models as the report does.
+            assert_eq!(
+                <Model as clap::ValueEnum>::from_str(model.name(), false),
+                Ok(model)
+            );
+            for letter in ['a', 'b', 'c'] {
+                assert!(model.host_veth(letter).len() < 16);
+            }
+            assert!(host_name(model, 1).starts_with(PREFIX));
+        }
+    }
+
+    #[test]
+    fn pods_and_scenarios() {
+        let lab = Lab {
+            model: Model::Flannel,
+            pods: pods(Model::Flannel),
+        };
+        assert_eq!(lab.client().ip, Ipv4Addr::new(10, 77, 1, 2));
+        assert_eq!(lab.server(Scenario::Intra).host, 1);
+        assert_eq!(lab.server(Scenario::Inter).host, 2);
+        assert_eq!(lab.server(Scenario::Inter).netns, "cnl-flannel-c");
+    }
+}

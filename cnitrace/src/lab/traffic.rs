@@ -1,0 +1,208 @@
+//! Traffic between lab pods: an iperf3 TCP stream for throughput, and a request/response
+//! test for latency (iperf3 has none and netperf is not in Debian): one byte each way over a
+//! TCP connection with Nagle off, round trips back to back, as netperf's TCP_RR does.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{error::Error, netns};
+
+/// The port of the request/response server (Calico's policy in the lab allows it).
+pub const RR_PORT: u16 = 5299;
+pub const IPERF3_PORT: u16 = 5201;
+
+/// Round trips of a request/response run.
+#[derive(Debug, Clone, Copy)]
+pub struct RrResult {
+    pub transactions: u64,
+    pub mean_rtt_us: f64,
+}
+
+/// Request/response between two pods for `duration`.
+pub fn request_response(
+    client_netns: &str,
+    server_netns: &str,
+    server_ip: Ipv4Addr,
+    duration: Duration,
+) -> Result<RrResult, Error> {
+    let address = SocketAddrV4::new(server_ip, RR_PORT);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = netns::run_in(server_netns, move || {
+        let listener =
+            TcpListener::bind(address).map_err(|e| Error::io(format!("bind {address}"), e))?;
+        let _ = ready_tx.send(());
+        let (mut stream, _) = listener.accept().map_err(|e| Error::io("accept", e))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Error::io("nodelay", e))?;
+        let mut byte = [0u8; 1];
+        // Echo until the client closes.
+        while stream
+            .read(&mut byte)
+            .map_err(|e| Error::io("rr read", e))?
+            == 1
+        {
+            stream
+                .write_all(&byte)
+                .map_err(|e| Error::io("rr write", e))?;
+        }
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| Error::InvalidArgument("request/response server did not start".to_owned()))?;
+    let client = netns::run_in(client_netns, move || {
+        let mut stream = TcpStream::connect_timeout(&address.into(), Duration::from_secs(5))
+            .map_err(|e| Error::io(format!("connect to {address}"), e))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Error::io("nodelay", e))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| Error::io("timeout", e))?;
+        let start = Instant::now();
+        let mut transactions = 0u64;
+        let mut byte = [1u8; 1];
+        while start.elapsed() < duration {
+            stream
+                .write_all(&byte)
+                .map_err(|e| Error::io("rr write", e))?;
+            stream
+                .read_exact(&mut byte)
+                .map_err(|e| Error::io("rr read", e))?;
+            transactions += 1;
+        }
+        let elapsed = start.elapsed();
+        Ok(RrResult {
+            transactions,
+            mean_rtt_us: elapsed.as_secs_f64() * 1e6 / transactions.max(1) as f64,
+        })
+    });
+    let result = client
+        .join()
+        .map_err(|_| Error::InvalidArgument("rr client panicked".to_owned()))?;
+    let server_outcome = server
+        .join()
+        .map_err(|_| Error::InvalidArgument("rr server panicked".to_owned()))?;
+    let result = result?;
+    server_outcome?;
+    Ok(result)
+}
+
+/// An iperf3 TCP stream from one pod to another. Start the server first.
+pub struct Stream {
+    server: std::process::Child,
+    client: Option<std::process::Child>,
+}
+
+impl Stream {
+    pub fn start(
+        client_netns: &str,
+        server_netns: &str,
+        server_ip: Ipv4Addr,
+        seconds: u32,
+    ) -> Result<Self, Error> {
+        let mut server = Command::new("iperf3");
+        server
+            .args([
+                "-s",
+                "-1",
+                "-B",
+                &server_ip.to_string(),
+                "-p",
+                &IPERF3_PORT.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut server = netns::spawn_in(server_netns, server).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::InvalidArgument("lab bench needs iperf3 (apt install iperf3)".to_owned())
+            }
+            other => other,
+        })?;
+        // Wait until the server listens: the client fails at once otherwise. A probe
+        // connection would be taken as the one test `-1` serves, so watch the socket table.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !listening(server_netns, IPERF3_PORT)? {
+            if Instant::now() > deadline {
+                let _ = server.kill();
+                let _ = server.wait();
+                return Err(Error::InvalidArgument(format!(
+                    "iperf3 server in {server_netns} did not start listening"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut client = Command::new("iperf3");
+        client
+            .args([
+                "-c",
+                &server_ip.to_string(),
+                "-p",
+                &IPERF3_PORT.to_string(),
+                "-t",
+                &seconds.to_string(),
+                "-J",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let client = netns::spawn_in(client_netns, client)?;
+        Ok(Self {
+            server,
+            client: Some(client),
+        })
+    }
+
+    /// Waits for the stream and returns the receiver's throughput in Gbit/s.
+    pub fn finish(mut self) -> Result<f64, Error> {
+        let output = self
+            .client
+            .take()
+            .expect("a stream is finished once")
+            .wait_with_output()
+            .map_err(|e| Error::io("wait for iperf3", e))?;
+        let _ = self.server.wait();
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "iperf3 printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        })?;
+        if let Some(error) = json.get("error").and_then(|e| e.as_str()) {
+            return Err(Error::InvalidArgument(format!("iperf3: {error}")));
+        }
+        json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|bps| bps / 1e9)
+            .ok_or_else(|| Error::InvalidArgument("iperf3 JSON has no end.sum_received".to_owned()))
+    }
+}
+
+/// Whether a TCP socket listens on `port` in the namespace (its /proc/net/tcp).
+fn listening(netns_name: &str, port: u16) -> Result<bool, Error> {
+    let needle = format!(":{port:04X} ");
+    netns::run_in(netns_name, move || {
+        // thread-self: /proc/net follows the process's namespace, not this thread's.
+        let table = std::fs::read_to_string("/proc/thread-self/net/tcp")
+            .map_err(|e| Error::io("read /proc/thread-self/net/tcp", e))?;
+        Ok(table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && format!("{} ", fields[1]).ends_with(&needle) && fields[3] == "0A"
+        }))
+    })
+    .join()
+    .map_err(|_| Error::InvalidArgument("socket table thread panicked".to_owned()))?
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        for child in self.client.iter_mut().chain([&mut self.server]) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
