@@ -127,6 +127,40 @@ enum LabCommand {
     Down,
     /// Benchmark models: iperf3 stream profiled by cnitrace, request/response latency, repeated.
     Bench(LabBenchArgs),
+    /// Netfilter rule-count sweep: N non-matching rules before a hook's chain, netfilter cost
+    /// at each N, and the fitted cost per rule (slope, intercept, R²).
+    Sweep(LabSweepArgs),
+}
+
+#[derive(clap::Args)]
+struct LabSweepArgs {
+    /// Rule counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,250,500,1000,2000")]
+    rules: Vec<u32>,
+    /// The hook whose chain gets the rules.
+    #[arg(long, value_enum, default_value_t = HookArg::Forward)]
+    hook: HookArg,
+    /// The lab model to sweep (built for the sweep and removed afterwards).
+    #[arg(long, value_enum, default_value_t = Model::Flannel)]
+    model: Model,
+    #[arg(long, value_enum, default_value_t = Scenario::Intra)]
+    scenario: Scenario,
+    /// Profiled seconds per rule count.
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    frequency: u64,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HookArg {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
 }
 
 #[derive(clap::Args)]
@@ -349,9 +383,64 @@ fn run_lab(command: LabCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A spinner for long lab work: transient lines replace each other, others are kept.
+fn lab_progress() -> (indicatif::ProgressBar, impl Fn(&str, bool)) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let handle = bar.clone();
+    let progress = move |line: &str, transient: bool| {
+        if transient {
+            handle.set_message(line.to_owned());
+        } else {
+            handle.suspend(|| eprintln!("cnitrace: {line}"));
+        }
+    };
+    (bar, progress)
+}
+
 async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
-    use cnitrace::lab::{bench, topology};
+    use cnitrace::{
+        lab::{bench, sweep, topology},
+        netfilter::hooks::Hook,
+    };
     match command {
+        LabCommand::Sweep(args) => {
+            let options = sweep::SweepOptions {
+                rules: args.rules,
+                hook: match args.hook {
+                    HookArg::Prerouting => Hook::Prerouting,
+                    HookArg::Input => Hook::Input,
+                    HookArg::Forward => Hook::Forward,
+                    HookArg::Output => Hook::Output,
+                    HookArg::Postrouting => Hook::Postrouting,
+                },
+                model: args.model,
+                scenario: args.scenario,
+                duration_s: args.duration,
+                sampler: SamplerConfig {
+                    frequency_hz: args.frequency,
+                    clock: ClockChoice::Auto,
+                },
+            };
+            sweep::validate(&options)?;
+            cnitrace::probe::privileges::check()?;
+            let (bar, progress) = lab_progress();
+            let result = tokio::select! {
+                result = sweep::run(&options, progress) => result,
+                () = interrupted() => {
+                    bar.finish_and_clear();
+                    topology::down().await?;
+                    anyhow::bail!("interrupted; the lab and its rules were removed");
+                }
+            };
+            bar.finish_and_clear();
+            let result = result?;
+            match args.format {
+                Format::Table => print!("{}", sweep::render(&result)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+            }
+            Ok(())
+        }
         LabCommand::TcWork { .. } => unreachable!("runs before the runtime"),
         LabCommand::Up { model } => {
             cnitrace::probe::privileges::check()?;
@@ -383,7 +472,6 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Bench(args) => {
-            cnitrace::probe::privileges::check()?;
             let options = bench::BenchOptions {
                 models: if args.models.is_empty() {
                     Model::ALL.to_vec()
@@ -402,15 +490,9 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
                     clock: ClockChoice::Auto,
                 },
             };
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.enable_steady_tick(std::time::Duration::from_millis(200));
-            let progress = |line: &str, transient: bool| {
-                if transient {
-                    bar.set_message(line.to_owned());
-                } else {
-                    bar.suspend(|| eprintln!("cnitrace: {line}"));
-                }
-            };
+            bench::validate(&options)?;
+            cnitrace::probe::privileges::check()?;
+            let (bar, progress) = lab_progress();
             let entries = tokio::select! {
                 result = bench::run(&options, progress) => result,
                 () = interrupted() => {

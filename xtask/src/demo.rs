@@ -1,52 +1,50 @@
-//! The demo: a bridged pod pair with bridge-nf-call-iptables and non-matching FORWARD rules,
-//! iperf3 through it, and cnitrace's breakdown of the window.
-
-use std::{process::Command, thread, time::Duration};
+//! The demo: the lab's CNI models (paper 000, figs. 3-6) built from namespaces on this
+//! machine, an iperf3 stream and a request/response run through each, cnitrace's
+//! cycles-per-packet breakdown per model (the shape of figs. 9 and 11, also as SVG), and the
+//! netfilter rule-count sweep (table III's question: what does a rule cost per packet).
 
 use anyhow::{Context as _, Result, bail};
-use cnitrace_tests::{Shape, Topology, remove_stale};
 
 use crate::{bootstrap, cargo, run_command, workspace_root};
 
-pub fn run(duration: u32, rules: usize) -> Result<()> {
+pub fn run(duration: u32, rules: &str) -> Result<()> {
     if !crate::is_root() {
         bail!("the demo needs root (network namespaces and BPF): run it as root");
     }
     bootstrap::ensure()?;
     run_command(cargo().args(["build", "--release", "--package", "cnitrace"]))?;
     let bin = workspace_root().join("target/release/cnitrace");
-    remove_stale();
+    let chart = workspace_root().join("target/demo/lab.svg");
+    std::fs::create_dir_all(chart.parent().expect("parent")).context("create target/demo")?;
+    // A lab left by an interrupted run would refuse to build.
+    run_command(std::process::Command::new(&bin).args(["lab", "down"]))?;
 
     eprintln!(
-        "demo: building pod A -- veth -- bridge (node namespace, {rules} FORWARD rules) -- veth -- pod B"
+        "demo: every lab model, pods on one host (intra) and across two (inter), {duration} s profiled per run"
     );
-    let topo = Topology::new(Shape::Bridged { rules })?;
-    eprintln!(
-        "demo: iperf3 from {} to {} for {} s; cnitrace profiles {duration} s of it",
-        topo.client,
-        topo.server,
-        duration + 3
+    run_command(std::process::Command::new(&bin).args([
+        "lab",
+        "bench",
+        "--duration",
+        &duration.to_string(),
+        "--repeat",
+        "1",
+        "--svg",
+        chart.to_str().context("path")?,
+    ]))?;
+    eprintln!("demo: chart of the breakdowns: {}", chart.display());
+
+    eprintln!("demo: netfilter rule sweep on flannel (bridged pods, FORWARD via br_netfilter)");
+    run_command(std::process::Command::new(&bin).args([
+        "lab",
+        "sweep",
+        "--rules",
+        rules,
+        "--duration",
+        &duration.to_string(),
+    ]))?;
+    println!(
+        "(the lab's namespaces are removed; `bpftool prog show` lists nothing of cnitrace or the lab)"
     );
-    let traffic = topo.start_iperf3(duration + 3)?;
-    thread::sleep(Duration::from_millis(700));
-    let status = Command::new(&bin)
-        .args([
-            "profile",
-            "--duration",
-            &duration.to_string(),
-            "--iface",
-            &topo.client_iface,
-            "--netns",
-            &topo.client,
-        ])
-        .status()
-        .context("run cnitrace")?;
-    let gbps = traffic.finish()?;
-    drop(topo);
-    if !status.success() {
-        bail!("cnitrace profile failed with {status}");
-    }
-    println!("iperf3 throughput during the window: {gbps:.1} Gbit/s");
-    println!("(the demo's namespaces are removed; `bpftool prog show` lists nothing of cnitrace)");
     Ok(())
 }

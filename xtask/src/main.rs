@@ -38,13 +38,15 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Build a bridged pod pair with iptables rules, push iperf3 through it, print the breakdown.
+    /// The lab: every CNI model built on this machine, iperf3 and request/response through
+    /// each, cnitrace's breakdown per model (table + SVG), then the netfilter rule sweep.
     Demo {
-        #[arg(long, default_value_t = 10)]
+        /// Profiled seconds per run.
+        #[arg(long, default_value_t = 3)]
         duration: u32,
-        /// Non-matching FORWARD rules in the node namespace.
-        #[arg(long, default_value_t = 500)]
-        rules: usize,
+        /// Rule counts of the netfilter sweep.
+        #[arg(long, default_value = "0,500,1000,2000")]
+        rules: String,
     },
     /// Sampling overhead on iperf3 throughput, A/B alternated in one run.
     Bench(bench::Args),
@@ -188,7 +190,7 @@ fn main() -> ExitCode {
         Task::Bootstrap { build_only: false } => bootstrap::ensure(),
         Task::Bootstrap { build_only: true } => bootstrap::ensure_build(),
         Task::Test { no_lint } => test(no_lint),
-        Task::Demo { duration, rules } => demo::run(duration, rules),
+        Task::Demo { duration, rules } => demo::run(duration, &rules),
         Task::Bench(args) => bench::run(&args),
         Task::BenchAgent(args) => bench_agent::run(&args),
         Task::BenchFidelity(args) => bench_fidelity::run(&args),

@@ -96,12 +96,8 @@ struct Run {
     breakdown: Breakdown,
 }
 
-/// Runs the benchmark. `progress` gets a line per step. The lab is taken down after each
-/// model, also on failure.
-pub async fn run(
-    options: &BenchOptions,
-    mut progress: impl FnMut(&str, bool),
-) -> Result<Vec<BenchEntry>, Error> {
+/// Checks the options before anything is built.
+pub fn validate(options: &BenchOptions) -> Result<(), Error> {
     if options.repeats == 0 || options.repeats > 30 {
         return Err(Error::InvalidArgument(format!(
             "--repeat {} is out of range: 1..=30",
@@ -114,6 +110,16 @@ pub async fn run(
             "--duration must be at least 1 s for a meaningful stream".to_owned(),
         ));
     }
+    crate::probe::sampling::validate_frequency(options.sampler.frequency_hz)
+}
+
+/// Runs the benchmark. `progress` gets a line per step. The lab is taken down after each
+/// model, also on failure.
+pub async fn run(
+    options: &BenchOptions,
+    mut progress: impl FnMut(&str, bool),
+) -> Result<Vec<BenchEntry>, Error> {
+    validate(options)?;
     if let Some(lab) = topology::current() {
         return Err(Error::InvalidArgument(format!(
             "a lab is up ({}); `cnitrace lab down` first",

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod net;
 pub mod policy;
 pub mod redirect;
+pub mod sweep;
 pub mod tc_work;
 pub mod topology;
 pub mod traffic;

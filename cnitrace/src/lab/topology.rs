@@ -243,8 +243,8 @@ fn has_module_file(module: &str) -> bool {
 /// Why a model cannot be built here, if it cannot.
 pub fn unavailable_reason(model: Model) -> Option<String> {
     (model == Model::CalicoIpip && !ipip_available()).then(|| {
-        "unavailable on this kernel: no IP-in-IP support (module ipip absent); the QEMU \
-         kernels of `cargo xtask vmtest` have it"
+        "unavailable on this kernel: no IP-in-IP support (module ipip absent, \
+         CONFIG_NET_IPIP not set)"
             .to_owned()
     })
 }

@@ -1,0 +1,361 @@
+//! `cnitrace lab` and `cnitrace netfilter` against the real kernel: every CNI model built from
+//! namespaces carries iperf3 and request/response traffic and shows the components that define
+//! it; the rule-count sweep fits a line; nothing the lab or the counters made is left behind.
+
+// A component whose code never ran has exactly zero cycles: compared exactly on purpose.
+#![allow(clippy::float_cmp)]
+
+use std::{
+    collections::HashMap,
+    process::{Command, Output},
+    thread,
+    time::Duration,
+};
+
+use cnitrace_tests::{Shape, Topology, cnitrace_bin, privileged, remove_stale, run};
+use serde_json::Value;
+
+fn cnitrace(args: &[&str]) -> Output {
+    Command::new(cnitrace_bin())
+        .args(args)
+        .output()
+        .expect("run cnitrace")
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "cnitrace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn lab_namespaces() -> Vec<String> {
+    let out = run("ip", &["netns", "list"]).expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("cnl-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `lab_*` programs still loaded, after the kernel's deferred frees (up to 3 s).
+fn lab_programs() -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = run("bpftool", &["prog", "show"]).expect("bpftool");
+        let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("name lab_"))
+            .map(str::to_owned)
+            .collect();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_lab_gone() {
+    assert_eq!(
+        lab_namespaces(),
+        Vec::<String>::new(),
+        "lab namespaces left"
+    );
+    assert_eq!(lab_programs(), Vec::<String>::new(), "lab programs left");
+}
+
+fn cpp(entry: &Value, component: &str) -> f64 {
+    entry["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == component)
+        .unwrap_or_else(|| panic!("{component} missing"))["cpp"]["mean"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn every_model_carries_traffic_and_shows_its_defining_components() {
+    if !privileged("every_model_carries_traffic_and_shows_its_defining_components") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    let out = cnitrace(&[
+        "lab",
+        "bench",
+        "--duration",
+        "2",
+        "--repeat",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let entries = json_of(&out);
+    assert_lab_gone();
+    let mut by_key: HashMap<(String, String), &Value> = HashMap::new();
+    for entry in entries.as_array().unwrap() {
+        let key = (
+            entry["model"].as_str().unwrap().to_owned(),
+            entry["scenario"].as_str().unwrap().to_owned(),
+        );
+        by_key.insert(key, entry);
+    }
+    assert_eq!(by_key.len(), 14, "7 models x 2 scenarios");
+    let get = |model: &str, scenario: &str| by_key[&(model.to_owned(), scenario.to_owned())];
+    for (key, entry) in &by_key {
+        if entry["unavailable"].is_string() {
+            continue;
+        }
+        eprintln!(
+            "{key:?}: {:.1} Gbit/s, rtt {:.1} us, bridge {:.0} ip_forward {:.0} netfilter {:.0} vxlan {:.0} bpf {:.0}",
+            entry["throughput_gbps"].as_f64().unwrap(),
+            entry["rtt_us"].as_f64().unwrap(),
+            cpp(entry, "bridge"),
+            cpp(entry, "ip_forward"),
+            cpp(entry, "netfilter"),
+            cpp(entry, "vxlan"),
+            cpp(entry, "bpf"),
+        );
+        assert!(
+            entry["throughput_gbps"].as_f64().unwrap() > 0.1,
+            "{key:?} carried no stream"
+        );
+        assert!(
+            entry["rtt_us"].as_f64().unwrap() > 0.0,
+            "{key:?} no round trips"
+        );
+        assert!(entry["breakdown"]["packets"]["count"].as_u64().unwrap() > 1000);
+    }
+    for scenario in ["intra", "inter"] {
+        // Bridges where the model has one, none in the routed models.
+        for model in ["flannel", "kube-router", "weave"] {
+            assert!(
+                cpp(get(model, scenario), "bridge") > 0.0,
+                "{model} {scenario}: bridge"
+            );
+        }
+        for model in ["calico-np", "calico-wp", "cilium"] {
+            assert_eq!(
+                cpp(get(model, scenario), "bridge"),
+                0.0,
+                "{model} {scenario}: bridge"
+            );
+        }
+        // Calico routes through the host IP stack; its policy costs netfilter cycles.
+        assert!(cpp(get("calico-np", scenario), "ip_forward") > 0.0);
+        assert!(
+            cpp(get("calico-wp", scenario), "netfilter")
+                > cpp(get("calico-np", scenario), "netfilter") + 20.0,
+            "{scenario}: the policy must cost netfilter cycles"
+        );
+        // Cilium's tc programs run on every packet and keep it out of iptables.
+        assert!(
+            cpp(get("cilium", scenario), "bpf") > 0.0,
+            "cilium {scenario}: bpf"
+        );
+        assert!(
+            cpp(get("cilium", scenario), "netfilter")
+                < cpp(get("calico-wp", scenario), "netfilter"),
+            "cilium {scenario}: netfilter below calico-wp's"
+        );
+    }
+    // Overlays encapsulate across hosts; native routing does not.
+    for model in ["flannel", "cilium", "weave"] {
+        assert!(
+            cpp(get(model, "inter"), "vxlan") > 0.0,
+            "{model} inter: vxlan"
+        );
+    }
+    assert_eq!(cpp(get("kube-router", "inter"), "vxlan"), 0.0);
+    assert_eq!(cpp(get("calico-np", "inter"), "vxlan"), 0.0);
+    assert_eq!(cpp(get("flannel", "intra"), "vxlan"), 0.0);
+    // This kernel has no IP-in-IP: said so, not faked.
+    let ipip = get("calico-ipip", "inter");
+    if ipip["unavailable"].is_string() {
+        assert!(ipip["unavailable"].as_str().unwrap().contains("IP-in-IP"));
+    } else {
+        assert!(cpp(ipip, "ipip") > 0.0, "calico-ipip inter: ipip");
+    }
+}
+
+#[test]
+fn lab_up_leaves_a_working_lab_that_down_removes_with_its_programs() {
+    if !privileged("lab_up_leaves_a_working_lab_that_down_removes_with_its_programs") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    let out = cnitrace(&["lab", "up", "cilium"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The lab outlives the command: namespaces, and tc programs held by their filters.
+    assert_eq!(lab_namespaces().len(), 5, "{:?}", lab_namespaces());
+    assert!(
+        !lab_programs().is_empty(),
+        "lab_redirect must stay attached"
+    );
+    let again = cnitrace(&["lab", "up", "flannel"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already up"));
+    let out = cnitrace(&["lab", "down"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed 5"));
+    assert_lab_gone();
+}
+
+#[test]
+fn a_lab_that_fails_halfway_removes_what_it_made() {
+    if !privileged("a_lab_that_fails_halfway_removes_what_it_made") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    // Without iptables-restore on PATH, calico-wp fails after every device and route exists,
+    // at its policy step: a real failure in the last step.
+    let out = Command::new(cnitrace_bin())
+        .args(["lab", "up", "calico-wp"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .expect("run cnitrace");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("iptables-restore"), "{stderr}");
+    assert_lab_gone();
+}
+
+#[test]
+fn netfilter_report_attributes_forward_rules_per_packet_and_removes_its_counters() {
+    if !privileged("netfilter_report_attributes_forward_rules_per_packet_and_removes_its_counters")
+    {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    remove_stale();
+    let rules = 300;
+    let topo = Topology::new(Shape::Bridged { rules }).expect("topology");
+    let traffic = topo.start_iperf3(7).expect("iperf3");
+    thread::sleep(Duration::from_millis(700));
+    let out = cnitrace(&[
+        "netfilter",
+        "--duration",
+        "3",
+        "--format",
+        "json",
+        "--iface",
+        &topo.client_iface,
+        "--netns",
+        &topo.client,
+        "--netns",
+        &topo.node,
+    ]);
+    traffic.finish().expect("iperf3 result");
+    let b = json_of(&out);
+    let hooks = b["netfilter"]["hooks"].as_array().unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(hooks).unwrap());
+    let forward = hooks
+        .iter()
+        .find(|h| h["family"] == "ipv4" && h["hook"] == "FORWARD")
+        .expect("ipv4 FORWARD");
+    // Bridged frames reach IPv4 FORWARD through bridge-netfilter: all of it from the bridge.
+    assert!(forward["cycles"].as_u64().unwrap() > 0);
+    assert_eq!(forward["from_bridge_cycles"], forward["cycles"]);
+    assert_eq!(
+        hooks[0]["hook"], "FORWARD",
+        "the rules make FORWARD the costliest hook"
+    );
+    let walked = forward["rules_traversed_per_packet"].as_f64().unwrap();
+    assert!(
+        walked >= rules as f64,
+        "{walked} rules per packet < {rules}"
+    );
+    assert!(forward["rules"].as_u64().unwrap() >= rules as u64);
+    assert!(forward["packets"].as_u64().unwrap() > 1000);
+    assert!(forward["cycles_per_rule_evaluated"].as_f64().unwrap() > 0.0);
+    // Hook cycles add up to the netfilter component.
+    let netfilter = b["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "netfilter")
+        .unwrap()["cycles"]
+        .as_u64()
+        .unwrap();
+    let sum: u64 = hooks.iter().map(|h| h["cycles"].as_u64().unwrap()).sum();
+    assert_eq!(sum, netfilter);
+    // The counting table is gone and the user's rules are untouched.
+    let tables = run(
+        "ip",
+        &["netns", "exec", &topo.node, "nft", "list", "tables"],
+    )
+    .unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("cnitrace"));
+    let save = run("ip", &["netns", "exec", &topo.node, "iptables-save"]).unwrap();
+    let forward_rules = String::from_utf8_lossy(&save.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A FORWARD"))
+        .count();
+    assert_eq!(forward_rules, rules);
+}
+
+#[test]
+fn rule_sweep_fits_a_rising_line_and_removes_its_rules() {
+    if !privileged("rule_sweep_fits_a_rising_line_and_removes_its_rules") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    let out = cnitrace(&[
+        "lab",
+        "sweep",
+        "--rules",
+        "0,500,1000,2000",
+        "--duration",
+        "2",
+        "--format",
+        "json",
+    ]);
+    let result = json_of(&out);
+    assert_lab_gone();
+    eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
+    for point in result["points"].as_array().unwrap() {
+        let added = point["rules_added"].as_f64().unwrap();
+        let walked = point["rules_traversed_per_packet"].as_f64().unwrap();
+        assert!(
+            walked >= added,
+            "{walked} rules walked per packet < {added} added"
+        );
+    }
+    // With 4 points, R² >= 0.9 (r >= 0.95) has p < 0.05 under no relationship; rule
+    // evaluation is a per-packet loop, so a real slope gives R² near 1.
+    let fit = &result["fit_cpp"];
+    assert!(fit["slope"].as_f64().unwrap() > 0.0, "{fit}");
+    assert!(fit["r_squared"].as_f64().unwrap() >= 0.9, "{fit}");
+    assert!(result["fit_hook"]["slope"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn lab_bad_input_is_a_clear_error() {
+    for (args, expected) in [
+        (vec!["lab", "up", "nope"], "invalid value"),
+        (
+            vec!["lab", "bench", "flannel", "--repeat", "0"],
+            "--repeat 0",
+        ),
+        (vec!["lab", "sweep", "--rules", "5"], "two counts"),
+        (vec!["lab", "sweep", "--rules", "0,x"], "invalid value"),
+    ] {
+        let out = cnitrace(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
