@@ -22,6 +22,12 @@ pub mod program {
     pub const LAB_REDIRECT: &str = "lab_redirect";
     /// Prefix every cnitrace instrumentation program name starts with.
     pub const PREFIX: &str = "cnitrace_";
+    /// Tracing with kprobes: one program attached to every traced function, and its return.
+    pub const TRACE_KPROBE: &str = "cnitrace_kprobe";
+    pub const TRACE_KRETPROBE: &str = "cnitrace_kretprobe";
+    /// Tracing with BPF trampolines: `cnitrace_fentry_N` / `cnitrace_fexit_N`, N < TRACE_SLOTS.
+    pub const TRACE_FENTRY_PREFIX: &str = "cnitrace_fentry_";
+    pub const TRACE_FEXIT_PREFIX: &str = "cnitrace_fexit_";
 }
 
 /// Names of the maps in the object.
@@ -33,6 +39,12 @@ pub mod map {
     pub const SOFTIRQ: &str = "CNT_SOFTIRQ";
     /// `lab_redirect`'s table: destination IPv4 address (network order) -> [`super::LabRoute`].
     pub const LAB_ROUTES: &str = "LAB_ROUTES";
+    /// Tracing: per-CPU [`super::TraceCost`] by component id.
+    pub const TRACE: &str = "CNT_TRACE";
+    /// Tracing: function address -> component id, for kprobes.
+    pub const TRACE_FUNCTIONS: &str = "CNT_TRACE_FUNCS";
+    /// Tracing: fentry slot -> component id.
+    pub const TRACE_SLOTS: &str = "CNT_TRACE_SLOTS";
 }
 
 /// Names of the read-only globals user space sets before loading: struct offsets read from the
@@ -183,6 +195,74 @@ impl IfaceCounters {
 /// Most iterations `lab_tc_work` can do per packet (its verifier-visible bound).
 pub const LAB_MAX_LOOPS: u32 = 8192;
 
+/// Depth of the per-CPU nesting stack of traced functions.
+pub const TRACE_MAX_DEPTH: usize = 16;
+/// fentry/fexit program pairs in the object (`cnitrace_fentry_N`, `cnitrace_fexit_N`): one per
+/// function traced with BPF trampolines; the rest fall back to kprobes.
+pub const TRACE_SLOTS: u32 = 16;
+/// Most functions traced with kprobes.
+pub const MAX_TRACE_FUNCTIONS: u32 = 512;
+/// Component ids the tracer accounts (indices into the taxonomy's components).
+pub const MAX_TRACE_COMPONENTS: u32 = 32;
+
+/// One traced function in progress on a CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceFrame {
+    pub component: u32,
+    pub padding: u32,
+    /// When the function was entered (for inclusive time).
+    pub entered_ns: u64,
+    /// When it last got the CPU back from a traced callee (for exclusive time).
+    pub resumed_ns: u64,
+}
+
+/// Depth of the per-CPU stack of traced functions in progress (the frames are the entries
+/// 0..depth of a per-CPU array map of [`TraceFrame`]s).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceDepth {
+    pub depth: u32,
+    /// Entries not pushed because the stack was full; their exits are skipped.
+    pub overflow: u32,
+}
+
+/// What the tracer measured for one component on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceCost {
+    /// Completed calls of the component's traced functions.
+    pub hits: u64,
+    /// Time in the component minus the time in traced callees of other components.
+    pub exclusive_ns: u64,
+    /// Time from entry to return.
+    pub inclusive_ns: u64,
+}
+
+impl TraceCost {
+    #[must_use]
+    pub const fn plus(&self, other: &Self) -> Self {
+        Self {
+            hits: self.hits + other.hits,
+            exclusive_ns: self.exclusive_ns + other.exclusive_ns,
+            inclusive_ns: self.inclusive_ns + other.inclusive_ns,
+        }
+    }
+
+    #[must_use]
+    pub const fn since(&self, earlier: &Self) -> Self {
+        Self {
+            hits: self.hits.saturating_sub(earlier.hits),
+            exclusive_ns: self.exclusive_ns.saturating_sub(earlier.exclusive_ns),
+            inclusive_ns: self.inclusive_ns.saturating_sub(earlier.inclusive_ns),
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<TraceFrame>() == 24);
+const _: () = assert!(core::mem::size_of::<TraceDepth>() == 8);
+const _: () = assert!(core::mem::size_of::<TraceCost>() == 24);
+
 /// Most destinations `lab_redirect` knows.
 pub const LAB_MAX_ROUTES: u32 = 1024;
 
@@ -260,8 +340,14 @@ pub mod fault {
     pub const FIELD_READ: u32 = 3;
     /// Total number of samples the sampler saw (so lost can be expressed as a fraction).
     pub const SAMPLES_SEEN: u32 = 4;
+    /// Tracing: a function was entered with the nesting stack full (its time goes to the caller).
+    pub const TRACE_OVERFLOW: u32 = 5;
+    /// Tracing: a function returned with no entry on the stack (an entry probe missed).
+    pub const TRACE_UNMATCHED_EXIT: u32 = 6;
+    /// Tracing: a kprobe fired at an address cnitrace did not register.
+    pub const TRACE_UNKNOWN_FUNCTION: u32 = 7;
     /// Number of slots.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
 }
 
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
@@ -281,6 +367,10 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceCounters {}
     // SAFETY: repr(C), integers and bytes only, no padding (size asserted).
     unsafe impl aya::Pod for super::LabRoute {}
+    // SAFETY: repr(C), integers only, explicit padding, sizes asserted.
+    unsafe impl aya::Pod for super::TraceCost {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TraceDepth {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::StackFrames {}
     // SAFETY: as above.

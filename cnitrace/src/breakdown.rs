@@ -65,6 +65,9 @@ pub struct Faults {
     pub sample_map_full: u64,
     pub iface_map_full: u64,
     pub field_read: u64,
+    pub trace_overflow: u64,
+    pub trace_unmatched_exit: u64,
+    pub trace_unknown_function: u64,
 }
 
 /// Aggregate CPU time of all CPUs from /proc/stat, in clock ticks.
@@ -151,6 +154,21 @@ pub struct RawWindow {
     /// and the `bpf` component stays the sampled estimate).
     pub bpf_stats: Option<String>,
     pub faults: Faults,
+    /// The tracing backend's measurements (`None`: sampling).
+    pub trace: Option<TraceWindow>,
+}
+
+/// What the tracer measured in a window.
+#[derive(Debug, Clone, Default)]
+pub struct TraceWindow {
+    /// Per component (taxonomy name): calls, exclusive and inclusive ns, all CPUs.
+    pub costs: Vec<(String, cnitrace_common::TraceCost)>,
+    pub functions: Vec<crate::probe::trace::TracedFunction>,
+    /// The costliest calibrated probe pair in use.
+    pub probe_pair_ns: Option<f64>,
+    /// Per component, the calibrated cost of the pairs on its functions.
+    pub pair_ns: Vec<(String, f64)>,
+    pub calibration: String,
 }
 
 /// Which packets are the denominator.
@@ -387,6 +405,37 @@ pub struct Quality {
     /// cnitrace's own in-kernel programs: runs and mean cost per run (from bpf_stats).
     pub probe_runs: u64,
     pub probe_cost_ns: Option<f64>,
+    /// The tracing backend: what was attached how, the calibrated cost of a probe pair, calls
+    /// per packet and CPP net of probe cost (`null` when sampling).
+    pub tracing: Option<TracingQuality>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TracingQuality {
+    pub functions: Vec<crate::probe::trace::TracedFunction>,
+    /// The costliest entry+exit probe pair in use, measured at start-up on this node.
+    pub probe_pair_ns: Option<f64>,
+    pub calibration: String,
+    pub components: Vec<TracedComponent>,
+    /// Entries not recorded because the nesting stack was full.
+    pub nesting_overflows: u64,
+    /// Returns without a recorded entry (an entry probe missed).
+    pub unmatched_exits: u64,
+    pub unknown_functions: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TracedComponent {
+    pub name: String,
+    /// Completed calls of the component's traced functions.
+    pub hits: u64,
+    pub hits_per_packet: Option<f64>,
+    /// Entry to return, callees included.
+    pub inclusive_cycles: u64,
+    /// Calibrated cost of one probe pair on this component's functions.
+    pub probe_pair_ns: Option<f64>,
+    /// The component's CPP with `hits x probe_pair_ns` taken out.
+    pub cpp_net_of_probes: Option<f64>,
 }
 
 /// The dotted class of one sample, or `None` if the CPU was idle.
@@ -552,8 +601,12 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         }
     }
     let busy_period: u64 = period_by_class.values().sum();
-    let total_cycles = (busy_period as f64 * raw.clock.cycles_per_period_unit()).round() as u64;
+    let mut total_cycles = (busy_period as f64 * raw.clock.cycles_per_period_unit()).round() as u64;
     let packets = select_packets(&raw.ifaces, selection);
+    let traced = raw
+        .trace
+        .as_ref()
+        .map(|trace| traced_cycles(trace, raw, &mut total_cycles));
 
     // Top level: apportion the total over the components by their period.
     let top_weights: Vec<u64> = COMPONENTS
@@ -566,7 +619,9 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
                 .sum()
         })
         .collect();
-    let mut top_cycles = apportion(total_cycles, &top_weights);
+    let mut top_cycles = traced
+        .clone()
+        .unwrap_or_else(|| apportion(total_cycles, &top_weights));
     let index_of = |name: &str| {
         COMPONENTS
             .iter()
@@ -699,6 +754,10 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
     };
 
     let lost = raw.faults.stack_lost + raw.faults.sample_map_full;
+    let tracing = raw
+        .trace
+        .as_ref()
+        .map(|trace| tracing_quality(trace, raw, &components_out, packets.count));
     Breakdown {
         node: context.node.clone(),
         kernel: context.kernel.clone(),
@@ -741,8 +800,86 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             probe_runs,
             probe_cost_ns: (raw.bpf_stats.is_some() && probe_runs > 0)
                 .then(|| probe_ns as f64 / probe_runs as f64),
+            tracing,
         },
         subcomponents: subcomponents_out,
+    }
+}
+
+/// Busy ns of all CPUs over the window from /proc/stat (user, system, irq, softirq).
+fn busy_ns(cpu: &CpuTicks) -> f64 {
+    let ticks = cpu.user + cpu.nice + cpu.system + cpu.irq + cpu.softirq;
+    ticks as f64 * 1e9 / procfs::ticks_per_second() as f64
+}
+
+/// Tracing: each component's exclusive time; `other` is the rest of the busy time. When the
+/// traced time exceeds /proc/stat's (tick granularity), the total is raised to keep closure.
+fn traced_cycles(trace: &TraceWindow, raw: &RawWindow, total: &mut u64) -> Vec<u64> {
+    let cycles_per_ns = raw.clock.cycles_per_ns;
+    let mut cycles: Vec<u64> = COMPONENTS
+        .iter()
+        .map(|component| {
+            trace
+                .costs
+                .iter()
+                .find(|(name, _)| name == component.name)
+                .map_or(0, |(_, cost)| {
+                    (cost.exclusive_ns as f64 * cycles_per_ns).round() as u64
+                })
+        })
+        .collect();
+    let other = COMPONENTS
+        .iter()
+        .position(|c| c.name == OTHER)
+        .expect("other");
+    cycles[other] = 0;
+    let traced: u64 = cycles.iter().sum();
+    *total = ((busy_ns(&raw.cpu) * cycles_per_ns).round() as u64).max(traced);
+    cycles[other] = *total - traced;
+    cycles
+}
+
+fn tracing_quality(
+    trace: &TraceWindow,
+    raw: &RawWindow,
+    components: &[ComponentCost],
+    packets: u64,
+) -> TracingQuality {
+    let cycles_per_ns = raw.clock.cycles_per_ns;
+    let traced: Vec<TracedComponent> = trace
+        .costs
+        .iter()
+        .filter(|(_, cost)| cost.hits > 0)
+        .map(|(name, cost)| {
+            let measured = components
+                .iter()
+                .find(|c| &c.name == name)
+                .map_or(0, |c| c.cycles);
+            let pair_ns = trace
+                .pair_ns
+                .iter()
+                .find(|(component, _)| component == name)
+                .map(|(_, ns)| *ns);
+            let probes = pair_ns.map_or(0.0, |ns| ns * cost.hits as f64 * cycles_per_ns);
+            TracedComponent {
+                name: name.clone(),
+                hits: cost.hits,
+                hits_per_packet: (packets > 0).then(|| cost.hits as f64 / packets as f64),
+                inclusive_cycles: (cost.inclusive_ns as f64 * cycles_per_ns).round() as u64,
+                probe_pair_ns: pair_ns,
+                cpp_net_of_probes: (packets > 0)
+                    .then(|| (measured as f64 - probes).max(0.0) / packets as f64),
+            }
+        })
+        .collect();
+    TracingQuality {
+        functions: trace.functions.clone(),
+        probe_pair_ns: trace.probe_pair_ns,
+        calibration: trace.calibration.clone(),
+        components: traced,
+        nesting_overflows: raw.faults.trace_overflow,
+        unmatched_exits: raw.faults.trace_unmatched_exit,
+        unknown_functions: raw.faults.trace_unknown_function,
     }
 }
 
@@ -931,6 +1068,7 @@ mod tests {
             bpf_programs: Vec::new(),
             bpf_stats: None,
             faults: Faults::default(),
+            trace: None,
         }
     }
 

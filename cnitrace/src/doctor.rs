@@ -34,6 +34,8 @@ pub struct NodeReport {
     pub checks: Vec<Check>,
     pub backends: Vec<Check>,
     pub components: Vec<ComponentSupport>,
+    /// The tracing backend's functions and how each would attach here (auto mode).
+    pub traced_functions: Vec<crate::probe::trace::TracedFunction>,
     pub cni: Vec<String>,
 }
 
@@ -149,6 +151,8 @@ pub fn report() -> NodeReport {
         },
     ));
     let fentry = aya::sys::is_program_supported(aya::programs::ProgramType::Tracing);
+    let fentry_ok = matches!(fentry, Ok(true));
+    let kprobes_ok = crate::probe::trace::kprobes_available();
     checks.push(check(
         "fentry",
         matches!(fentry, Ok(true)),
@@ -195,12 +199,28 @@ pub fn report() -> NodeReport {
         ),
         check(
             "tracing",
-            false,
-            "exact entry/exit tracing is not built yet (issue [tracing]); use sampling",
+            sampling_ok && (kprobes_ok || fentry_ok),
+            match (kprobes_ok, fentry_ok) {
+                (true, true) => {
+                    "fentry/fexit for vmlinux functions, kprobes for modules' (auto picks it)"
+                }
+                (true, false) => "kprobe/kretprobe on every traced function (auto picks it)",
+                (false, true) => {
+                    "fentry/fexit for vmlinux functions only (no kprobes: module functions are not traced; auto keeps sampling)"
+                }
+                (false, false) => {
+                    "neither kprobes nor BPF trampolines on this kernel: sampling only"
+                }
+            },
         ),
     ];
 
-    let components = match Kallsyms::load() {
+    let kallsyms = Kallsyms::load();
+    let traced_functions = kallsyms.as_ref().map_or_else(
+        |_| Vec::new(),
+        |syms| crate::probe::trace::plan(syms, fentry_ok, kprobes_ok),
+    );
+    let components = match kallsyms {
         Ok(syms) => {
             let present: std::collections::HashSet<&str> =
                 syms.names().map(components::base_name).collect();
@@ -241,6 +261,7 @@ pub fn report() -> NodeReport {
         checks,
         backends,
         components,
+        traced_functions,
         cni: detect_cni(Path::new("/etc/cni/net.d")),
     }
 }
@@ -281,6 +302,19 @@ pub fn render(report: &NodeReport) -> String {
             .clone()
             .unwrap_or_else(|| format!("{} kernel functions", c.functions));
         let _ = writeln!(out, "  {} {:<27} {}", mark(c.available), c.name, detail);
+    }
+    if !report.traced_functions.is_empty() {
+        let _ = writeln!(out, "\ntraced functions (tracing backend, auto attach):");
+        for f in &report.traced_functions {
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<24} {:<13} {}",
+                f.component,
+                f.function,
+                f.mode,
+                f.note.as_deref().unwrap_or("")
+            );
+        }
     }
     let _ = writeln!(
         out,

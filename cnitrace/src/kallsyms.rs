@@ -10,6 +10,8 @@ pub struct Kallsyms {
     /// Sorted by address.
     addresses: Vec<u64>,
     names: Vec<Box<str>>,
+    /// Whether each symbol belongs to a module (`[bridge]`) rather than vmlinux.
+    in_module: Vec<bool>,
 }
 
 impl Kallsyms {
@@ -39,20 +41,26 @@ impl Kallsyms {
     /// Parses the kallsyms text format: `ADDR TYPE NAME [MODULE]`. Keeps text symbols (t/T/w/W)
     /// with a non-zero address.
     pub fn parse(text: &str) -> Self {
-        let mut entries: Vec<(u64, Box<str>)> = text
+        let mut entries: Vec<(u64, Box<str>, bool)> = text
             .lines()
             .filter_map(|line| {
                 let mut fields = line.split_ascii_whitespace();
                 let address = u64::from_str_radix(fields.next()?, 16).ok()?;
                 let kind = fields.next()?;
                 let name = fields.next()?;
+                let module = fields.next().is_some_and(|m| m.starts_with('['));
                 let is_text = matches!(kind, "t" | "T" | "w" | "W");
-                (is_text && address != 0).then(|| (address, Box::from(name)))
+                (is_text && address != 0).then(|| (address, Box::from(name), module))
             })
             .collect();
-        entries.sort_unstable_by_key(|&(address, _)| address);
-        let (addresses, names) = entries.into_iter().unzip();
-        Self { addresses, names }
+        entries.sort_unstable_by_key(|&(address, ..)| address);
+        let mut symbols = Self::default();
+        for (address, name, module) in entries {
+            symbols.addresses.push(address);
+            symbols.names.push(name);
+            symbols.in_module.push(module);
+        }
+        symbols
     }
 
     /// The function containing `address`, if any symbol starts at or below it.
@@ -77,6 +85,22 @@ impl Kallsyms {
 
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
+    }
+
+    /// Every symbol with its address, in address order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.names
+            .iter()
+            .zip(&self.addresses)
+            .map(|(name, &address)| (name.as_ref(), address))
+    }
+
+    /// Whether `name` is a module's symbol (not vmlinux's, so not in vmlinux BTF).
+    pub fn in_module(&self, name: &str) -> bool {
+        self.names
+            .iter()
+            .zip(&self.in_module)
+            .any(|(n, &module)| module && n.as_ref() == name)
     }
 
     /// All symbol names (for availability checks done once per window).

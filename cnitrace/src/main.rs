@@ -179,6 +179,10 @@ struct LabBenchArgs {
     repeat: u32,
     #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
     frequency: u64,
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
+    attach: AttachArg,
     #[arg(long, value_enum, default_value_t = LabFormat::Table)]
     format: LabFormat,
     /// Also write the stacked-bar chart (figs. 9/11 style) as SVG to this file.
@@ -212,6 +216,33 @@ enum BackendArg {
     Tracing,
 }
 
+impl From<BackendArg> for Backend {
+    fn from(arg: BackendArg) -> Self {
+        match arg {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Sampling => Backend::Sampling,
+            BackendArg::Tracing => Backend::Tracing,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttachArg {
+    Auto,
+    Fentry,
+    Kprobe,
+}
+
+impl From<AttachArg> for cnitrace::probe::trace::AttachMode {
+    fn from(arg: AttachArg) -> Self {
+        match arg {
+            AttachArg::Auto => Self::Auto,
+            AttachArg::Fentry => Self::Fentry,
+            AttachArg::Kprobe => Self::Kprobe,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum UnitArg {
     Segment,
@@ -229,8 +260,13 @@ struct ProfileArgs {
     /// Window length in seconds. Ctrl-C ends the window early and still reports it.
     #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     duration: f64,
+    /// auto: tracing where the kernel has kprobes (every traced function can then attach),
+    /// else sampling.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
+    /// Tracing: fentry/fexit per function where possible else kprobes (auto), or force one.
+    #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
+    attach: AttachArg,
     /// Sampling frequency per CPU, in Hz.
     #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
     frequency: u64,
@@ -298,18 +334,16 @@ enum Report {
 async fn run_profile(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
     let options = ProfileOptions {
         duration_s: args.duration,
-        backend: match args.backend {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Sampling => Backend::Sampling,
-            BackendArg::Tracing => Backend::Tracing,
-        },
+        backend: args.backend.into(),
         sampler: SamplerConfig {
             frequency_hz: args.frequency,
             clock: match args.clock {
                 ClockArg::Auto => ClockChoice::Auto,
                 ClockArg::CpuClock => ClockChoice::CpuClock,
             },
+            tracing: None,
         },
+        attach: args.attach.into(),
         ifaces: args.ifaces,
         unit: match args.packet_unit {
             UnitArg::Segment => PacketUnit::Segment,
@@ -420,6 +454,7 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
                 sampler: SamplerConfig {
                     frequency_hz: args.frequency,
                     clock: ClockChoice::Auto,
+                    tracing: None,
                 },
             };
             sweep::validate(&options)?;
@@ -485,9 +520,12 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
                 },
                 duration_s: args.duration,
                 repeats: args.repeat,
+                backend: args.backend.into(),
+                attach: args.attach.into(),
                 sampler: SamplerConfig {
                     frequency_hz: args.frequency,
                     clock: ClockChoice::Auto,
+                    tracing: None,
                 },
             };
             bench::validate(&options)?;
@@ -560,6 +598,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let sampler = Sampler::start(&SamplerConfig {
         frequency_hz: args.frequency,
         clock: ClockChoice::Auto,
+        tracing: None,
     })?;
     let limits = Limits {
         max_sessions: args.max_sessions,

@@ -102,6 +102,7 @@ pub fn window(
         bpf_programs: Vec::new(),
         bpf_stats: None,
         faults: Faults::default(),
+        trace: None,
     }
 }
 

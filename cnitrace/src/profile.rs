@@ -10,6 +10,7 @@ use crate::{
     probe::{
         bpf_stats::StatsGuard,
         sampling::{Sampler, SamplerConfig, validate_frequency},
+        trace::{self, AttachMode},
     },
     session,
 };
@@ -29,6 +30,8 @@ pub enum Backend {
 pub struct ProfileOptions {
     pub duration_s: f64,
     pub backend: Backend,
+    /// How the tracing backend attaches (ignored when sampling).
+    pub attach: AttachMode,
     pub sampler: SamplerConfig,
     pub ifaces: Vec<String>,
     pub netns: Vec<String>,
@@ -57,14 +60,36 @@ pub fn validate_duration(duration_s: f64) -> Result<(), Error> {
 pub fn validate(options: &ProfileOptions) -> Result<(), Error> {
     validate_duration(options.duration_s)?;
     validate_frequency(options.sampler.frequency_hz)?;
-    if options.backend == Backend::Tracing {
+    if options.backend == Backend::Sampling && options.attach != AttachMode::Auto {
         return Err(Error::InvalidArgument(
-            "--backend tracing is not available in this build (exact entry/exit tracing is \
-             planned); use --backend sampling or auto"
+            "--attach applies to the tracing backend: use it with --backend tracing or auto"
                 .to_owned(),
         ));
     }
     netns::validate_interfaces(&options.ifaces, &options.netns)
+}
+
+/// Starts the backend the options ask for. Auto: tracing where the kernel has kprobes (the
+/// fallback every traced function can use) or when an attach mode is forced, else sampling;
+/// if tracing cannot start under auto, sampling.
+pub fn start_probes(options: &ProfileOptions) -> Result<Sampler, Error> {
+    let tracing = SamplerConfig {
+        tracing: Some(options.attach),
+        ..options.sampler.clone()
+    };
+    let sampling = SamplerConfig {
+        tracing: None,
+        ..options.sampler.clone()
+    };
+    match options.backend {
+        Backend::Tracing => Sampler::start(&tracing),
+        Backend::Auto if options.attach != AttachMode::Auto => Sampler::start(&tracing),
+        Backend::Auto if trace::kprobes_available() => Sampler::start(&tracing).or_else(|e| {
+            tracing::warn!("tracing backend unavailable ({e}); sampling instead");
+            Sampler::start(&sampling)
+        }),
+        Backend::Sampling | Backend::Auto => Sampler::start(&sampling),
+    }
 }
 
 /// Runs one window. `stop` resolves early to end the window (Ctrl-C): the partial window is
@@ -72,10 +97,21 @@ pub fn validate(options: &ProfileOptions) -> Result<(), Error> {
 pub async fn run(
     options: &ProfileOptions,
     stop: impl std::future::Future<Output = ()>,
-    mut progress: impl FnMut(f64, f64),
+    progress: impl FnMut(f64, f64),
 ) -> Result<(Breakdown, Ending), Error> {
     validate(options)?;
-    let sampler = Sampler::start(&options.sampler)?;
+    let sampler = start_probes(options)?;
+    run_started(options, sampler, stop, progress).await
+}
+
+/// One window with probes already started (start-up can take seconds on slow machines, so
+/// a benchmark starts its traffic after it). Detaches the probes before returning.
+pub async fn run_started(
+    options: &ProfileOptions,
+    sampler: Sampler,
+    stop: impl std::future::Future<Output = ()>,
+    mut progress: impl FnMut(f64, f64),
+) -> Result<(Breakdown, Ending), Error> {
     // Run-time statistics cost two clock reads per BPF program run: on only for the window.
     let stats = match StatsGuard::enable() {
         Ok(guard) => Some(guard),
@@ -120,6 +156,11 @@ pub async fn run(
     let mode = stats.as_ref().map(StatsGuard::mode);
     let kallsyms = Kallsyms::load()?;
     let raw = sampler.window(&start, &end, &kallsyms, mode)?;
+    let backend = if sampler.tracer().is_some() {
+        "tracing"
+    } else {
+        "sampling"
+    };
     drop(stats);
     drop(sampler);
     // Named interfaces live in this namespace or in one of the --netns ones.
@@ -129,7 +170,7 @@ pub async fn run(
         netns_inodes,
         unit: options.unit,
     };
-    let mut breakdown = session::breakdown_of(&raw, &kallsyms, "sampling", &selection);
+    let mut breakdown = session::breakdown_of(&raw, &kallsyms, backend, &selection);
     let (chains, notes) = walks.unwrap_or_default();
     netfilter_notes.extend(notes);
     netfilter::apply(&mut breakdown.netfilter, chains, netfilter_notes);
@@ -144,6 +185,7 @@ mod tests {
         ProfileOptions {
             duration_s: 1.0,
             backend: Backend::Auto,
+            attach: AttachMode::Auto,
             sampler: SamplerConfig::default(),
             ifaces: Vec::new(),
             netns: Vec::new(),
@@ -179,13 +221,9 @@ mod tests {
                 .contains("out of range")
         );
         let mut o = options();
-        o.backend = Backend::Tracing;
-        assert!(
-            validate(&o)
-                .unwrap_err()
-                .to_string()
-                .contains("--backend tracing")
-        );
+        o.backend = Backend::Sampling;
+        o.attach = AttachMode::Kprobe;
+        assert!(validate(&o).unwrap_err().to_string().contains("--attach"));
         assert!(validate(&options()).is_ok());
     }
 }

@@ -28,6 +28,8 @@ pub struct Snapshot {
     /// Every loaded BPF program's cumulative statistics, by id.
     pub bpf_programs: BTreeMap<u32, crate::probe::bpf_stats::ProgramStats>,
     pub faults: Faults,
+    /// Tracing backend: per component id, all CPUs summed (empty when sampling).
+    pub trace: Vec<cnitrace_common::TraceCost>,
 }
 
 /// What happened between two snapshots.
@@ -38,6 +40,7 @@ pub struct Delta {
     pub softirq: Vec<SoftirqStats>,
     pub cpu: CpuTicks,
     pub faults: Faults,
+    pub trace: Vec<cnitrace_common::TraceCost>,
 }
 
 impl Snapshot {
@@ -70,7 +73,20 @@ impl Snapshot {
             sample_map_full: a.sample_map_full.saturating_sub(b.sample_map_full),
             iface_map_full: a.iface_map_full.saturating_sub(b.iface_map_full),
             field_read: a.field_read.saturating_sub(b.field_read),
+            trace_overflow: a.trace_overflow.saturating_sub(b.trace_overflow),
+            trace_unmatched_exit: a
+                .trace_unmatched_exit
+                .saturating_sub(b.trace_unmatched_exit),
+            trace_unknown_function: a
+                .trace_unknown_function
+                .saturating_sub(b.trace_unknown_function),
         };
+        let trace = self
+            .trace
+            .iter()
+            .enumerate()
+            .map(|(i, now)| now.since(&earlier.trace.get(i).copied().unwrap_or_default()))
+            .collect();
         let softirq = self
             .softirq
             .iter()
@@ -89,6 +105,7 @@ impl Snapshot {
             softirq,
             cpu: self.cpu.since(&earlier.cpu),
             faults,
+            trace,
         }
     }
 }
@@ -221,6 +238,7 @@ mod tests {
             softirq: vec![SoftirqStats::default(); 10],
             cpu: CpuTicks::default(),
             bpf_programs: BTreeMap::new(),
+            trace: Vec::new(),
             faults: Faults {
                 stack_lost,
                 ..Default::default()

@@ -31,6 +31,12 @@ const TEST_PACKAGES: &[&str] = &[
     // The paper's method, as the benchmarks' reference, and GNU time for its costs.
     "linux-perf",
     "time",
+    // `cargo xtask vmtest`: distro kernels with kprobes and fentry under QEMU.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "binutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -8,6 +8,7 @@ mod bench_scale;
 mod bootstrap;
 mod demo;
 mod report;
+mod vmtest;
 
 use std::{
     path::{Path, PathBuf},
@@ -48,6 +49,8 @@ enum Task {
         #[arg(long, default_value = "0,500,1000,2000")]
         rules: String,
     },
+    /// The tracing backend on Debian's 6.1 and 6.12 cloud kernels under QEMU (TCG).
+    Vmtest(vmtest::Args),
     /// Sampling overhead on iperf3 throughput, A/B alternated in one run.
     Bench(bench::Args),
     /// The agent's memory, idle CPU and stop-to-breakdown time.
@@ -180,6 +183,13 @@ fn test(no_lint: bool) -> Result<()> {
     }
     run_command(&mut tests)?;
     cnitrace_tests::remove_stale();
+    if is_root() {
+        // The tracing backend needs kprobes and fentry, which this machine's kernel may lack:
+        // proven on Debian's distro kernels under QEMU.
+        vmtest::run(&vmtest::Args::default())?;
+    } else {
+        eprintln!("xtask: not root: vmtest (QEMU kernels) skipped");
+    }
     eprintln!("xtask: all tests passed");
     Ok(())
 }
@@ -191,6 +201,7 @@ fn main() -> ExitCode {
         Task::Bootstrap { build_only: true } => bootstrap::ensure_build(),
         Task::Test { no_lint } => test(no_lint),
         Task::Demo { duration, rules } => demo::run(duration, &rules),
+        Task::Vmtest(args) => vmtest::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::BenchAgent(args) => bench_agent::run(&args),
         Task::BenchFidelity(args) => bench_fidelity::run(&args),

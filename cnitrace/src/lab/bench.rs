@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub duration_s: f64,
     pub repeats: u32,
     pub sampler: SamplerConfig,
+    pub backend: Backend,
+    pub attach: crate::probe::trace::AttachMode,
 }
 
 /// A mean with the half-width of its 95% confidence interval (`null` for one run).
@@ -202,11 +204,10 @@ async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Resul
     let server = lab.server(scenario);
     // The stream covers the sampler's start-up and the window.
     let seconds = options.duration_s.ceil() as u32 + 2;
-    let stream = traffic::Stream::start(&client.netns, &server.netns, server.ip, seconds)?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let profile_options = ProfileOptions {
         duration_s: options.duration_s,
-        backend: Backend::Auto,
+        backend: options.backend,
+        attach: options.attach,
         sampler: options.sampler.clone(),
         // The client pod's eth0 transmits every data packet of the stream once.
         ifaces: vec!["eth0".to_owned()],
@@ -218,7 +219,13 @@ async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Resul
             namespaces: vec![lab.host_netns(1), lab.host_netns(2)],
         },
     };
-    let (breakdown, _) = profile::run(&profile_options, std::future::pending(), |_, _| {}).await?;
+    profile::validate(&profile_options)?;
+    // Probes first: their start-up is outside the stream, however long it takes.
+    let probes = profile::start_probes(&profile_options)?;
+    let stream = traffic::Stream::start(&client.netns, &server.netns, server.ip, seconds)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (breakdown, _) =
+        profile::run_started(&profile_options, probes, std::future::pending(), |_, _| {}).await?;
     let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
         .await
         .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;

@@ -225,11 +225,10 @@ async fn sweep(
         restore(&host, &sweep_rules(options.hook, rules, index == 0))?;
         progress(&format!("{rules} rules: stream"), true);
         let seconds = options.duration_s.ceil() as u32 + 2;
-        let stream = traffic::Stream::start(&client.netns, &server.netns, server.ip, seconds)?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let profile_options = ProfileOptions {
             duration_s: options.duration_s,
             backend: Backend::Auto,
+            attach: crate::probe::trace::AttachMode::Auto,
             sampler: options.sampler.clone(),
             ifaces: vec!["eth0".to_owned()],
             netns: vec![client.netns.clone()],
@@ -240,8 +239,13 @@ async fn sweep(
                 namespaces: vec![host.clone()],
             },
         };
+        profile::validate(&profile_options)?;
+        let probes = profile::start_probes(&profile_options)?;
+        let stream = traffic::Stream::start(&client.netns, &server.netns, server.ip, seconds)?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let (breakdown, _) =
-            profile::run(&profile_options, std::future::pending(), |_, _| {}).await?;
+            profile::run_started(&profile_options, probes, std::future::pending(), |_, _| {})
+                .await?;
         let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
             .await
             .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod clock;
 pub mod privileges;
 pub mod sampling;
+pub mod trace;
 pub mod tracefs;
 
 /// The eBPF object built by build.rs from cnitrace-ebpf, embedded in the binary.

@@ -14,8 +14,8 @@ use aya::{
     util::online_cpus,
 };
 use cnitrace_common::{
-    IfaceCounters, NR_SOFTIRQS, SampleKey, SampleValue, SoftirqStats, StackFrames, fault, global,
-    map, program,
+    IfaceCounters, MAX_TRACE_COMPONENTS, NR_SOFTIRQS, SampleKey, SampleValue, SoftirqStats,
+    StackFrames, TraceCost, fault, global, map, program,
 };
 
 use super::{EBPF_OBJECT, bpf_stats, btf, clock, privileges};
@@ -42,6 +42,8 @@ pub enum ClockChoice {
 pub struct SamplerConfig {
     pub frequency_hz: u64,
     pub clock: ClockChoice,
+    /// `Some`: the tracing backend (entry/exit probes) instead of the stack sampler.
+    pub tracing: Option<super::trace::AttachMode>,
 }
 
 impl Default for SamplerConfig {
@@ -49,6 +51,7 @@ impl Default for SamplerConfig {
         Self {
             frequency_hz: DEFAULT_FREQUENCY_HZ,
             clock: ClockChoice::Auto,
+            tracing: None,
         }
     }
 }
@@ -74,9 +77,12 @@ pub fn validate_frequency(hz: u64) -> Result<(), Error> {
     Ok(())
 }
 
-/// The loaded and attached sampler. Dropping it detaches and unloads every program.
+/// The loaded and attached probes: the packet and softirq counters, and either the stack
+/// sampler or the tracer. Dropping it detaches and unloads every program.
 pub struct Sampler {
     ebpf: Ebpf,
+    /// Set when this is the tracing backend.
+    tracer: Option<super::trace::TracerState>,
     /// Components absent from the kernel, as of the last window's symbol read.
     unavailable: std::sync::Mutex<Option<Vec<crate::breakdown::Unavailable>>>,
     clock: Clock,
@@ -130,6 +136,26 @@ impl Sampler {
         }
 
         let cpus = online_cpus().map_err(|(path, e)| Error::io(format!("read {path}"), e))?;
+        if let Some(mode) = config.tracing {
+            let kallsyms = Kallsyms::load()?;
+            let tracer = super::trace::attach(&mut ebpf, mode, &kallsyms)?;
+            let calibration = clock::calibrate(std::time::Duration::from_millis(100));
+            return Ok(Self {
+                ebpf,
+                tracer: Some(tracer),
+                unavailable: std::sync::Mutex::new(None),
+                clock: Clock {
+                    source: ClockSource::CpuClock,
+                    cycles_per_ns: calibration.cycles_per_ns,
+                    calibration: format!(
+                        "probe times are bpf_ktime_get_ns x cycles_per_ns ({})",
+                        calibration.method
+                    ),
+                },
+                frequency_hz: 0,
+                cpus: cpus.len() as u32,
+            });
+        }
         let prog: &mut PerfEvent = program_mut(&mut ebpf, program::SAMPLER)?;
         prog.load()
             .map_err(|e| Error::program(format!("load {}", program::SAMPLER), e))?;
@@ -137,6 +163,7 @@ impl Sampler {
         tracing::debug!(?clock, cpus = cpus.len(), "sampler attached");
         Ok(Self {
             ebpf,
+            tracer: None,
             unavailable: std::sync::Mutex::new(None),
             clock,
             frequency_hz: config.frequency_hz,
@@ -146,6 +173,11 @@ impl Sampler {
 
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// What the tracer attached, when this is the tracing backend.
+    pub fn tracer(&self) -> Option<&super::trace::TracerState> {
+        self.tracer.as_ref()
     }
 
     pub fn frequency_hz(&self) -> u64 {
@@ -201,6 +233,24 @@ impl Sampler {
             sample_map_full: fault_sum(fault::SAMPLE_MAP_FULL)?,
             iface_map_full: fault_sum(fault::IFACE_MAP_FULL)?,
             field_read: fault_sum(fault::FIELD_READ)?,
+            trace_overflow: fault_sum(fault::TRACE_OVERFLOW)?,
+            trace_unmatched_exit: fault_sum(fault::TRACE_UNMATCHED_EXIT)?,
+            trace_unknown_function: fault_sum(fault::TRACE_UNKNOWN_FUNCTION)?,
+        };
+        let trace = if self.tracer.is_some() {
+            let trace_map: PerCpuArray<&MapData, TraceCost> = map_ref(&self.ebpf, map::TRACE)?;
+            (0..MAX_TRACE_COMPONENTS)
+                .map(|id| {
+                    let per_cpu = trace_map
+                        .get(&id, 0)
+                        .map_err(|e| Error::map(map::TRACE, e))?;
+                    Ok(per_cpu
+                        .iter()
+                        .fold(TraceCost::default(), |acc, c| acc.plus(c)))
+                })
+                .collect::<Result<Vec<_>, Error>>()?
+        } else {
+            Vec::new()
         };
         Ok(Snapshot {
             wall,
@@ -211,6 +261,7 @@ impl Sampler {
             cpu,
             bpf_programs: bpf_stats::programs(),
             faults,
+            trace,
         })
     }
 
@@ -267,6 +318,26 @@ impl Sampler {
             bpf_programs: bpf_window(start, end, &ifaces_for_names),
             bpf_stats: bpf_stats_mode.map(str::to_owned),
             faults: delta.faults,
+            trace: self
+                .tracer
+                .as_ref()
+                .map(|tracer| crate::breakdown::TraceWindow {
+                    costs: super::trace::costs_by_component(&delta.trace)
+                        .into_iter()
+                        .map(|(name, cost)| (name.to_owned(), cost))
+                        .collect(),
+                    pair_ns: super::trace::costs_by_component(&delta.trace)
+                        .keys()
+                        .filter_map(|name| {
+                            tracer
+                                .component_pair_ns(name)
+                                .map(|ns| ((*name).to_owned(), ns))
+                        })
+                        .collect(),
+                    functions: tracer.functions.clone(),
+                    probe_pair_ns: tracer.pair_ns.values().copied().reduce(f64::max),
+                    calibration: tracer.calibration.clone(),
+                }),
         })
     }
 }
@@ -450,6 +521,14 @@ impl crate::session::Probe for Sampler {
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(crate::session::unavailable_components(&kallsyms));
         Sampler::window(self, start, end, &kallsyms, bpf_stats)
+    }
+
+    fn backend(&self) -> &'static str {
+        if self.tracer.is_some() {
+            "tracing"
+        } else {
+            "sampling"
+        }
     }
 
     fn unavailable(&self) -> Vec<crate::breakdown::Unavailable> {

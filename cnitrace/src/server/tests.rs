@@ -60,6 +60,7 @@ impl Probe for SyntheticProbe {
             cpu: CpuTicks::default(),
             bpf_programs: std::collections::BTreeMap::new(),
             faults: Faults::default(),
+            trace: Vec::new(),
         })
     }
 
@@ -98,6 +99,7 @@ impl Probe for SyntheticProbe {
             bpf_programs: Vec::new(),
             bpf_stats: bpf_stats.map(str::to_owned),
             faults: delta.faults,
+            trace: None,
         })
     }
 
@@ -127,6 +129,7 @@ fn app(token: Option<&str>, limits: Limits) -> (Router, Arc<AppState>) {
             checks: Vec::new(),
             backends: Vec::new(),
             components: Vec::new(),
+            traced_functions: Vec::new(),
             cni: Vec::new(),
         },
         token: token.map(str::to_owned),
