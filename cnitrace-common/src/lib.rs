@@ -237,6 +237,9 @@ pub struct TraceCost {
     pub exclusive_ns: u64,
     /// Time from entry to return.
     pub inclusive_ns: u64,
+    /// Traced calls of other functions made while this component was innermost: each one
+    /// lends this component part of its probes' cost.
+    pub nested_calls: u64,
 }
 
 impl TraceCost {
@@ -246,6 +249,7 @@ impl TraceCost {
             hits: self.hits + other.hits,
             exclusive_ns: self.exclusive_ns + other.exclusive_ns,
             inclusive_ns: self.inclusive_ns + other.inclusive_ns,
+            nested_calls: self.nested_calls + other.nested_calls,
         }
     }
 
@@ -255,13 +259,14 @@ impl TraceCost {
             hits: self.hits.saturating_sub(earlier.hits),
             exclusive_ns: self.exclusive_ns.saturating_sub(earlier.exclusive_ns),
             inclusive_ns: self.inclusive_ns.saturating_sub(earlier.inclusive_ns),
+            nested_calls: self.nested_calls.saturating_sub(earlier.nested_calls),
         }
     }
 }
 
 const _: () = assert!(core::mem::size_of::<TraceFrame>() == 24);
 const _: () = assert!(core::mem::size_of::<TraceDepth>() == 8);
-const _: () = assert!(core::mem::size_of::<TraceCost>() == 24);
+const _: () = assert!(core::mem::size_of::<TraceCost>() == 32);
 
 /// Most destinations `lab_redirect` knows.
 pub const LAB_MAX_ROUTES: u32 = 1024;

@@ -399,14 +399,24 @@ static TRACE_FUNCTIONS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_TRACE_
 #[map(name = "CNT_TRACE_SLOTS")]
 static TRACE_SLOTS_MAP: Array<u32> = Array::with_max_entries(TRACE_SLOTS, 0);
 
-fn charge(component: u32, exclusive_ns: u64, inclusive_ns: u64, completed: bool) {
+/// What happened to the component being charged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Charge {
+    /// It returned.
+    Completed,
+    /// It called a traced function of its own or another component.
+    Nested,
+}
+
+fn charge(component: u32, exclusive_ns: u64, inclusive_ns: u64, event: Charge) {
     if let Some(cost) = TRACE.get_ptr_mut(component) {
         // SAFETY: per-CPU slot; tracing programs on one CPU do not preempt each other.
         unsafe {
             (*cost).exclusive_ns += exclusive_ns;
             (*cost).inclusive_ns += inclusive_ns;
-            if completed {
-                (*cost).hits += 1;
+            match event {
+                Charge::Completed => (*cost).hits += 1,
+                Charge::Nested => (*cost).nested_calls += 1,
             }
         }
     }
@@ -437,7 +447,7 @@ fn trace_enter(component: u32) {
             below.component,
             now.saturating_sub(below.resumed_ns),
             0,
-            false,
+            Charge::Nested,
         );
     }
     let Some(frame) = TRACE_FRAMES.get_ptr_mut(depth) else {
@@ -477,7 +487,7 @@ fn trace_exit() {
             top.component,
             now.saturating_sub(top.resumed_ns),
             now.saturating_sub(top.entered_ns),
-            true,
+            Charge::Completed,
         );
     }
     state.depth = depth - 1;

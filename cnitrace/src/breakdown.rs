@@ -434,7 +434,10 @@ pub struct TracedComponent {
     pub inclusive_cycles: u64,
     /// Calibrated cost of one probe pair on this component's functions.
     pub probe_pair_ns: Option<f64>,
-    /// The component's CPP with `hits x probe_pair_ns` taken out.
+    /// Traced calls made while this component was innermost.
+    pub nested_calls: u64,
+    /// The component's CPP with its share of the probes' cost taken out: half a pair per own
+    /// call and per traced call it made.
     pub cpp_net_of_probes: Option<f64>,
 }
 
@@ -860,13 +863,21 @@ fn tracing_quality(
                 .iter()
                 .find(|(component, _)| component == name)
                 .map(|(_, ns)| *ns);
-            let probes = pair_ns.map_or(0.0, |ns| ns * cost.hits as f64 * cycles_per_ns);
+            // A probe pair's cost splits at its clock reads: about half lands in the traced
+            // function, half in the function that called it. So a component carries half a
+            // pair per own call and half a pair per traced call it makes (at the costliest
+            // pair in use, as the callee's mode is not recorded).
+            let probes = pair_ns.map_or(0.0, |ns| ns * cost.hits as f64 * cycles_per_ns / 2.0)
+                + trace.probe_pair_ns.map_or(0.0, |ns| {
+                    ns * cost.nested_calls as f64 * cycles_per_ns / 2.0
+                });
             TracedComponent {
                 name: name.clone(),
                 hits: cost.hits,
                 hits_per_packet: (packets > 0).then(|| cost.hits as f64 / packets as f64),
                 inclusive_cycles: (cost.inclusive_ns as f64 * cycles_per_ns).round() as u64,
                 probe_pair_ns: pair_ns,
+                nested_calls: cost.nested_calls,
                 cpp_net_of_probes: (packets > 0)
                     .then(|| (measured as f64 - probes).max(0.0) / packets as f64),
             }

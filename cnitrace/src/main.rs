@@ -60,6 +60,11 @@ struct AgentArgs {
     /// Sampling frequency per CPU, in Hz.
     #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
     frequency: u64,
+    /// auto: tracing where the kernel has kprobes, else sampling (fixed for the agent's life).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
+    attach: AttachArg,
     /// Most sessions running at once.
     #[arg(long, default_value_t = 8)]
     max_sessions: usize,
@@ -572,7 +577,6 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
     use cnitrace::{
         agent::{Agent, Limits},
-        probe::sampling::Sampler,
         server::{AppState, Metrics, router},
     };
 
@@ -595,11 +599,15 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let sampler = Sampler::start(&SamplerConfig {
-        frequency_hz: args.frequency,
-        clock: ClockChoice::Auto,
-        tracing: None,
-    })?;
+    let sampler = cnitrace::profile::start_backend(
+        args.backend.into(),
+        args.attach.into(),
+        &SamplerConfig {
+            frequency_hz: args.frequency,
+            clock: ClockChoice::Auto,
+            tracing: None,
+        },
+    )?;
     let limits = Limits {
         max_sessions: args.max_sessions,
         max_duration_s: args.max_duration,

@@ -73,17 +73,26 @@ pub fn validate(options: &ProfileOptions) -> Result<(), Error> {
 /// fallback every traced function can use) or when an attach mode is forced, else sampling;
 /// if tracing cannot start under auto, sampling.
 pub fn start_probes(options: &ProfileOptions) -> Result<Sampler, Error> {
+    start_backend(options.backend, options.attach, &options.sampler)
+}
+
+/// [`start_probes`] for callers without a window of their own (the agent).
+pub fn start_backend(
+    backend: Backend,
+    attach: AttachMode,
+    sampler: &SamplerConfig,
+) -> Result<Sampler, Error> {
     let tracing = SamplerConfig {
-        tracing: Some(options.attach),
-        ..options.sampler.clone()
+        tracing: Some(attach),
+        ..sampler.clone()
     };
     let sampling = SamplerConfig {
         tracing: None,
-        ..options.sampler.clone()
+        ..sampler.clone()
     };
-    match options.backend {
+    match backend {
         Backend::Tracing => Sampler::start(&tracing),
-        Backend::Auto if options.attach != AttachMode::Auto => Sampler::start(&tracing),
+        Backend::Auto if attach != AttachMode::Auto => Sampler::start(&tracing),
         Backend::Auto if trace::kprobes_available() => Sampler::start(&tracing).or_else(|e| {
             tracing::warn!("tracing backend unavailable ({e}); sampling instead");
             Sampler::start(&sampling)

@@ -43,12 +43,68 @@ fn rejects_bad_arguments_before_attaching() {
         "unknown network namespace `cnt-nosuch-ns`",
     );
     fails_with(
-        &["profile", "--backend", "tracing"],
-        "--backend tracing is not available",
+        &["profile", "--backend", "sampling", "--attach", "kprobe"],
+        "--attach applies to the tracing backend",
     );
     if privileged("rejects_bad_arguments_before_attaching (bpftool check)") {
         assert!(programs_left_after_exit().unwrap().is_empty());
     }
+}
+
+/// Forcing a tracing mode the kernel lacks is a clear error, and nothing stays attached. This
+/// machine's kernel has neither kprobes nor BPF trampolines (the QEMU kernels of vmtest have
+/// both); on a kernel with them the attach succeeds and this test says so instead.
+#[test]
+fn tracing_modes_the_kernel_lacks_are_clear_errors() {
+    if !privileged("tracing_modes_the_kernel_lacks_are_clear_errors") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    if kprobes {
+        eprintln!(
+            "this kernel has kprobes: the forced-kprobe error path is covered by vmtest's absence checks only"
+        );
+    } else {
+        fails_with(
+            &[
+                "profile",
+                "--duration",
+                "1",
+                "--backend",
+                "tracing",
+                "--attach",
+                "kprobe",
+            ],
+            "this kernel has no kprobes",
+        );
+    }
+    let fentry = Command::new("bpftool")
+        .args(["feature", "probe", "kernel"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).contains("eBPF program_type tracing is available")
+        })
+        .unwrap_or(false);
+    if !fentry && !kprobes {
+        fails_with(
+            &[
+                "profile",
+                "--duration",
+                "1",
+                "--backend",
+                "tracing",
+                "--attach",
+                "fentry",
+            ],
+            "BPF trampolines do not work on this kernel",
+        );
+        fails_with(
+            &["profile", "--duration", "1", "--backend", "tracing"],
+            "could not attach to any function",
+        );
+    }
+    assert!(programs_left_after_exit().unwrap().is_empty());
 }
 
 #[test]
