@@ -82,10 +82,9 @@ fn tracing_modes_the_kernel_lacks_are_clear_errors() {
     let fentry = Command::new("bpftool")
         .args(["feature", "probe", "kernel"])
         .output()
-        .map(|o| {
+        .is_ok_and(|o| {
             String::from_utf8_lossy(&o.stdout).contains("eBPF program_type tracing is available")
-        })
-        .unwrap_or(false);
+        });
     if !fentry && !kprobes {
         fails_with(
             &[
