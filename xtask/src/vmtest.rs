@@ -572,13 +572,19 @@ fn pair_ns(entry: &Value, component: &str) -> Option<f64> {
 }
 
 /// Percentage points the major components' shares may differ between sampling and tracing
-/// (net of the calibrated probe cost). The two runs are consecutive streams of the same lab
-/// model, not one stream. Sampling at 999 Hz over a 2 s window of 2 CPUs takes ~4000
-/// samples: a 5% share has a binomial standard error of ~0.35 pp. The larger terms are the
-/// run-to-run variation of TCG (throughput varies by ~20% between runs) and the different
-/// boundaries of the two methods (sampling classifies every br_*/nf_*/veth_* function,
-/// tracing times from the traced entry points down); 3 pp covers both on these kernels.
-const CROSS_CHECK_PP: f64 = 3.0;
+/// (net of the calibrated probe cost), and they must rank the components the same way.
+///
+/// The two runs are consecutive streams of the same lab model. Sampling at 999 Hz over 2 s of
+/// 2 CPUs takes ~4000 samples: a 3% share has a binomial standard error of ~0.3 pp. The larger
+/// term is the instrument: under TCG a probe pair costs 1.4-3.1 us (about 100x a real
+/// machine), as much as a traced function's own work, and how that cost splits between the
+/// traced function and its caller depends on the kprobe mechanics (int3 trap and out-of-line
+/// single-step after the program's clock read, the return trampoline before it), which the
+/// half-and-half model only approximates. Measured on 6.1 and 6.12: tracing net of probes reads
+/// 0.8-3.0 pp higher than sampling for bridge, netfilter and veth (shares of 1-4% by sampling,
+/// 3-6% by tracing), in the same order. 4 pp is the bound that holds with that bias; the
+/// ranking check is the part that does not depend on the probe-cost model.
+const CROSS_CHECK_PP: f64 = 4.0;
 
 /// Checks one kernel's results; returns the summary lines and the failures.
 fn check(release: &str, outputs: &BTreeMap<String, CaseOutput>) -> (Vec<String>, Vec<String>) {
@@ -670,7 +676,27 @@ fn check(release: &str, outputs: &BTreeMap<String, CaseOutput>) -> (Vec<String>,
         entry(outputs, "cross-tracing"),
     ) {
         (Ok(s), Ok(t)) => {
-            for component in ["bridge", "netfilter", "veth"] {
+            fn rank(shares: &[(&'static str, f64)]) -> Vec<&'static str> {
+                let mut order = shares.to_vec();
+                order.sort_by(|a, b| b.1.total_cmp(&a.1));
+                order.into_iter().map(|(name, _)| name).collect()
+            }
+            let majors = ["bridge", "netfilter", "veth"];
+            let sampled: Vec<(&'static str, f64)> =
+                majors.iter().map(|&c| (c, share(&s, c))).collect();
+            let traced: Vec<(&'static str, f64)> = majors
+                .iter()
+                .map(|&c| (c, net_share(&t, c).unwrap_or(0.0)))
+                .collect();
+            expect(
+                rank(&sampled) == rank(&traced),
+                format!(
+                    "flannel intra: both backends rank the components {:?} (tracing: {:?})",
+                    rank(&sampled),
+                    rank(&traced)
+                ),
+            );
+            for component in majors {
                 let sampled = share(&s, component) * 100.0;
                 let traced = share(&t, component) * 100.0;
                 let net = net_share(&t, component).map_or(f64::NAN, |v| v * 100.0);
