@@ -437,6 +437,24 @@ fn lab_progress() -> (indicatif::ProgressBar, impl Fn(&str, bool)) {
     (bar, progress)
 }
 
+/// Runs lab work to its end, or until Ctrl-C/SIGTERM, which removes the lab (and with it any
+/// rules the work added) before failing.
+async fn until_interrupted<T>(
+    work: impl std::future::Future<Output = Result<T, cnitrace::Error>>,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<T> {
+    let result = tokio::select! {
+        result = work => result,
+        () = interrupted() => {
+            bar.finish_and_clear();
+            cnitrace::lab::topology::down().await?;
+            anyhow::bail!("interrupted; the lab and everything it added were removed");
+        }
+    };
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
 async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
     use cnitrace::{
         lab::{bench, sweep, topology},
@@ -465,16 +483,7 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
             sweep::validate(&options)?;
             cnitrace::probe::privileges::check()?;
             let (bar, progress) = lab_progress();
-            let result = tokio::select! {
-                result = sweep::run(&options, progress) => result,
-                () = interrupted() => {
-                    bar.finish_and_clear();
-                    topology::down().await?;
-                    anyhow::bail!("interrupted; the lab and its rules were removed");
-                }
-            };
-            bar.finish_and_clear();
-            let result = result?;
+            let result = until_interrupted(sweep::run(&options, progress), &bar).await?;
             match args.format {
                 Format::Table => print!("{}", sweep::render(&result)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&result)?),
@@ -536,16 +545,7 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
             bench::validate(&options)?;
             cnitrace::probe::privileges::check()?;
             let (bar, progress) = lab_progress();
-            let entries = tokio::select! {
-                result = bench::run(&options, progress) => result,
-                () = interrupted() => {
-                    bar.finish_and_clear();
-                    topology::down().await?;
-                    anyhow::bail!("interrupted; the lab was removed");
-                }
-            };
-            bar.finish_and_clear();
-            let entries = entries?;
+            let entries = until_interrupted(bench::run(&options, progress), &bar).await?;
             if let Some(path) = &args.svg {
                 std::fs::write(path, bench::svg(&entries))
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;

@@ -581,7 +581,7 @@ fn pair_ns(entry: &Value, component: &str) -> Option<f64> {
 /// traced function and its caller depends on the kprobe mechanics (int3 trap and out-of-line
 /// single-step after the program's clock read, the return trampoline before it), which the
 /// half-and-half model only approximates. Measured on 6.1 and 6.12: tracing net of probes reads
-/// 0.8-3.0 pp higher than sampling for bridge, netfilter and veth (shares of 1-4% by sampling,
+/// 0.1-3.4 pp higher than sampling for bridge, netfilter and veth (shares of 1-4% by sampling,
 /// 3-6% by tracing), in the same order. 4 pp is the bound that holds with that bias; the
 /// ranking check is the part that does not depend on the probe-cost model.
 const CROSS_CHECK_PP: f64 = 4.0;

@@ -8,7 +8,7 @@ use std::{fmt::Write as _, time::Duration};
 use serde::Serialize;
 
 use super::{
-    topology::{self, Lab, Model, Scenario},
+    topology::{self, Lab, Model, Pod, Scenario},
     traffic,
 };
 use crate::{
@@ -200,36 +200,16 @@ async fn bench_model(
 }
 
 async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Result<Run, Error> {
-    let client = lab.client();
     let server = lab.server(scenario);
-    // The stream covers the sampler's start-up and the window.
-    let seconds = options.duration_s.ceil() as u32 + 2;
-    let profile_options = ProfileOptions {
-        duration_s: options.duration_s,
-        backend: options.backend,
-        attach: options.attach,
-        sampler: options.sampler.clone(),
-        // The client pod's eth0 transmits every data packet of the stream once.
-        ifaces: vec!["eth0".to_owned()],
-        netns: vec![client.netns.clone()],
-        unit: PacketUnit::Segment,
-        netfilter: netfilter::Options {
-            read_rules: true,
-            count_entries: false,
-            namespaces: vec![lab.host_netns(1), lab.host_netns(2)],
-        },
-    };
-    profile::validate(&profile_options)?;
-    // Probes first: their start-up is outside the stream, however long it takes.
-    let probes = profile::start_probes(&profile_options)?;
-    let stream = traffic::Stream::start(&client.netns, &server.netns, server.ip, seconds)?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (breakdown, _) =
-        profile::run_started(&profile_options, probes, std::future::pending(), |_, _| {}).await?;
-    let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;
-    let (client_ns, server_ns, ip) = (client.netns.clone(), server.netns.clone(), server.ip);
+    let profile_options = stream_profile(
+        lab,
+        options.duration_s,
+        &options.sampler,
+        (options.backend, options.attach),
+        false,
+    );
+    let (breakdown, throughput_gbps) = profiled_stream(lab, server, &profile_options).await?;
+    let (client_ns, server_ns, ip) = (lab.client().netns.clone(), server.netns.clone(), server.ip);
     let rr_seconds = (options.duration_s / 2.0).clamp(1.0, 5.0);
     let rr = tokio::task::spawn_blocking(move || {
         traffic::request_response(
@@ -246,6 +226,52 @@ async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Resul
         rtt_us: rr.mean_rtt_us,
         breakdown,
     })
+}
+
+/// The profile of a lab stream: packets are what the client pod's eth0 sends (every data
+/// packet once), rulesets read in both hosts, hook entries counted when asked.
+pub(crate) fn stream_profile(
+    lab: &Lab,
+    duration_s: f64,
+    sampler: &SamplerConfig,
+    (backend, attach): (Backend, crate::probe::trace::AttachMode),
+    count_hook_entries: bool,
+) -> ProfileOptions {
+    ProfileOptions {
+        duration_s,
+        backend,
+        attach,
+        sampler: sampler.clone(),
+        ifaces: vec!["eth0".to_owned()],
+        netns: vec![lab.client().netns.clone()],
+        unit: PacketUnit::Segment,
+        netfilter: netfilter::Options {
+            read_rules: true,
+            count_entries: count_hook_entries,
+            namespaces: vec![lab.host_netns(1), lab.host_netns(2)],
+        },
+    }
+}
+
+/// An iperf3 stream from the client pod to `server`, profiled. Probes start first: their
+/// start-up (seconds on a slow VM) must not eat the stream. Returns the breakdown and the
+/// stream's throughput in Gbit/s.
+pub(crate) async fn profiled_stream(
+    lab: &Lab,
+    server: &Pod,
+    profile_options: &ProfileOptions,
+) -> Result<(Breakdown, f64), Error> {
+    profile::validate(profile_options)?;
+    let probes = profile::start_probes(profile_options)?;
+    let seconds = profile_options.duration_s.ceil() as u32 + 2;
+    let stream = traffic::Stream::start(&lab.client().netns, &server.netns, server.ip, seconds)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (breakdown, _) =
+        profile::run_started(profile_options, probes, std::future::pending(), |_, _| {}).await?;
+    let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;
+    Ok((breakdown, throughput_gbps))
 }
 
 fn summarize(model: Model, scenario: Scenario, runs: Vec<Run>) -> BenchEntry {

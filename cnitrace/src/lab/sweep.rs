@@ -2,21 +2,17 @@
 //! model, puts N non-matching rules in front of a hook's chain, profiles a stream at each N,
 //! and fits netfilter's cost against N: the slope is what one rule costs per packet.
 
-use std::{fmt::Write as _, time::Duration};
+use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{
-    topology::{self, Lab, Model, Scenario},
-    traffic,
-};
+use super::topology::{self, Lab, Model, Scenario};
 use crate::{
-    breakdown::PacketUnit,
     error::Error,
-    netfilter::{self, hooks::Hook},
+    netfilter::hooks::Hook,
     netns,
     probe::sampling::SamplerConfig,
-    profile::{self, Backend, ProfileOptions},
+    profile::{self, Backend},
 };
 
 /// The chain holding the sweep's rules, jumped to from the hook's base chain.
@@ -208,7 +204,6 @@ async fn sweep(
     progress: &mut impl FnMut(&str, bool),
 ) -> Result<SweepResult, Error> {
     let host = lab.host_netns(1);
-    let client = lab.client().clone();
     let server = lab.server(options.scenario).clone();
     let mut points = Vec::new();
     for (index, &rules) in options.rules.iter().enumerate() {
@@ -224,31 +219,15 @@ async fn sweep(
         }
         restore(&host, &sweep_rules(options.hook, rules, index == 0))?;
         progress(&format!("{rules} rules: stream"), true);
-        let seconds = options.duration_s.ceil() as u32 + 2;
-        let profile_options = ProfileOptions {
-            duration_s: options.duration_s,
-            backend: Backend::Auto,
-            attach: crate::probe::trace::AttachMode::Auto,
-            sampler: options.sampler.clone(),
-            ifaces: vec!["eth0".to_owned()],
-            netns: vec![client.netns.clone()],
-            unit: PacketUnit::Segment,
-            netfilter: netfilter::Options {
-                read_rules: true,
-                count_entries: true,
-                namespaces: vec![host.clone()],
-            },
-        };
-        profile::validate(&profile_options)?;
-        let probes = profile::start_probes(&profile_options)?;
-        let stream = traffic::Stream::start(&client.netns, &server.netns, server.ip, seconds)?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let (breakdown, _) =
-            profile::run_started(&profile_options, probes, std::future::pending(), |_, _| {})
-                .await?;
-        let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
-            .await
-            .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;
+        let profile_options = super::bench::stream_profile(
+            lab,
+            options.duration_s,
+            &options.sampler,
+            (Backend::Auto, crate::probe::trace::AttachMode::Auto),
+            true,
+        );
+        let (breakdown, throughput_gbps) =
+            super::bench::profiled_stream(lab, &server, &profile_options).await?;
         let hook = breakdown
             .netfilter
             .hooks
