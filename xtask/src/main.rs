@@ -186,7 +186,7 @@ fn test(no_lint: bool) -> Result<()> {
     if is_root() {
         // The tracing backend needs kprobes and fentry, which this machine's kernel may lack:
         // proven on Debian's distro kernels under QEMU.
-        vmtest::run(&vmtest::Args::default())?;
+        print!("{}", vmtest::run(&vmtest::Args::default())?);
     } else {
         eprintln!("xtask: not root: vmtest (QEMU kernels) skipped");
     }
@@ -201,7 +201,9 @@ fn main() -> ExitCode {
         Task::Bootstrap { build_only: true } => bootstrap::ensure_build(),
         Task::Test { no_lint } => test(no_lint),
         Task::Demo { duration, rules } => demo::run(duration, &rules),
-        Task::Vmtest(args) => vmtest::run(&args),
+        Task::Vmtest(args) => {
+            vmtest::run(&args).and_then(|summary| report::publish("vmtest", &summary))
+        }
         Task::Bench(args) => bench::run(&args),
         Task::BenchAgent(args) => bench_agent::run(&args),
         Task::BenchFidelity(args) => bench_fidelity::run(&args),
