@@ -476,8 +476,7 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
                 duration_s: args.duration,
                 sampler: SamplerConfig {
                     frequency_hz: args.frequency,
-                    clock: ClockChoice::Auto,
-                    tracing: None,
+                    ..SamplerConfig::default()
                 },
             };
             sweep::validate(&options)?;
@@ -538,8 +537,7 @@ async fn run_lab_async(command: LabCommand) -> anyhow::Result<()> {
                 attach: args.attach.into(),
                 sampler: SamplerConfig {
                     frequency_hz: args.frequency,
-                    clock: ClockChoice::Auto,
-                    tracing: None,
+                    ..SamplerConfig::default()
                 },
             };
             bench::validate(&options)?;
@@ -604,8 +602,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         args.attach.into(),
         &SamplerConfig {
             frequency_hz: args.frequency,
-            clock: ClockChoice::Auto,
-            tracing: None,
+            ..SamplerConfig::default()
         },
     )?;
     let limits = Limits {

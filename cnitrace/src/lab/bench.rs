@@ -315,20 +315,6 @@ fn summarize(model: Model, scenario: Scenario, runs: Vec<Run>) -> BenchEntry {
     }
 }
 
-/// Components shown as columns: the datapath ones, then `other`.
-const COLUMNS: [&str; 10] = [
-    "bridge",
-    "ip_forward",
-    "netfilter",
-    "vxlan",
-    "ipip",
-    "bpf",
-    "veth",
-    "ovs",
-    "tunnel_offload",
-    "other",
-];
-
 fn component_cpp<'a>(entry: &'a BenchEntry, name: &str) -> Option<&'a Estimate> {
     entry
         .components
@@ -345,7 +331,7 @@ fn rows(entries: &[BenchEntry]) -> (Vec<String>, Vec<Vec<String>>) {
         "RTT us".to_owned(),
         "total CPP".to_owned(),
     ];
-    header.extend(COLUMNS.iter().map(|c| (*c).to_owned()));
+    header.extend(COMPONENTS.iter().map(|c| c.name.to_owned()));
     let rows = entries
         .iter()
         .map(|e| {
@@ -353,13 +339,15 @@ fn rows(entries: &[BenchEntry]) -> (Vec<String>, Vec<Vec<String>>) {
             if let Some(reason) = &e.unavailable {
                 row.push("unavailable".to_owned());
                 row.push(reason.split(':').next().unwrap_or(reason).to_owned());
-                row.extend(std::iter::repeat_n(String::new(), COLUMNS.len() + 1));
+                row.extend(std::iter::repeat_n(String::new(), COMPONENTS.len() + 1));
             } else {
                 row.push(e.throughput.map_or_else(String::new, |t| t.show(2)));
                 row.push(e.rtt.map_or_else(String::new, |t| t.show(1)));
                 row.push(e.total_cpp.map_or_else(String::new, |t| t.show(0)));
-                for column in COLUMNS {
-                    row.push(component_cpp(e, column).map_or_else(String::new, |c| c.show(0)));
+                for component in COMPONENTS {
+                    row.push(
+                        component_cpp(e, component.name).map_or_else(String::new, |c| c.show(0)),
+                    );
                 }
             }
             row
@@ -389,19 +377,21 @@ pub fn markdown(entries: &[BenchEntry]) -> String {
     out
 }
 
-/// Colours per component, in the order the bars stack (bottom first).
-const PALETTE: [(&str, &str); 10] = [
-    ("bridge", "#4e79a7"),
-    ("ip_forward", "#f28e2b"),
-    ("netfilter", "#e15759"),
-    ("vxlan", "#76b7b2"),
-    ("ipip", "#59a14f"),
-    ("bpf", "#edc948"),
-    ("veth", "#b07aa1"),
-    ("ovs", "#ff9da7"),
-    ("tunnel_offload", "#9c755f"),
-    ("other", "#bab0ac"),
-];
+/// Colours per component; bars stack in the taxonomy's order, bottom first.
+fn colour(component: &str) -> &'static str {
+    match component {
+        "bridge" => "#4e79a7",
+        "ip_forward" => "#f28e2b",
+        "netfilter" => "#e15759",
+        "vxlan" => "#76b7b2",
+        "ipip" => "#59a14f",
+        "bpf" => "#edc948",
+        "veth" => "#b07aa1",
+        "ovs" => "#ff9da7",
+        "tunnel_offload" => "#9c755f",
+        _ => "#bab0ac",
+    }
+}
 
 /// A stacked bar per model and scenario: cycles per packet split by component.
 pub fn svg(entries: &[BenchEntry]) -> String {
@@ -437,7 +427,8 @@ pub fn svg(entries: &[BenchEntry]) -> String {
     for (index, entry) in bars.iter().enumerate() {
         let x = left + gap / 2.0 + index as f64 * (bar_width + gap);
         let mut y = top + plot_height;
-        for (name, colour) in PALETTE {
+        for component in COMPONENTS {
+            let (name, colour) = (component.name, colour(component.name));
             let cpp = component_cpp(entry, name).map_or(0.0, |c| c.mean);
             let h = plot_height * cpp / max;
             if h > 0.0 {
@@ -462,7 +453,8 @@ pub fn svg(entries: &[BenchEntry]) -> String {
         );
     }
     let legend_x = width - 150.0;
-    for (index, (name, colour)) in PALETTE.iter().rev().enumerate() {
+    for (index, component) in COMPONENTS.iter().rev().enumerate() {
+        let (name, colour) = (component.name, colour(component.name));
         let y = top + index as f64 * 18.0;
         let _ = writeln!(
             out,
