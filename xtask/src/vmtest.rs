@@ -572,7 +572,7 @@ fn pair_ns(entry: &Value, component: &str) -> Option<f64> {
 }
 
 /// Percentage points the major components' shares may differ between sampling and tracing
-/// (net of the calibrated probe cost), and they must rank the components the same way.
+/// (net of the calibrated probe cost), and both must find the same cheapest component.
 ///
 /// The two runs are consecutive streams of the same lab model. Sampling at 999 Hz over 2 s of
 /// 2 CPUs takes ~4000 samples: a 3% share has a binomial standard error of ~0.3 pp. The larger
@@ -580,16 +580,18 @@ fn pair_ns(entry: &Value, component: &str) -> Option<f64> {
 /// machine), as much as a traced function's own work, and how that cost splits between the
 /// traced function and its caller depends on the kprobe mechanics (int3 trap and out-of-line
 /// single-step after the program's clock read, the return trampoline before it), which the
-/// half-and-half model only approximates. Measured on 6.1 and 6.12: tracing net of probes reads
-/// 0.1-3.4 pp higher than sampling for bridge, netfilter and veth (shares of 1-4% by sampling,
-/// 3-6% by tracing), in the same order. 4 pp is the bound that holds with that bias; the
-/// ranking check is the part that does not depend on the probe-cost model.
+/// half-and-half model only approximates. Measured on 6.1 and 6.12 over five runs: tracing net
+/// of probes reads 0.3 lower to 3.4 pp higher than sampling for bridge, netfilter and veth
+/// (shares of 1-4% by sampling, 1.5-6% by tracing). 4 pp is the bound that holds with that
+/// bias. Bridge and netfilter can be within a point of each other (their order flipped once),
+/// so only the cheapest component (veth, clearly apart) is compared by rank.
 const CROSS_CHECK_PP: f64 = 4.0;
 
 /// Checks one kernel's results; returns the summary lines and the failures.
 fn check(release: &str, outputs: &BTreeMap<String, CaseOutput>) -> (Vec<String>, Vec<String>) {
     let mut summary = Vec::new();
     let mut failures = Vec::new();
+    let mut notes = Vec::new();
     let mut expect = |ok: bool, what: String| {
         if ok {
             summary.push(format!("  ok    {what}"));
@@ -688,12 +690,19 @@ fn check(release: &str, outputs: &BTreeMap<String, CaseOutput>) -> (Vec<String>,
                 .iter()
                 .map(|&c| (c, net_share(&t, c).unwrap_or(0.0)))
                 .collect();
+            // Bridge and netfilter can be within a point of each other, so their order is
+            // reported, not asserted; the cheapest component must be the same.
+            notes.push(format!(
+                "  info  flannel intra ranking: sampling {:?}, tracing {:?}",
+                rank(&sampled),
+                rank(&traced)
+            ));
             expect(
-                rank(&sampled) == rank(&traced),
+                rank(&sampled).last() == rank(&traced).last(),
                 format!(
-                    "flannel intra: both backends rank the components {:?} (tracing: {:?})",
-                    rank(&sampled),
-                    rank(&traced)
+                    "flannel intra: the cheapest component is the same for both backends ({:?} / {:?})",
+                    rank(&sampled).last(),
+                    rank(&traced).last()
                 ),
             );
             for component in majors {
@@ -711,6 +720,7 @@ fn check(release: &str, outputs: &BTreeMap<String, CaseOutput>) -> (Vec<String>,
         (s, t) => expect(false, format!("cross-check: {:?} / {:?}", s.err(), t.err())),
     }
     // netfilter (nf_hook_slow, vmlinux) is traced by fentry in auto mode, by kprobe when forced.
+    summary.append(&mut notes);
     let fentry = entry(outputs, "netfilter-policy")
         .ok()
         .and_then(|e| pair_ns(&e, "netfilter"));
