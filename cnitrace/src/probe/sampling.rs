@@ -318,26 +318,26 @@ impl Sampler {
             bpf_programs: bpf_window(start, end, &ifaces_for_names),
             bpf_stats: bpf_stats_mode.map(str::to_owned),
             faults: delta.faults,
-            trace: self
-                .tracer
-                .as_ref()
-                .map(|tracer| crate::breakdown::TraceWindow {
-                    costs: super::trace::costs_by_component(&delta.trace)
-                        .into_iter()
-                        .map(|(name, cost)| (name.to_owned(), cost))
-                        .collect(),
-                    pair_ns: super::trace::costs_by_component(&delta.trace)
+            trace: self.tracer.as_ref().map(|tracer| {
+                let costs = super::trace::costs_by_component(&delta.trace);
+                crate::breakdown::TraceWindow {
+                    pair_ns: costs
                         .keys()
-                        .filter_map(|name| {
+                        .filter_map(|&name| {
                             tracer
                                 .component_pair_ns(name)
-                                .map(|ns| ((*name).to_owned(), ns))
+                                .map(|ns| (name.to_owned(), ns))
                         })
+                        .collect(),
+                    costs: costs
+                        .into_iter()
+                        .map(|(name, cost)| (name.to_owned(), cost))
                         .collect(),
                     functions: tracer.functions.clone(),
                     probe_pair_ns: tracer.pair_ns.values().copied().reduce(f64::max),
                     calibration: tracer.calibration.clone(),
-                }),
+                }
+            }),
         })
     }
 }

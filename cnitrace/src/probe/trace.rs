@@ -71,6 +71,20 @@ pub struct TracedFunction {
     pub note: Option<String>,
 }
 
+impl TracedFunction {
+    fn new(function: &str, component: &str, mode: &str, note: Option<String>) -> Self {
+        Self {
+            function: function.to_owned(),
+            component: component.to_owned(),
+            mode: mode.to_owned(),
+            note,
+        }
+    }
+}
+
+/// Why a target function has no symbol to attach to.
+const NOT_IN_KALLSYMS: &str = "not in /proc/kallsyms (module not loaded, not built, or inlined)";
+
 /// What the tracer attached, and its calibration.
 #[derive(Debug, Clone, Default)]
 pub struct TracerState {
@@ -130,13 +144,7 @@ pub fn plan(kallsyms: &Kallsyms, trampolines: bool, kprobes: bool) -> Vec<Traced
         .iter()
         .map(|&(function, component)| {
             let (mode, note) = match resolve(kallsyms, function) {
-                None => (
-                    "not attached",
-                    Some(
-                        "not in /proc/kallsyms (module not loaded, not built, or inlined)"
-                            .to_owned(),
-                    ),
-                ),
+                None => ("not attached", Some(NOT_IN_KALLSYMS.to_owned())),
                 Some((symbol, _)) if trampolines && !kallsyms.in_module(symbol) => (
                     "fentry",
                     (symbol != function).then(|| format!("as {symbol}")),
@@ -154,12 +162,7 @@ pub fn plan(kallsyms: &Kallsyms, trampolines: bool, kprobes: bool) -> Vec<Traced
                     Some("no kprobes on this kernel and no fentry for it".to_owned()),
                 ),
             };
-            TracedFunction {
-                function: function.to_owned(),
-                component: component.to_owned(),
-                mode: mode.to_owned(),
-                note,
-            }
+            TracedFunction::new(function, component, mode, note)
         })
         .collect()
 }
@@ -171,7 +174,8 @@ pub fn attach(
     mode: AttachMode,
     kallsyms: &Kallsyms,
 ) -> Result<TracerState, Error> {
-    if mode == AttachMode::Kprobe && !kprobes_available() {
+    let kprobes = kprobes_available();
+    if mode == AttachMode::Kprobe && !kprobes {
         return Err(Error::InvalidArgument(
             "--attach kprobe: this kernel has no kprobes (CONFIG_KPROBES is not set; no \
              /sys/bus/event_source/devices/kprobe)"
@@ -202,14 +206,12 @@ pub fn attach(
     for &(function, component) in TARGETS {
         let id = component_id(component).expect("taxonomy component");
         let Some((symbol, address)) = resolve(kallsyms, function) else {
-            state.functions.push(TracedFunction {
-                function: function.to_owned(),
-                component: component.to_owned(),
-                mode: "not attached".to_owned(),
-                note: Some(
-                    "not in /proc/kallsyms (module not loaded, not built, or inlined)".to_owned(),
-                ),
-            });
+            state.functions.push(TracedFunction::new(
+                function,
+                component,
+                "not attached",
+                Some(NOT_IN_KALLSYMS.to_owned()),
+            ));
             continue;
         };
         let note = (symbol != function).then(|| format!("attached as {symbol}"));
@@ -217,12 +219,9 @@ pub fn attach(
             match attach_trampoline(ebpf, slot, symbol, id, btf.as_ref().expect("checked")) {
                 Ok(_) => {
                     slot += 1;
-                    state.functions.push(TracedFunction {
-                        function: function.to_owned(),
-                        component: component.to_owned(),
-                        mode: "fentry".to_owned(),
-                        note,
-                    });
+                    state
+                        .functions
+                        .push(TracedFunction::new(function, component, "fentry", note));
                     continue;
                 }
                 Err(e) => {
@@ -243,31 +242,31 @@ pub fn attach(
             }
         }
         if mode == AttachMode::Fentry {
-            state.functions.push(TracedFunction {
-                function: function.to_owned(),
-                component: component.to_owned(),
-                mode: "not attached".to_owned(),
-                note: Some(format!(
-                    "no fentry ({}), and --attach fentry forbids the kprobe fallback",
-                    if slot >= CALIBRATION_SLOT {
-                        "all trampoline slots used".to_owned()
-                    } else {
-                        "not in vmlinux BTF: a module function".to_owned()
-                    }
+            let why = if slot >= CALIBRATION_SLOT {
+                "all trampoline slots used"
+            } else {
+                "not in vmlinux BTF: a module function"
+            };
+            state.functions.push(TracedFunction::new(
+                function,
+                component,
+                "not attached",
+                Some(format!(
+                    "no fentry ({why}), and --attach fentry forbids the kprobe fallback"
                 )),
-            });
+            ));
             continue;
         }
-        if !kprobes_available() {
-            state.functions.push(TracedFunction {
-                function: function.to_owned(),
-                component: component.to_owned(),
-                mode: "not attached".to_owned(),
-                note: Some(format!(
+        if !kprobes {
+            state.functions.push(TracedFunction::new(
+                function,
+                component,
+                "not attached",
+                Some(format!(
                     "no kprobes on this kernel, and no fentry: {}",
                     trampoline_error.as_deref().unwrap_or("a module function")
                 )),
-            });
+            ));
             continue;
         }
         if !kprobe_loaded {
@@ -281,19 +280,16 @@ pub fn attach(
         match attach_kprobe_pair(ebpf, symbol) {
             Ok(_) => {
                 kprobe_targets.push((symbol.to_owned(), address, id));
-                state.functions.push(TracedFunction {
-                    function: function.to_owned(),
-                    component: component.to_owned(),
-                    mode: "kprobe".to_owned(),
-                    note,
-                });
+                state
+                    .functions
+                    .push(TracedFunction::new(function, component, "kprobe", note));
             }
-            Err(e) => state.functions.push(TracedFunction {
-                function: function.to_owned(),
-                component: component.to_owned(),
-                mode: "not attached".to_owned(),
-                note: Some(format!("kprobe refused: {e}")),
-            }),
+            Err(e) => state.functions.push(TracedFunction::new(
+                function,
+                component,
+                "not attached",
+                Some(format!("kprobe refused: {e}")),
+            )),
         }
     }
     {
