@@ -1,5 +1,5 @@
-//! The long-running agent: probes attached once, overlapping sessions as snapshot differences,
-//! a one-second snapshot ring for live rolling windows, and BPF run-time statistics enabled only
+//! The long-running agent: probes attached once, overlapping sessions as open windows, a
+//! one-second snapshot ring for live rolling windows, and BPF run-time statistics enabled only
 //! while a session is open.
 
 use std::{
@@ -11,15 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use chrono::Utc;
 
 use crate::{
-    breakdown::{Breakdown, PacketSelection, PacketUnit},
-    netns,
-    probe::bpf_stats::StatsGuard,
-    session::{self, Probe, Snapshot},
+    breakdown::PacketSelection,
+    contract::{Breakdown, SessionRequest, SessionState, SessionView},
+    netfilter,
+    snapshot::Snapshot,
+    window::{self, OpenWindow, Probes, WindowSpec},
 };
 
 /// Longest rolling window served by `GET /api/v1/breakdown`.
@@ -31,6 +30,9 @@ pub struct Limits {
     pub max_duration_s: f64,
     /// Stopped sessions kept for retrieval; older ones are forgotten.
     pub keep_stopped: usize,
+    /// Read the iptables/nftables rulesets around each session (the `netfilter` section's
+    /// chains and rules per packet).
+    pub read_rulesets: bool,
 }
 
 impl Default for Limits {
@@ -39,6 +41,7 @@ impl Default for Limits {
             max_sessions: 8,
             max_duration_s: 3600.0,
             keep_stopped: 64,
+            read_rulesets: true,
         }
     }
 }
@@ -58,60 +61,19 @@ pub enum AgentError {
     Probe(#[from] crate::Error),
 }
 
-/// `POST /api/v1/sessions` body. Every field is optional.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SessionRequest {
-    /// Stop by itself after this many seconds; open until stopped if absent.
-    pub duration_s: Option<f64>,
-    /// `auto` or `sampling` (tracing is not available in this build).
-    pub backend: Option<String>,
-    /// Interfaces whose transmitted packets are the denominator (default: the busiest device).
-    pub ifaces: Option<Vec<String>>,
-    /// Named network namespaces the interfaces may be in.
-    pub netns: Option<Vec<String>>,
-    /// `segment` (default) or `skb`.
-    pub packet_unit: Option<PacketUnit>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionState {
-    Running,
-    Stopped,
-    Failed,
-}
-
-/// A session as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct SessionView {
-    pub id: u64,
-    pub state: SessionState,
-    pub started: DateTime<Utc>,
-    pub duration_s: Option<f64>,
-    pub ifaces: Vec<String>,
-    pub netns: Vec<String>,
-    /// Present once the session has stopped.
-    pub breakdown: Option<Breakdown>,
-    /// Present if computing the breakdown failed.
-    pub error: Option<String>,
-}
-
 struct SessionEntry {
     view: SessionView,
-    start: Snapshot,
-    selection: PacketSelection,
+    /// `Some` while running; taken by the stop that closes it.
+    window: Option<OpenWindow>,
 }
 
 pub struct Agent {
-    probe: Box<dyn Probe>,
+    probes: Box<dyn Probes>,
     limits: Limits,
     next_id: AtomicU64,
     sessions: Mutex<BTreeMap<u64, SessionEntry>>,
     /// One snapshot per second, newest last.
     ring: Mutex<VecDeque<Snapshot>>,
-    /// Held while at least one session runs.
-    stats: Mutex<Option<StatsGuard>>,
     started: Instant,
 }
 
@@ -123,14 +85,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Agent {
-    pub fn new(probe: Box<dyn Probe>, limits: Limits) -> Self {
+    pub fn new(probes: Box<dyn Probes>, limits: Limits) -> Self {
         Self {
-            probe,
+            probes,
             limits,
             next_id: AtomicU64::new(1),
             sessions: Mutex::new(BTreeMap::new()),
             ring: Mutex::new(VecDeque::new()),
-            stats: Mutex::new(None),
             started: Instant::now(),
         }
     }
@@ -139,13 +100,13 @@ impl Agent {
         self.limits
     }
 
-    pub fn probe(&self) -> &dyn Probe {
-        self.probe.as_ref()
+    pub fn probes(&self) -> &dyn Probes {
+        self.probes.as_ref()
     }
 
     /// Adds a snapshot to the rolling ring (called once a second).
     pub fn tick(&self) -> Result<(), crate::Error> {
-        let snapshot = self.probe.snapshot()?;
+        let snapshot = self.probes.snapshot()?;
         let mut ring = lock(&self.ring);
         ring.push_back(snapshot);
         while ring.len() > MAX_ROLLING_S as usize + 1 {
@@ -154,7 +115,7 @@ impl Agent {
         Ok(())
     }
 
-    fn validate(&self, request: &SessionRequest) -> Result<PacketSelection, AgentError> {
+    fn validate(&self, request: &SessionRequest) -> Result<WindowSpec, AgentError> {
         if let Some(d) = request.duration_s
             && (!d.is_finite() || d <= 0.0 || d > self.limits.max_duration_s)
         {
@@ -163,13 +124,15 @@ impl Agent {
                 self.limits.max_duration_s
             )));
         }
+        let running = self.probes.backend().name();
         match request.backend.as_deref() {
-            None | Some("auto" | "sampling") => {}
-            Some("tracing") => {
-                return Err(AgentError::BadRequest(
-                    "backend tracing is not available in this build; use sampling or auto"
-                        .to_owned(),
-                ));
+            None | Some("auto") => {}
+            Some(asked) if asked == running => {}
+            Some(asked @ ("sampling" | "tracing")) => {
+                return Err(AgentError::BadRequest(format!(
+                    "this agent runs the {running} backend (chosen at start-up with --backend); \
+                     it cannot measure with {asked}"
+                )));
             }
             Some(other) => {
                 return Err(AgentError::BadRequest(format!(
@@ -177,47 +140,59 @@ impl Agent {
                 )));
             }
         }
-        let ifaces = request.ifaces.clone().unwrap_or_default();
-        let namespaces = request.netns.clone().unwrap_or_default();
-        netns::validate_interfaces(&ifaces, &namespaces)
-            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        let netns_inodes = netns::selection_inodes(&ifaces, &namespaces)?;
-        Ok(PacketSelection {
-            ifaces,
-            netns_inodes,
+        let netns = request.netns.clone().unwrap_or_default();
+        let spec = WindowSpec {
+            ifaces: request.ifaces.clone().unwrap_or_default(),
             unit: request.packet_unit.unwrap_or_default(),
-        })
+            // Rulesets are read (never changed) in this namespace and the named ones.
+            netfilter: netfilter::Options {
+                read_rules: self.limits.read_rulesets,
+                count_entries: false,
+                namespaces: netns.clone(),
+            },
+            netns,
+            bpf_stats: true,
+        };
+        spec.validate()
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        Ok(spec)
     }
 
-    /// Starts a session: validates, takes the start snapshot, enables BPF statistics.
-    pub fn start_session(&self, request: &SessionRequest) -> Result<SessionView, AgentError> {
-        let selection = self.validate(request)?;
-        let mut sessions = lock(&self.sessions);
-        let running = sessions
+    fn running(sessions: &BTreeMap<u64, SessionEntry>) -> usize {
+        sessions
             .values()
             .filter(|s| s.view.state == SessionState::Running)
-            .count();
+            .count()
+    }
+
+    fn check_slots(&self, sessions: &BTreeMap<u64, SessionEntry>) -> Result<(), AgentError> {
+        let running = Self::running(sessions);
         if running >= self.limits.max_sessions {
             return Err(AgentError::TooMany(format!(
                 "{running} sessions are running, the limit is {}; stop one first",
                 self.limits.max_sessions
             )));
         }
-        {
-            let mut stats = lock(&self.stats);
-            if stats.is_none() {
-                *stats = self.probe.enable_bpf_stats();
-            }
-        }
-        let start = self.probe.snapshot()?;
+        Ok(())
+    }
+
+    /// Starts a session: validates, opens its window (BPF statistics, rulesets, snapshot).
+    /// The window opens without the sessions lock held: reading rulesets can take a while.
+    pub fn start_session(&self, request: &SessionRequest) -> Result<SessionView, AgentError> {
+        let spec = self.validate(request)?;
+        self.check_slots(&lock(&self.sessions))?;
+        let window = OpenWindow::open(self.probes.as_ref(), &spec)?;
+        let mut sessions = lock(&self.sessions);
+        // Another start may have taken the last slot meanwhile.
+        self.check_slots(&sessions)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let view = SessionView {
             id,
             state: SessionState::Running,
-            started: start.wall,
+            started: window.start().wall,
             duration_s: request.duration_s,
-            ifaces: selection.ifaces.clone(),
-            netns: request.netns.clone().unwrap_or_default(),
+            ifaces: spec.ifaces,
+            netns: spec.netns,
             breakdown: None,
             error: None,
         };
@@ -225,8 +200,7 @@ impl Agent {
             id,
             SessionEntry {
                 view: view.clone(),
-                start,
-                selection,
+                window: Some(window),
             },
         );
         self.forget_old(&mut sessions);
@@ -267,30 +241,18 @@ impl Agent {
 
     /// Stops a running session and computes its breakdown.
     pub fn stop_session(&self, id: u64) -> Result<SessionView, AgentError> {
-        let (start, selection) = {
-            let sessions = lock(&self.sessions);
-            let entry = sessions.get(&id).ok_or(AgentError::NotFound(id))?;
-            if entry.view.state != SessionState::Running {
-                return Err(AgentError::Conflict(format!(
-                    "session {id} is already stopped"
-                )));
-            }
-            (entry.start.clone(), entry.selection.clone())
+        let window = {
+            let mut sessions = lock(&self.sessions);
+            let entry = sessions.get_mut(&id).ok_or(AgentError::NotFound(id))?;
+            // Taking the window makes this stop the only one that closes it.
+            entry
+                .window
+                .take()
+                .ok_or_else(|| AgentError::Conflict(format!("session {id} is already stopped")))?
         };
-        let stats_mode = lock(&self.stats).as_ref().map(|g| g.mode().to_owned());
-        let result = self
-            .probe
-            .snapshot()
-            .and_then(|end| self.probe.window(&start, &end, stats_mode.as_deref()))
-            .map(|raw| session::breakdown_from(self.probe.as_ref(), &raw, &selection));
+        let result = window.close(self.probes.as_ref());
         let mut sessions = lock(&self.sessions);
         let entry = sessions.get_mut(&id).ok_or(AgentError::NotFound(id))?;
-        if entry.view.state != SessionState::Running {
-            // A concurrent stop won the race; its result stands.
-            return Err(AgentError::Conflict(format!(
-                "session {id} is already stopped"
-            )));
-        }
         match result {
             Ok(breakdown) => {
                 entry.view.state = SessionState::Stopped;
@@ -301,15 +263,7 @@ impl Agent {
                 entry.view.error = Some(e.to_string());
             }
         }
-        let view = entry.view.clone();
-        if !sessions
-            .values()
-            .any(|s| s.view.state == SessionState::Running)
-        {
-            // Nothing measures any more: statistics off (restoring the sysctl if we set it).
-            lock(&self.stats).take();
-        }
-        Ok(view)
+        Ok(entry.view.clone())
     }
 
     /// The breakdown of the last `seconds`, from the snapshot ring.
@@ -333,13 +287,14 @@ impl Agent {
                 self.started.elapsed().as_secs_f64()
             )));
         };
-        let end = self.probe.snapshot()?;
-        let raw = self.probe.window(&start, &end, None)?;
-        Ok(session::breakdown_from(
-            self.probe.as_ref(),
-            &raw,
+        let end = self.probes.snapshot()?;
+        Ok(window::between(
+            self.probes.as_ref(),
+            &start,
+            &end,
             &PacketSelection::default(),
-        ))
+            None,
+        )?)
     }
 
     /// Running sessions whose duration has elapsed.

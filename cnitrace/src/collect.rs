@@ -6,7 +6,10 @@ use std::{fmt::Write as _, time::Duration};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use serde::{Deserialize, Serialize};
 
-use crate::{agent::SessionView, breakdown::Breakdown, components::COMPONENTS};
+use crate::{
+    components::COMPONENTS,
+    contract::{Breakdown, SessionView},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {

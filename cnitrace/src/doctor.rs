@@ -8,7 +8,7 @@ use crate::{
     components::{self, COMPONENTS},
     kallsyms::Kallsyms,
     probe::{clock, privileges, tracefs},
-    session,
+    window,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -35,7 +35,7 @@ pub struct NodeReport {
     pub backends: Vec<Check>,
     pub components: Vec<ComponentSupport>,
     /// The tracing backend's functions and how each would attach here (auto mode).
-    pub traced_functions: Vec<crate::probe::trace::TracedFunction>,
+    pub traced_functions: Vec<crate::contract::TracedFunction>,
     pub cni: Vec<String>,
 }
 
@@ -69,7 +69,7 @@ fn config_enabled(config: Option<&str>, option: &str) -> Option<bool> {
 
 /// Gathers the report. Never fails: every problem becomes a check with its reason.
 pub fn report() -> NodeReport {
-    let kernel = session::kernel_release();
+    let kernel = window::kernel_release();
     let config = kernel_config(&kernel);
     let mut checks = Vec::new();
 
@@ -256,7 +256,7 @@ pub fn report() -> NodeReport {
     };
 
     NodeReport {
-        node: session::node_name(),
+        node: window::node_name(),
         kernel,
         checks,
         backends,

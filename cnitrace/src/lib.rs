@@ -1,13 +1,15 @@
 //! cnitrace: CPU cycles per packet for each kernel component of the container datapath.
 //!
 //! Data flows one way: kernel hooks -> per-CPU aggregates in BPF maps ([`probe`]) -> snapshots
-//! and windows ([`session`]) -> a pure breakdown ([`breakdown`]) -> renderers ([`render`]).
-//! Everything above [`probe`] runs without privileges on recorded or synthetic data.
+//! ([`snapshot`]) -> a window ([`window`], the one path every caller takes) -> a pure breakdown
+//! ([`breakdown`]) filling the public contract ([`contract`]) -> renderers ([`render`], the
+//! server). Everything above [`probe`] runs without privileges on recorded or synthetic data.
 
 pub mod agent;
 pub mod breakdown;
 pub mod collect;
 pub mod components;
+pub mod contract;
 pub mod doctor;
 pub mod error;
 pub mod kallsyms;
@@ -19,6 +21,7 @@ pub mod probe;
 pub mod profile;
 pub mod render;
 pub mod server;
-pub mod session;
+pub mod snapshot;
+pub mod window;
 
 pub use error::Error;

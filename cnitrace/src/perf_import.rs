@@ -2,7 +2,10 @@
 //! window for the same attribution and breakdown code as cnitrace's own samples, so both can be
 //! compared component by component.
 
-use crate::breakdown::{Clock, ClockSource, Faults, RawWindow, StackSample};
+use crate::{
+    breakdown::{Faults, RawWindow, StackSample},
+    contract::{Clock, ClockSource},
+};
 use cnitrace_common::{SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER};
 
 /// The `perf script -F` fields this parser expects.

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 
-use crate::breakdown::{Breakdown, ClockSource, ComponentCost};
+use crate::contract::{Breakdown, ClockSource, ComponentCost};
 
 const BAR_WIDTH: usize = 30;
 

@@ -12,12 +12,14 @@ use super::{
     traffic,
 };
 use crate::{
-    breakdown::{Breakdown, PacketUnit},
     components::COMPONENTS,
+    contract::{Breakdown, PacketUnit},
     error::Error,
     netfilter,
+    probe::Backend,
     probe::sampling::SamplerConfig,
-    profile::{self, Backend, ProfileOptions},
+    profile::{self, ProfileOptions},
+    window::WindowSpec,
 };
 
 #[derive(Debug, Clone)]
@@ -28,8 +30,8 @@ pub struct BenchOptions {
     pub duration_s: f64,
     pub repeats: u32,
     pub sampler: SamplerConfig,
-    pub backend: Backend,
-    pub attach: crate::probe::trace::AttachMode,
+    /// `None`: auto.
+    pub backend: Option<Backend>,
 }
 
 /// A mean with the half-width of its 95% confidence interval (`null` for one run).
@@ -205,7 +207,7 @@ async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Resul
         lab,
         options.duration_s,
         &options.sampler,
-        (options.backend, options.attach),
+        options.backend,
         false,
     );
     let (breakdown, throughput_gbps) = profiled_stream(lab, server, &profile_options).await?;
@@ -234,21 +236,23 @@ pub(crate) fn stream_profile(
     lab: &Lab,
     duration_s: f64,
     sampler: &SamplerConfig,
-    (backend, attach): (Backend, crate::probe::trace::AttachMode),
+    backend: Option<Backend>,
     count_hook_entries: bool,
 ) -> ProfileOptions {
     ProfileOptions {
         duration_s,
         backend,
-        attach,
         sampler: sampler.clone(),
-        ifaces: vec!["eth0".to_owned()],
-        netns: vec![lab.client().netns.clone()],
-        unit: PacketUnit::Segment,
-        netfilter: netfilter::Options {
-            read_rules: true,
-            count_entries: count_hook_entries,
-            namespaces: vec![lab.host_netns(1), lab.host_netns(2)],
+        window: WindowSpec {
+            ifaces: vec!["eth0".to_owned()],
+            netns: vec![lab.client().netns.clone()],
+            unit: PacketUnit::Segment,
+            netfilter: netfilter::Options {
+                read_rules: true,
+                count_entries: count_hook_entries,
+                namespaces: vec![lab.host_netns(1), lab.host_netns(2)],
+            },
+            bpf_stats: true,
         },
     }
 }

@@ -15,7 +15,7 @@ use cnitrace_common::{LabRoute, map, program};
 use crate::{
     error::Error,
     netns,
-    probe::{EBPF_OBJECT, privileges, sampling::program_mut},
+    probe::{EBPF_OBJECT, privileges, program_mut},
 };
 
 /// Loads `lab_redirect` in `netns`, attaches it to every device in `devices`, and fills its

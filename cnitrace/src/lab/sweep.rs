@@ -7,13 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::topology::{self, Lab, Model, Scenario};
-use crate::{
-    error::Error,
-    netfilter::hooks::Hook,
-    netns,
-    probe::sampling::SamplerConfig,
-    profile::{self, Backend},
-};
+use crate::{error::Error, netfilter::hooks::Hook, netns, probe::sampling::SamplerConfig, profile};
 
 /// The chain holding the sweep's rules, jumped to from the hook's base chain.
 pub const SWEEP_CHAIN: &str = "CNITRACE-SWEEP";
@@ -219,13 +213,8 @@ async fn sweep(
         }
         restore(&host, &sweep_rules(options.hook, rules, index == 0))?;
         progress(&format!("{rules} rules: stream"), true);
-        let profile_options = super::bench::stream_profile(
-            lab,
-            options.duration_s,
-            &options.sampler,
-            (Backend::Auto, crate::probe::trace::AttachMode::Auto),
-            true,
-        );
+        let profile_options =
+            super::bench::stream_profile(lab, options.duration_s, &options.sampler, None, true);
         let (breakdown, throughput_gbps) =
             super::bench::profiled_stream(lab, &server, &profile_options).await?;
         let hook = breakdown

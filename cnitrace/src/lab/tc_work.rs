@@ -13,10 +13,10 @@ use cnitrace_common::{LAB_MAX_LOOPS, global, program};
 use crate::{
     error::Error,
     netns,
-    probe::{EBPF_OBJECT, privileges, sampling::program_mut},
+    probe::{EBPF_OBJECT, privileges, program_mut},
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Direction {
     Ingress,
     Egress,

@@ -227,7 +227,7 @@ pub fn ipip_available() -> bool {
 }
 
 fn has_module_file(module: &str) -> bool {
-    let release = crate::session::kernel_release();
+    let release = crate::window::kernel_release();
     let dir = std::path::PathBuf::from(format!("/lib/modules/{release}/kernel/net/ipv4"));
     std::fs::read_dir(dir)
         .into_iter()

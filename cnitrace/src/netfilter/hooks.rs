@@ -31,7 +31,19 @@ impl Family {
 }
 
 /// The five netfilter hooks (the bridge family has the same five).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 pub enum Hook {
     #[serde(rename = "PREROUTING")]
     Prerouting,
@@ -44,6 +56,7 @@ pub enum Hook {
     #[serde(rename = "POSTROUTING")]
     Postrouting,
     #[serde(rename = "unknown")]
+    #[value(skip)]
     Unknown,
 }
 

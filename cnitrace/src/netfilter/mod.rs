@@ -9,10 +9,10 @@ pub mod ruleset;
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use hooks::{Family, Hook};
-use ruleset::{Backend, ChainWalk, Ruleset};
+use ruleset::{Backend, Ruleset};
 
 use crate::{
-    breakdown::{HookCost, NetfilterSection},
+    contract::{ChainWalk, HookCost, NetfilterSection},
     error::Error,
     netns,
 };
@@ -261,12 +261,12 @@ struct NamespaceWindow {
 }
 
 /// The rulesets (and hook-entry counters) at the start of a window.
-pub struct Window {
+pub struct RulesetWindow {
     namespaces: Vec<NamespaceWindow>,
     notes: Vec<String>,
 }
 
-impl Window {
+impl RulesetWindow {
     /// Reads the rulesets and adds the counting tables. Nothing happens without `read_rules`.
     pub fn begin(options: &Options) -> Result<Self, Error> {
         let mut window = Self {

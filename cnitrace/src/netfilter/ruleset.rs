@@ -11,6 +11,8 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::contract::ChainWalk;
+
 use super::hooks::{Family, Hook};
 use crate::error::Error;
 
@@ -408,28 +410,6 @@ impl Ruleset {
         }
         (out, changed)
     }
-}
-
-/// How one hook's base chain of one table was walked in a window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ChainWalk {
-    /// Network namespace the ruleset was read in ("host" for cnitrace's own).
-    pub netns: String,
-    pub backend: String,
-    pub family: String,
-    pub hook: String,
-    pub table: String,
-    /// The base chain and every user chain reachable from it.
-    pub chains: Vec<String>,
-    pub rules: u32,
-    /// Packets that entered the base chain (`null`: not known).
-    pub packets: Option<u64>,
-    /// Rule evaluations by those packets, called chains included.
-    pub rules_evaluated: Option<u64>,
-    /// Where `packets` came from.
-    pub packets_source: String,
-    /// Some rules have no counter or changed in the window: evaluations are a lower bound.
-    pub approximate: bool,
 }
 
 /// Totals of one chain for all packets that entered it.

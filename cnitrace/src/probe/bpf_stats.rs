@@ -7,7 +7,9 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use crate::error::Error;
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::{error::Error, snapshot::ProgramStats};
 
 const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -47,6 +49,21 @@ impl StatsGuard {
     }
 }
 
+/// The guard every open window shares: statistics stay on while any window holds it and go off
+/// (the sysctl restored) when the last one closes.
+pub fn shared() -> Result<Arc<StatsGuard>, Error> {
+    static SHARED: Mutex<Weak<StatsGuard>> = Mutex::new(Weak::new());
+    let mut slot = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(guard) = slot.upgrade() {
+        return Ok(guard);
+    }
+    let guard = Arc::new(StatsGuard::enable()?);
+    *slot = Arc::downgrade(&guard);
+    Ok(guard)
+}
+
 impl Drop for StatsGuard {
     fn drop(&mut self) {
         if let Self::Sysctl { previous } = self
@@ -55,16 +72,6 @@ impl Drop for StatsGuard {
             tracing::warn!("could not restore {SYSCTL} to {}: {e}", previous.trim());
         }
     }
-}
-
-/// Cumulative statistics of one loaded program.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProgramStats {
-    pub name: String,
-    /// `bpf_prog_type` number.
-    pub program_type: u32,
-    pub run_count: u64,
-    pub run_time_ns: u64,
 }
 
 /// Every loaded program's statistics, by program id.

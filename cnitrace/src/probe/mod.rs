@@ -1,23 +1,109 @@
 //! Kernel-facing mechanisms. Each reports what it could attach and why not; nothing above this
-//! module needs privileges.
+//! module needs privileges. [`KernelProbes`] is the one object that holds them attached.
 
 pub mod bpf_stats;
 pub mod btf;
 pub mod clock;
+mod kernel;
 pub mod privileges;
 pub mod sampling;
 pub mod trace;
 pub mod tracefs;
 
+use aya::Ebpf;
+
+pub use kernel::KernelProbes;
+pub use trace::AttachMode;
+
+use crate::error::Error;
+
+/// How cycles are attributed to components: stack sampling, or entry/exit probes on each
+/// component's functions attached as the mode says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sampling,
+    Tracing(AttachMode),
+}
+
+/// `--backend` on the command line; `auto` leaves the choice to [`KernelProbes::start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackendKind {
+    #[default]
+    Auto,
+    Sampling,
+    Tracing,
+}
+
+impl Backend {
+    /// The name in the Breakdown's `backend` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sampling => "sampling",
+            Self::Tracing(_) => "tracing",
+        }
+    }
+
+    /// The backend `--backend` and `--attach` ask for; `None` means auto. An attach mode is
+    /// only meaningful for tracing, so forcing one selects tracing under auto and is an error
+    /// with sampling.
+    pub fn requested(kind: BackendKind, attach: AttachMode) -> Result<Option<Self>, Error> {
+        match (kind, attach) {
+            (BackendKind::Sampling, AttachMode::Auto) => Ok(Some(Self::Sampling)),
+            (BackendKind::Sampling, _) => Err(Error::InvalidArgument(
+                "--attach applies to the tracing backend: use it with --backend tracing or auto"
+                    .to_owned(),
+            )),
+            (BackendKind::Auto, AttachMode::Auto) => Ok(None),
+            (BackendKind::Tracing | BackendKind::Auto, mode) => Ok(Some(Self::Tracing(mode))),
+        }
+    }
+}
+
 /// The eBPF object built by build.rs from cnitrace-ebpf, embedded in the binary.
 pub(crate) static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cnitrace"));
 
+pub(crate) fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Object(format!("program {name} missing from the eBPF object")))?;
+    prog.try_into()
+        .map_err(|e| Error::program(format!("program {name}"), e))
+}
+
+pub(crate) fn map_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| Error::Object(format!("map {name} missing from the eBPF object")))?;
+    T::try_from(map).map_err(|e| Error::map(name, e))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::{AttachMode, Backend, BackendKind};
     use object::{
         Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget, SectionKind,
     };
+
+    #[test]
+    fn attach_mode_selects_tracing_and_conflicts_with_sampling() {
+        assert_eq!(
+            Backend::requested(BackendKind::Auto, AttachMode::Auto).unwrap(),
+            None
+        );
+        assert_eq!(
+            Backend::requested(BackendKind::Auto, AttachMode::Kprobe).unwrap(),
+            Some(Backend::Tracing(AttachMode::Kprobe))
+        );
+        let err = Backend::requested(BackendKind::Sampling, AttachMode::Fentry).unwrap_err();
+        assert!(err.to_string().contains("--attach"), "{err}");
+    }
 
     /// A call to a compiler builtin becomes a BPF subprogram that kallsyms lists as a program of
     /// its own (`bpf_prog_<tag>_memset`), outside cnitrace's names, and would be counted as

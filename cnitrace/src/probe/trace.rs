@@ -19,11 +19,22 @@ use aya::{
 use cnitrace_common::{MAX_TRACE_COMPONENTS, TRACE_SLOTS, map, program};
 use serde::{Deserialize, Serialize};
 
-use super::sampling::program_mut;
-use crate::{components::COMPONENTS, error::Error, kallsyms::Kallsyms};
+use super::program_mut;
+use crate::{components::COMPONENTS, contract::TracedFunction, error::Error, kallsyms::Kallsyms};
 
 /// How probes attach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AttachMode {
     /// fentry/fexit per function where possible, else kprobe/kretprobe.
@@ -61,16 +72,6 @@ const CALIBRATION_COMPONENT: u32 = MAX_TRACE_COMPONENTS - 1;
 /// The fentry slot kept for calibration.
 const CALIBRATION_SLOT: u32 = TRACE_SLOTS - 1;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct TracedFunction {
-    pub function: String,
-    pub component: String,
-    /// `fentry`, `kprobe`, or `not attached`.
-    pub mode: String,
-    /// Why it is not attached, or how the symbol was found (`.isra` variants).
-    pub note: Option<String>,
-}
-
 impl TracedFunction {
     fn new(function: &str, component: &str, mode: &str, note: Option<String>) -> Self {
         Self {
@@ -88,6 +89,8 @@ const NOT_IN_KALLSYMS: &str = "not in /proc/kallsyms (module not loaded, not bui
 /// What the tracer attached, and its calibration.
 #[derive(Debug, Clone, Default)]
 pub struct TracerState {
+    /// The attach mode asked for (per function, `functions` says what was used).
+    pub mode: AttachMode,
     pub functions: Vec<TracedFunction>,
     /// Cost of one entry+exit probe pair, by attach mode (`fentry`, `kprobe`), measured on
     /// this node at start-up for each mode in use.
@@ -187,7 +190,10 @@ pub fn attach(
     let mut trampoline_error: Option<String> = btf
         .is_none()
         .then(|| "no kernel BTF (/sys/kernel/btf/vmlinux)".to_owned());
-    let mut state = TracerState::default();
+    let mut state = TracerState {
+        mode,
+        ..TracerState::default()
+    };
     let mut slot = 0u32;
     let mut kprobe_loaded = false;
     let mut kprobe_targets: Vec<(String, u64, u32)> = Vec::new();

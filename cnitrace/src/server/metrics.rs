@@ -10,11 +10,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
-    agent::Agent,
-    breakdown::PacketSelection,
-    session::{self, Snapshot},
-};
+use crate::{agent::Agent, breakdown::PacketSelection, snapshot::Snapshot, window};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ComponentLabels {
@@ -108,7 +104,7 @@ impl Metrics {
 
     /// Takes the baseline snapshot the first scrape measures from.
     pub fn prime(&self, agent: &Agent) -> Result<(), crate::Error> {
-        let snapshot = agent.probe().snapshot()?;
+        let snapshot = agent.probes().snapshot()?;
         *self
             .last
             .lock()
@@ -118,16 +114,15 @@ impl Metrics {
 
     /// Adds the interval since the previous scrape to the counters and encodes them.
     pub fn scrape(&self, agent: &Agent) -> Result<String, crate::Error> {
-        let probe = agent.probe();
-        let now = probe.snapshot()?;
+        let probes = agent.probes();
+        let now = probes.snapshot()?;
         let previous = self
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .replace(now.clone());
         if let Some(previous) = previous {
-            let raw = probe.window(&previous, &now, None)?;
-            let b = session::breakdown_from(probe, &raw, &PacketSelection::default());
+            let b = window::between(probes, &previous, &now, &PacketSelection::default(), None)?;
             let node = NodeLabels {
                 node: b.node.clone(),
             };

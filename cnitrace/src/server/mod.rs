@@ -15,13 +15,13 @@ use axum::{
     response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use subtle::ConstantTimeEq as _;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::OpenApi;
 
 use crate::{
-    agent::{Agent, AgentError, SessionRequest, SessionView},
-    breakdown::Breakdown,
+    agent::{Agent, AgentError},
+    contract::{Breakdown, ErrorBody, SessionRequest, SessionView},
     doctor::NodeReport,
 };
 
@@ -37,12 +37,6 @@ pub struct AppState {
     /// Bearer token required on every path except /healthz and the page itself.
     pub token: Option<String>,
     pub metrics: Metrics,
-}
-
-/// `{"error": "..."}` with a 4xx status (5xx only when measuring itself failed).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: String,
 }
 
 pub struct ApiError(StatusCode, String);

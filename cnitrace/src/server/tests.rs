@@ -17,9 +17,11 @@ use tower::ServiceExt as _;
 use super::*;
 use crate::{
     agent::Limits,
-    breakdown::{Clock, ClockSource, CpuTicks, Faults, RawWindow, StackSample, Unavailable},
-    probe::bpf_stats::StatsGuard,
-    session::{Probe, Snapshot},
+    breakdown::{CpuTicks, Faults, RawWindow, StackSample},
+    contract::{Clock, ClockSource, Unavailable},
+    probe::{Backend, bpf_stats::StatsGuard},
+    snapshot::Snapshot,
+    window::Probes,
 };
 
 /// Each snapshot adds 100 bridge samples of 1 ms and 1000 transmitted segments.
@@ -27,7 +29,7 @@ struct SyntheticProbe {
     ticks: AtomicU64,
 }
 
-impl Probe for SyntheticProbe {
+impl Probes for SyntheticProbe {
     fn snapshot(&self) -> Result<Snapshot, crate::Error> {
         let t = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
         let key = SampleKey {
@@ -110,7 +112,11 @@ impl Probe for SyntheticProbe {
         }]
     }
 
-    fn enable_bpf_stats(&self) -> Option<StatsGuard> {
+    fn backend(&self) -> Backend {
+        Backend::Sampling
+    }
+
+    fn bpf_stats(&self) -> Option<Arc<StatsGuard>> {
         None
     }
 }
@@ -121,7 +127,11 @@ fn app(token: Option<&str>, limits: Limits) -> (Router, Arc<AppState>) {
             Box::new(SyntheticProbe {
                 ticks: AtomicU64::new(0),
             }),
-            limits,
+            Limits {
+                // Unit tests never run iptables-save on the machine they run on.
+                read_rulesets: false,
+                ..limits
+            },
         ),
         node: crate::doctor::NodeReport {
             node: "test".into(),
@@ -328,6 +338,7 @@ async fn session_errors() {
         max_sessions: 2,
         max_duration_s: 60.0,
         keep_stopped: 4,
+        read_rulesets: false,
     };
     let (app, _) = app(None, limits);
     let cases: &[(&str, StatusCode)] = &[

@@ -1,18 +1,11 @@
-//! Measurement windows: a snapshot of the cumulative kernel aggregates, the difference of two
-//! snapshots, and turning a window into a Breakdown with the node's context.
+//! Snapshots of the cumulative kernel aggregates, and the difference of two of them.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use cnitrace_common::{IfaceCounters, SampleKey, SampleValue, SoftirqStats};
 
-use crate::{
-    breakdown::{
-        self, Breakdown, Context, CpuTicks, Faults, PacketSelection, RawWindow, Unavailable,
-    },
-    components::{self, COMPONENTS},
-    kallsyms::Kallsyms,
-};
+use crate::breakdown::{CpuTicks, Faults};
 
 /// Cumulative counters at one instant.
 #[derive(Debug, Clone)]
@@ -26,10 +19,20 @@ pub struct Snapshot {
     pub softirq: Vec<SoftirqStats>,
     pub cpu: CpuTicks,
     /// Every loaded BPF program's cumulative statistics, by id.
-    pub bpf_programs: BTreeMap<u32, crate::probe::bpf_stats::ProgramStats>,
+    pub bpf_programs: BTreeMap<u32, ProgramStats>,
     pub faults: Faults,
     /// Tracing backend: per component id, all CPUs summed (empty when sampling).
     pub trace: Vec<cnitrace_common::TraceCost>,
+}
+
+/// Cumulative run statistics of one loaded BPF program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    /// `bpf_prog_type` number.
+    pub program_type: u32,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 /// What happened between two snapshots.
@@ -110,98 +113,6 @@ impl Snapshot {
     }
 }
 
-/// What a window needs from the kernel side. The sampler implements it; router tests use a
-/// synthetic one, so everything above the probe runs without privileges.
-pub trait Probe: Send + Sync + 'static {
-    /// The cumulative counters now.
-    fn snapshot(&self) -> Result<Snapshot, crate::Error>;
-    /// The window between two snapshots, symbolized. `bpf_stats` says how BPF run-time
-    /// statistics were enabled over the window, if they were.
-    fn window(
-        &self,
-        start: &Snapshot,
-        end: &Snapshot,
-        bpf_stats: Option<&str>,
-    ) -> Result<RawWindow, crate::Error>;
-    /// Components this node lacks, with the reason.
-    fn unavailable(&self) -> Vec<Unavailable>;
-    fn backend(&self) -> &'static str {
-        "sampling"
-    }
-    /// Switches BPF run-time statistics on until the guard drops (`None` if unavailable).
-    fn enable_bpf_stats(&self) -> Option<crate::probe::bpf_stats::StatsGuard> {
-        crate::probe::bpf_stats::StatsGuard::enable()
-            .inspect_err(|e| tracing::warn!("BPF run-time statistics unavailable: {e}"))
-            .ok()
-    }
-}
-
-/// The node name: NODE_NAME (the DaemonSet sets it from spec.nodeName), else the hostname.
-pub fn node_name() -> String {
-    std::env::var("NODE_NAME")
-        .ok()
-        .filter(|n| !n.is_empty())
-        .or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname().map_or_else(
-        |_| "unknown".to_owned(),
-        |u| u.release().to_string_lossy().into_owned(),
-    )
-}
-
-/// Components whose code is absent from this kernel, with the reason.
-pub fn unavailable_components(kallsyms: &Kallsyms) -> Vec<Unavailable> {
-    let present: std::collections::HashSet<&str> =
-        kallsyms.names().map(components::base_name).collect();
-    COMPONENTS
-        .iter()
-        .filter_map(|c| {
-            components::unavailable_reason(c, |s| present.contains(s)).map(|reason| Unavailable {
-                name: c.name.to_owned(),
-                reason,
-            })
-        })
-        .collect()
-}
-
-/// The Breakdown of a window from any probe, with this node's context.
-pub fn breakdown_from(
-    probe: &dyn Probe,
-    raw: &RawWindow,
-    selection: &PacketSelection,
-) -> Breakdown {
-    let context = Context {
-        node: node_name(),
-        kernel: kernel_release(),
-        backend: probe.backend().to_owned(),
-        unavailable: probe.unavailable(),
-    };
-    breakdown::compute(raw, &context, selection)
-}
-
-/// The Breakdown of a window, with this node's context.
-pub fn breakdown_of(
-    raw: &RawWindow,
-    kallsyms: &Kallsyms,
-    backend: &str,
-    selection: &PacketSelection,
-) -> Breakdown {
-    let context = Context {
-        node: node_name(),
-        kernel: kernel_release(),
-        backend: backend.to_owned(),
-        unavailable: unavailable_components(kallsyms),
-    };
-    breakdown::compute(raw, &context, selection)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,17 +176,5 @@ mod tests {
         assert_eq!(d.ifaces[&0].tx_skbs, 3);
         assert_eq!(d.ifaces[&0].name_bytes(), b"veth0");
         assert_eq!(d.faults.stack_lost, 3);
-    }
-
-    #[test]
-    fn unavailable_lists_absent_components_with_reasons() {
-        let syms =
-            Kallsyms::parse("ffffffff81000000 t br_forward\nffffffff81000100 t nf_hook_slow\n");
-        let unavailable = unavailable_components(&syms);
-        let names: Vec<&str> = unavailable.iter().map(|u| u.name.as_str()).collect();
-        assert!(names.contains(&"ipip") && names.contains(&"vxlan") && names.contains(&"ovs"));
-        assert!(!names.contains(&"bridge") && !names.contains(&"netfilter"));
-        assert!(!names.contains(&"other") && !names.contains(&"bpf"));
-        assert!(unavailable.iter().all(|u| !u.reason.is_empty()));
     }
 }

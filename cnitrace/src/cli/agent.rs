@@ -1,0 +1,116 @@
+//! `cnitrace agent`: probes attached once, the REST API, Prometheus metrics and the page.
+
+use std::sync::Arc;
+
+use cnitrace::{
+    agent::{Agent, Limits},
+    doctor,
+    probe::{
+        AttachMode, Backend, BackendKind, KernelProbes,
+        sampling::{DEFAULT_FREQUENCY_HZ, SamplerConfig},
+    },
+    server::{AppState, Metrics, router},
+};
+
+use super::{interrupted, read_token};
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// Address to listen on. The default serves this host only; pass 0.0.0.0:9560 (with
+    /// --token-file) to serve the cluster.
+    #[arg(long, default_value = "127.0.0.1:9560")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the bearer token every request (except /healthz and /) must carry.
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Sampling frequency per CPU, in Hz.
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    pub frequency: u64,
+    /// auto: tracing where the kernel has kprobes, else sampling (fixed for the agent's life).
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
+    /// Most sessions running at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_sessions: usize,
+    /// Longest session duration accepted, in seconds.
+    #[arg(long, default_value_t = 3600.0)]
+    pub max_duration: f64,
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if !(args.max_duration.is_finite() && args.max_duration > 0.0) {
+        anyhow::bail!(
+            "--max-duration {} must be a positive number of seconds",
+            args.max_duration
+        );
+    }
+    if args.max_sessions == 0 {
+        anyhow::bail!("--max-sessions must be at least 1");
+    }
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    if token.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            "listening on {} without --token-file: anyone who can reach it can read this node's data",
+            args.listen
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let probes = KernelProbes::start(
+        Backend::requested(args.backend, args.attach)?,
+        &SamplerConfig {
+            frequency_hz: args.frequency,
+            ..SamplerConfig::default()
+        },
+    )?;
+    let limits = Limits {
+        max_sessions: args.max_sessions,
+        max_duration_s: args.max_duration,
+        ..Limits::default()
+    };
+    let state = Arc::new(AppState {
+        agent: Agent::new(Box::new(probes), limits),
+        node: doctor::report(),
+        token,
+        metrics: Metrics::new(),
+    });
+    state.metrics.prime(&state.agent)?;
+    // Once a second: a snapshot for rolling windows, and stop sessions whose time is up.
+    let ticker = {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                interval.tick().await;
+                let state = Arc::clone(&state);
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = state.agent.tick() {
+                        tracing::warn!("snapshot failed: {e}");
+                    }
+                    for id in state.agent.due_sessions() {
+                        if let Err(e) = state.agent.stop_session(id) {
+                            tracing::debug!("session {id}: {e}");
+                        }
+                    }
+                })
+                .await;
+            }
+        })
+    };
+    eprintln!(
+        "cnitrace agent: listening on http://{} (SIGTERM or Ctrl-C stops it)",
+        args.listen
+    );
+    axum::serve(listener, router(Arc::clone(&state)))
+        .with_graceful_shutdown(interrupted())
+        .await?;
+    ticker.abort();
+    let _ = ticker.await;
+    // The last reference to the sampler goes here: its programs are detached and unloaded.
+    drop(state);
+    eprintln!("cnitrace agent: stopped, probes detached");
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! `cnitrace lab`: datapath models from network namespaces, their benchmark and the netfilter
+//! rule sweep, and the tc program with a known cost per packet.
+
+use cnitrace::{
+    lab::{
+        bench, sweep,
+        tc_work::Direction,
+        topology::{self, Model, Scenario},
+    },
+    netfilter::hooks::Hook,
+    probe::{
+        AttachMode, Backend, BackendKind,
+        sampling::{DEFAULT_FREQUENCY_HZ, SamplerConfig},
+    },
+};
+
+use clap::{Subcommand, ValueEnum};
+
+use super::{Format, interrupted};
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Attach the project's tc program doing LOOPS iterations of work per packet to IFACE and
+    /// keep it attached until interrupted (Ctrl-C / SIGTERM detach it).
+    TcWork {
+        #[arg(long)]
+        iface: String,
+        /// Named network namespace (`ip netns`) of the interface.
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long, value_enum, default_value_t = Direction::Ingress)]
+        direction: Direction,
+        #[arg(long, default_value_t = 1000)]
+        loops: u32,
+    },
+    /// Build a CNI datapath model from network namespaces (two hosts, three pods).
+    Up {
+        #[arg(value_enum)]
+        model: Model,
+    },
+    /// Remove everything any lab made (namespaces named cnl-*), also after a crash.
+    Down,
+    /// Benchmark models: iperf3 stream profiled by cnitrace, request/response latency, repeated.
+    Bench(LabBenchArgs),
+    /// Netfilter rule-count sweep: N non-matching rules before a hook's chain, netfilter cost
+    /// at each N, and the fitted cost per rule (slope, intercept, R²).
+    Sweep(LabSweepArgs),
+}
+
+#[derive(clap::Args)]
+pub struct LabSweepArgs {
+    /// Rule counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,250,500,1000,2000")]
+    pub rules: Vec<u32>,
+    /// The hook whose chain gets the rules.
+    #[arg(long, value_enum, default_value_t = Hook::Forward)]
+    pub hook: Hook,
+    /// The lab model to sweep (built for the sweep and removed afterwards).
+    #[arg(long, value_enum, default_value_t = Model::Flannel)]
+    pub model: Model,
+    #[arg(long, value_enum, default_value_t = Scenario::Intra)]
+    pub scenario: Scenario,
+    /// Profiled seconds per rule count.
+    #[arg(long, default_value_t = 3.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    pub frequency: u64,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(clap::Args)]
+pub struct LabBenchArgs {
+    /// Models to benchmark (default: all).
+    #[arg(value_enum)]
+    pub models: Vec<Model>,
+    /// Scenario(s): pods on one host, or across the two hosts (default: both).
+    #[arg(long, value_enum)]
+    pub scenario: Vec<Scenario>,
+    /// Profiled seconds of each stream.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Runs per model and scenario (mean and 95% CI over them).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    pub frequency: u64,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
+    #[arg(long, value_enum, default_value_t = LabFormat::Table)]
+    pub format: LabFormat,
+    /// Also write the stacked-bar chart (figs. 9/11 style) as SVG to this file.
+    #[arg(long)]
+    pub svg: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LabFormat {
+    Table,
+    Json,
+    Markdown,
+}
+
+/// Attaches, then waits for a signal. Runs before any runtime thread exists, because entering
+/// the namespace affects only the calling thread and the threads it starts afterwards.
+pub fn run_tc_work(command: LabCommand) -> anyhow::Result<()> {
+    let LabCommand::TcWork {
+        iface,
+        netns,
+        direction,
+        loops,
+    } = command
+    else {
+        unreachable!("only tc-work runs before the runtime");
+    };
+    let attached = cnitrace::lab::tc_work::attach(netns.as_deref(), &iface, direction, loops)?;
+    eprintln!(
+        "cnitrace: lab_tc_work ({loops} loops per packet) attached to {iface}; Ctrl-C detaches"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(interrupted());
+    drop(attached);
+    eprintln!("cnitrace: lab_tc_work detached");
+    Ok(())
+}
+
+/// A spinner for long lab work: transient lines replace each other, others are kept.
+pub fn lab_progress() -> (indicatif::ProgressBar, impl Fn(&str, bool)) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let handle = bar.clone();
+    let progress = move |line: &str, transient: bool| {
+        if transient {
+            handle.set_message(line.to_owned());
+        } else {
+            handle.suspend(|| eprintln!("cnitrace: {line}"));
+        }
+    };
+    (bar, progress)
+}
+
+/// Runs lab work to its end, or until Ctrl-C/SIGTERM, which removes the lab (and with it any
+/// rules the work added) before failing.
+pub async fn until_interrupted<T>(
+    work: impl std::future::Future<Output = Result<T, cnitrace::Error>>,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<T> {
+    let result = tokio::select! {
+        result = work => result,
+        () = interrupted() => {
+            bar.finish_and_clear();
+            cnitrace::lab::topology::down().await?;
+            anyhow::bail!("interrupted; the lab and everything it added were removed");
+        }
+    };
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+pub async fn run(command: LabCommand) -> anyhow::Result<()> {
+    match command {
+        LabCommand::Sweep(args) => {
+            let options = sweep::SweepOptions {
+                rules: args.rules,
+                hook: args.hook,
+                model: args.model,
+                scenario: args.scenario,
+                duration_s: args.duration,
+                sampler: SamplerConfig {
+                    frequency_hz: args.frequency,
+                    ..SamplerConfig::default()
+                },
+            };
+            sweep::validate(&options)?;
+            cnitrace::probe::privileges::check()?;
+            let (bar, progress) = lab_progress();
+            let result = until_interrupted(sweep::run(&options, progress), &bar).await?;
+            super::print(args.format, &result, sweep::render)
+        }
+        LabCommand::TcWork { .. } => unreachable!("runs before the runtime"),
+        LabCommand::Up { model } => {
+            cnitrace::probe::privileges::check()?;
+            let lab = topology::up(model).await?;
+            eprintln!("cnitrace: lab {} is up:", model.name());
+            for pod in &lab.pods {
+                eprintln!(
+                    "  pod {} in netns {} (host {}), {}",
+                    pod.letter,
+                    pod.netns,
+                    lab.host_netns(pod.host),
+                    pod.ip
+                );
+            }
+            eprintln!("  remove it with `cnitrace lab down`");
+            Ok(())
+        }
+        LabCommand::Down => {
+            let removed = topology::down().await?;
+            eprintln!(
+                "cnitrace: removed {} lab namespace(s){}",
+                removed.len(),
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", removed.join(", "))
+                }
+            );
+            Ok(())
+        }
+        LabCommand::Bench(args) => {
+            let options = bench::BenchOptions {
+                models: if args.models.is_empty() {
+                    Model::ALL.to_vec()
+                } else {
+                    args.models
+                },
+                scenarios: if args.scenario.is_empty() {
+                    vec![Scenario::Intra, Scenario::Inter]
+                } else {
+                    args.scenario
+                },
+                duration_s: args.duration,
+                repeats: args.repeat,
+                backend: Backend::requested(args.backend, args.attach)?,
+                sampler: SamplerConfig {
+                    frequency_hz: args.frequency,
+                    ..SamplerConfig::default()
+                },
+            };
+            bench::validate(&options)?;
+            cnitrace::probe::privileges::check()?;
+            let (bar, progress) = lab_progress();
+            let entries = until_interrupted(bench::run(&options, progress), &bar).await?;
+            if let Some(path) = &args.svg {
+                std::fs::write(path, bench::svg(&entries))
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                eprintln!("cnitrace: chart written to {}", path.display());
+            }
+            match args.format {
+                LabFormat::Table => print!("{}", bench::table(&entries)),
+                LabFormat::Markdown => print!("{}", bench::markdown(&entries)),
+                LabFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+            }
+            Ok(())
+        }
+    }
+}

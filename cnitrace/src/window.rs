@@ -1,0 +1,210 @@
+//! The one path from attached probes to a Breakdown, used by `profile`, the agent's sessions,
+//! its rolling window, `/metrics` and the lab: open a window (start snapshot, rulesets, BPF
+//! statistics), close it (end snapshot, symbolized raw window), compute, apply the netfilter
+//! walk.
+
+use std::sync::Arc;
+
+use crate::{
+    breakdown::{self, Context, PacketSelection, RawWindow},
+    components::{self, COMPONENTS},
+    contract::{Breakdown, PacketUnit, Unavailable},
+    error::Error,
+    kallsyms::Kallsyms,
+    netfilter, netns,
+    probe::{Backend, bpf_stats::StatsGuard},
+    snapshot::Snapshot,
+};
+
+/// What a window needs from the kernel side. [`crate::probe::KernelProbes`] implements it;
+/// router tests use a synthetic one, so everything above the probes runs without privileges.
+pub trait Probes: Send + Sync + 'static {
+    /// The cumulative counters now.
+    fn snapshot(&self) -> Result<Snapshot, Error>;
+    /// The window between two snapshots, symbolized. `bpf_stats` says how BPF run-time
+    /// statistics were enabled over the window, if they were.
+    fn window(
+        &self,
+        start: &Snapshot,
+        end: &Snapshot,
+        bpf_stats: Option<&str>,
+    ) -> Result<RawWindow, Error>;
+    /// Components this node lacks, with the reason.
+    fn unavailable(&self) -> Vec<Unavailable>;
+    /// The backend these probes implement (fixed once attached).
+    fn backend(&self) -> Backend;
+    /// Switches BPF run-time statistics on while the returned guard (shared by every window
+    /// that asked) lives; `None` if the kernel refuses.
+    fn bpf_stats(&self) -> Option<Arc<StatsGuard>> {
+        crate::probe::bpf_stats::shared()
+            .inspect_err(|e| tracing::warn!("BPF run-time statistics unavailable: {e}"))
+            .ok()
+    }
+}
+
+/// What one window measures besides the probes' own counters.
+#[derive(Debug, Clone, Default)]
+pub struct WindowSpec {
+    /// Interfaces whose transmitted packets are the denominator; empty: the busiest one.
+    pub ifaces: Vec<String>,
+    /// Named network namespaces the interfaces may be in.
+    pub netns: Vec<String>,
+    pub unit: PacketUnit,
+    /// Rulesets to read around the window, and whether to count hook entries.
+    pub netfilter: netfilter::Options,
+    /// Enable BPF run-time statistics for the window (exact `bpf` component).
+    pub bpf_stats: bool,
+}
+
+impl WindowSpec {
+    /// Checks what can be checked before anything is attached or read.
+    pub fn validate(&self) -> Result<(), Error> {
+        netns::validate_interfaces(&self.ifaces, &self.netns)
+    }
+
+    fn selection(&self) -> Result<PacketSelection, Error> {
+        Ok(PacketSelection {
+            ifaces: self.ifaces.clone(),
+            netns_inodes: netns::selection_inodes(&self.ifaces, &self.netns)?,
+            unit: self.unit,
+        })
+    }
+}
+
+/// A window that has started: the start snapshot and what was read around it.
+pub struct OpenWindow {
+    start: Snapshot,
+    selection: PacketSelection,
+    rules: Option<netfilter::RulesetWindow>,
+    /// Whether a failure to read the rulesets fails the window (counting was asked for).
+    rules_required: bool,
+    notes: Vec<String>,
+    stats: Option<Arc<StatsGuard>>,
+}
+
+impl OpenWindow {
+    /// Starts a window: BPF statistics on (if asked), rulesets read, start snapshot.
+    pub fn open(probes: &dyn Probes, spec: &WindowSpec) -> Result<Self, Error> {
+        let selection = spec.selection()?;
+        let stats = if spec.bpf_stats {
+            probes.bpf_stats()
+        } else {
+            None
+        };
+        let mut notes = Vec::new();
+        let rules_required = spec.netfilter.count_entries;
+        let rules = match netfilter::RulesetWindow::begin(&spec.netfilter) {
+            Ok(window) => Some(window),
+            // Counting was asked for explicitly; reading rules is a best-effort extra.
+            Err(e) if !rules_required => {
+                notes.push(format!("rulesets not read: {e}"));
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let start = probes.snapshot()?;
+        Ok(Self {
+            start,
+            selection,
+            rules,
+            rules_required,
+            notes,
+            stats,
+        })
+    }
+
+    pub fn start(&self) -> &Snapshot {
+        &self.start
+    }
+
+    /// Ends the window now and computes its Breakdown, netfilter section included.
+    pub fn close(self, probes: &dyn Probes) -> Result<Breakdown, Error> {
+        let end = probes.snapshot()?;
+        let mut notes = self.notes;
+        let walks = match self.rules.map(netfilter::RulesetWindow::end).transpose() {
+            Ok(walks) => walks,
+            Err(e) if !self.rules_required => {
+                notes.push(format!("rulesets not read: {e}"));
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let mode = self.stats.as_deref().map(StatsGuard::mode);
+        let mut breakdown = between(probes, &self.start, &end, &self.selection, mode)?;
+        drop(self.stats);
+        let (chains, walk_notes) = walks.unwrap_or_default();
+        notes.extend(walk_notes);
+        netfilter::apply(&mut breakdown.netfilter, chains, notes);
+        Ok(breakdown)
+    }
+}
+
+/// The Breakdown between two snapshots already taken (rolling windows, scrapes): no rulesets.
+pub fn between(
+    probes: &dyn Probes,
+    start: &Snapshot,
+    end: &Snapshot,
+    selection: &PacketSelection,
+    bpf_stats: Option<&str>,
+) -> Result<Breakdown, Error> {
+    let raw = probes.window(start, end, bpf_stats)?;
+    let context = Context {
+        node: node_name(),
+        kernel: kernel_release(),
+        backend: probes.backend().name().to_owned(),
+        unavailable: probes.unavailable(),
+    };
+    Ok(breakdown::compute(&raw, &context, selection))
+}
+
+/// The node name: NODE_NAME (the DaemonSet sets it from spec.nodeName), else the hostname.
+pub fn node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname().map_or_else(
+        |_| "unknown".to_owned(),
+        |u| u.release().to_string_lossy().into_owned(),
+    )
+}
+
+/// Components whose code is absent from this kernel, with the reason.
+pub fn unavailable_components(kallsyms: &Kallsyms) -> Vec<Unavailable> {
+    let present: std::collections::HashSet<&str> =
+        kallsyms.names().map(components::base_name).collect();
+    COMPONENTS
+        .iter()
+        .filter_map(|c| {
+            components::unavailable_reason(c, |s| present.contains(s)).map(|reason| Unavailable {
+                name: c.name.to_owned(),
+                reason,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_lists_absent_components_with_reasons() {
+        let syms =
+            Kallsyms::parse("ffffffff81000000 t br_forward\nffffffff81000100 t nf_hook_slow\n");
+        let unavailable = unavailable_components(&syms);
+        let names: Vec<&str> = unavailable.iter().map(|u| u.name.as_str()).collect();
+        assert!(names.contains(&"ipip") && names.contains(&"vxlan") && names.contains(&"ovs"));
+        assert!(!names.contains(&"bridge") && !names.contains(&"netfilter"));
+        assert!(!names.contains(&"other") && !names.contains(&"bpf"));
+        assert!(unavailable.iter().all(|u| !u.reason.is_empty()));
+    }
+}
