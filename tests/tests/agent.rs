@@ -32,7 +32,8 @@ fn agent_session_round_trip_metrics_and_sigterm() {
     assert_eq!(status, 200, "{body}");
     let traffic = topo.start_iperf3(5).expect("iperf3");
     thread::sleep(Duration::from_millis(700));
-    let request = json!({"ifaces": [topo.client_iface], "netns": [topo.client]});
+    // The node namespace holds the 50 FORWARD rules: naming it has the agent read its ruleset.
+    let request = json!({"ifaces": [topo.client_iface], "netns": [topo.client, topo.node]});
     let (status, body) = agent
         .request("POST", "/api/v1/sessions", Some(&request))
         .unwrap();
@@ -57,6 +58,20 @@ fn agent_session_round_trip_metrics_and_sigterm() {
     assert!(component_cycles(b, "netfilter") > 0);
     assert!(b["packets"]["count"].as_u64().unwrap() > 10_000);
     assert_eq!(b["packets"]["interfaces"][0], topo.client_iface.as_str());
+    // A session takes the same window path as `profile`: the rulesets read around it give
+    // the FORWARD hook its chains and rules.
+    let forward = b["netfilter"]["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["netns"] == topo.node.as_str() && c["hook"] == "FORWARD" && c["table"] == "filter"
+        })
+        .unwrap_or_else(|| panic!("no FORWARD chain walk: {}", b["netfilter"]));
+    assert!(
+        forward["rules"].as_u64().unwrap() >= 50,
+        "rules of the node's FORWARD chain: {forward}"
+    );
 
     let (status, text) = agent.request("GET", "/metrics", None).unwrap();
     assert_eq!(status, 200);
