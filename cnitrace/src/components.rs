@@ -23,7 +23,7 @@ impl Pattern {
     }
 }
 
-/// One top-level component of the public contract (DESIGN.md section 3).
+/// One top-level component of the public contract (`contract::Breakdown::components`).
 #[derive(Debug)]
 pub struct Component {
     pub name: &'static str,
@@ -33,6 +33,10 @@ pub struct Component {
     pub anchors: &'static [&'static str],
     /// What to do when the anchors are missing.
     pub missing_hint: &'static str,
+    /// The colour of this component in every chart (lab SVG, live page).
+    pub colour: &'static str,
+    /// The entry points the tracing backend attaches to (exclusive time per component).
+    pub traced: &'static [&'static str],
 }
 
 pub const OTHER: &str = "other";
@@ -48,63 +52,100 @@ pub const COMPONENTS: &[Component] = &[
         name: "bridge",
         description: "Linux bridge forwarding (br_handle_frame, br_forward, br_dev_xmit)",
         anchors: &["br_forward", "br_handle_frame"],
+        colour: "#4e79a7",
+        traced: &["br_handle_frame", "br_forward", "br_dev_xmit"],
         missing_hint: "the bridge module is not loaded (CONFIG_BRIDGE)",
     },
     Component {
         name: "ip_forward",
         description: "IP forwarding and FIB lookups (ip_forward, fib_table_lookup, ip_route_input)",
         anchors: &["ip_forward", "fib_table_lookup"],
+        colour: "#f28e2b",
+        traced: &["ip_forward", "fib_table_lookup"],
         missing_hint: "IPv4 forwarding code is absent",
     },
     Component {
         name: "netfilter",
         description: "netfilter hooks, rule evaluation, conntrack, NAT, bridge-netfilter glue",
         anchors: &["nf_hook_slow"],
+        colour: "#e15759",
+        traced: &["nf_hook_slow"],
         missing_hint: "netfilter is not built in (CONFIG_NETFILTER)",
     },
     Component {
         name: "vxlan",
         description: "VXLAN encapsulation and decapsulation (vxlan_xmit, vxlan_rcv)",
         anchors: &["vxlan_xmit", "vxlan_rcv"],
+        colour: "#76b7b2",
+        traced: &["vxlan_xmit", "vxlan_rcv"],
         missing_hint: "the vxlan module is not loaded (CONFIG_VXLAN); it loads when a vxlan device is created",
     },
     Component {
         name: "ipip",
         description: "IP-in-IP tunnels (ipip_tunnel_xmit, ipip_rcv, ip_tunnel_*)",
         anchors: &["ipip_tunnel_xmit", "ipip_rcv"],
+        colour: "#59a14f",
+        traced: &["ipip_tunnel_xmit", "ipip_rcv"],
         missing_hint: "the ipip module is not loaded or not built (CONFIG_NET_IPIP)",
     },
     Component {
         name: "bpf",
         description: "eBPF programs on the datapath (JITed bpf_prog_* images and their helpers)",
         anchors: &[],
+        colour: "#edc948",
+        traced: &[],
         missing_hint: "",
     },
     Component {
         name: "veth",
         description: "virtual ethernet pairs (veth_xmit, veth_poll)",
         anchors: &["veth_xmit"],
+        colour: "#b07aa1",
+        traced: &["veth_xmit", "veth_poll"],
         missing_hint: "the veth module is not loaded (CONFIG_VETH)",
     },
     Component {
         name: "ovs",
         description: "Open vSwitch kernel datapath (ovs_dp_process_packet, ovs_execute_actions)",
         anchors: &["ovs_dp_process_packet", "ovs_vport_receive"],
+        colour: "#ff9da7",
+        traced: &["ovs_dp_process_packet", "ovs_vport_receive"],
         missing_hint: "the openvswitch module is not loaded or not built (CONFIG_OPENVSWITCH)",
     },
     Component {
         name: "tunnel_offload",
         description: "in-kernel segmentation and checksums a NIC could offload (skb_segment, ip_send_check, skb_checksum_help)",
         anchors: &["skb_segment"],
+        colour: "#9c755f",
+        traced: &["skb_segment", "skb_checksum_help"],
         missing_hint: "GSO code is absent",
     },
     Component {
         name: OTHER,
         description: "every other busy cycle: the endpoints' TCP/IP stacks, user space, scheduler, cnitrace itself",
         anchors: &[],
+        colour: "#bab0ac",
+        traced: &[],
         missing_hint: "",
     },
 ];
+
+/// The colour of a component, or of `other` for anything not in the taxonomy.
+pub fn colour(name: &str) -> &'static str {
+    let base = name.split('.').next().unwrap_or(name);
+    COMPONENTS
+        .iter()
+        .find(|c| c.name == base)
+        .or_else(|| COMPONENTS.iter().find(|c| c.name == OTHER))
+        .map_or("#bab0ac", |c| c.colour)
+}
+
+/// Every (function, component) the tracing backend attaches to, in taxonomy order.
+pub fn traced_functions() -> impl Iterator<Item = (&'static str, &'static str)> {
+    COMPONENTS
+        .iter()
+        .flat_map(|c| c.traced.iter().map(move |f| (*f, c.name)))
+}
 
 /// Ordered rules: the first rule that matches a function decides its (sub-)component.
 /// Specific rules come before the broader prefixes they overlap with.

@@ -74,7 +74,7 @@ pub struct ComponentEstimate {
     pub cpp: Estimate,
 }
 
-/// One model and scenario (DESIGN.md: model, scenario, throughput_gbps, rtt_us, repeats,
+/// One model and scenario (the lab JSON contract: model, scenario, throughput_gbps, rtt_us, repeats,
 /// breakdown), plus the spread over the repeats.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchEntry {
@@ -381,22 +381,6 @@ pub fn markdown(entries: &[BenchEntry]) -> String {
     out
 }
 
-/// Colours per component; bars stack in the taxonomy's order, bottom first.
-fn colour(component: &str) -> &'static str {
-    match component {
-        "bridge" => "#4e79a7",
-        "ip_forward" => "#f28e2b",
-        "netfilter" => "#e15759",
-        "vxlan" => "#76b7b2",
-        "ipip" => "#59a14f",
-        "bpf" => "#edc948",
-        "veth" => "#b07aa1",
-        "ovs" => "#ff9da7",
-        "tunnel_offload" => "#9c755f",
-        _ => "#bab0ac",
-    }
-}
-
 /// A stacked bar per model and scenario: cycles per packet split by component.
 pub fn svg(entries: &[BenchEntry]) -> String {
     let bars: Vec<&BenchEntry> = entries.iter().filter(|e| e.unavailable.is_none()).collect();
@@ -432,7 +416,7 @@ pub fn svg(entries: &[BenchEntry]) -> String {
         let x = left + gap / 2.0 + index as f64 * (bar_width + gap);
         let mut y = top + plot_height;
         for component in COMPONENTS {
-            let (name, colour) = (component.name, colour(component.name));
+            let (name, colour) = (component.name, component.colour);
             let cpp = component_cpp(entry, name).map_or(0.0, |c| c.mean);
             let h = plot_height * cpp / max;
             if h > 0.0 {
@@ -458,7 +442,7 @@ pub fn svg(entries: &[BenchEntry]) -> String {
     }
     let legend_x = width - 150.0;
     for (index, component) in COMPONENTS.iter().rev().enumerate() {
-        let (name, colour) = (component.name, colour(component.name));
+        let (name, colour) = (component.name, component.colour);
         let y = top + index as f64 * 18.0;
         let _ = writeln!(
             out,

@@ -44,26 +44,6 @@ pub enum AttachMode {
     Kprobe,
 }
 
-/// The functions traced, by component: each component's entry points.
-pub const TARGETS: &[(&str, &str)] = &[
-    ("br_handle_frame", "bridge"),
-    ("br_forward", "bridge"),
-    ("br_dev_xmit", "bridge"),
-    ("ip_forward", "ip_forward"),
-    ("fib_table_lookup", "ip_forward"),
-    ("nf_hook_slow", "netfilter"),
-    ("vxlan_xmit", "vxlan"),
-    ("vxlan_rcv", "vxlan"),
-    ("ipip_tunnel_xmit", "ipip"),
-    ("ipip_rcv", "ipip"),
-    ("veth_xmit", "veth"),
-    ("veth_poll", "veth"),
-    ("ovs_dp_process_packet", "ovs"),
-    ("ovs_vport_receive", "ovs"),
-    ("skb_segment", "tunnel_offload"),
-    ("skb_checksum_help", "tunnel_offload"),
-];
-
 /// The function the probe-pair cost is calibrated on: getpid() calls it once per call, and it
 /// is in vmlinux BTF (syscall wrappers are not, on every kernel).
 const CALIBRATION_TARGET: &str = "__task_pid_nr_ns";
@@ -143,9 +123,8 @@ fn resolve<'a>(kallsyms: &'a Kallsyms, function: &str) -> Option<(&'a str, u64)>
 
 /// How each traced function would attach in auto mode, without attaching (for `doctor`).
 pub fn plan(kallsyms: &Kallsyms, trampolines: bool, kprobes: bool) -> Vec<TracedFunction> {
-    TARGETS
-        .iter()
-        .map(|&(function, component)| {
+    crate::components::traced_functions()
+        .map(|(function, component)| {
             let (mode, note) = match resolve(kallsyms, function) {
                 None => ("not attached", Some(NOT_IN_KALLSYMS.to_owned())),
                 Some((symbol, _)) if trampolines && !kallsyms.in_module(symbol) => (
@@ -209,7 +188,7 @@ pub fn attach(
             .map_err(|e| Error::map(map::TRACE_SLOTS, e))?;
     }
 
-    for &(function, component) in TARGETS {
+    for (function, component) in crate::components::traced_functions() {
         let id = component_id(component).expect("taxonomy component");
         let Some((symbol, address)) = resolve(kallsyms, function) else {
             state.functions.push(TracedFunction::new(
@@ -489,17 +468,20 @@ mod tests {
 
     #[test]
     fn every_target_is_a_taxonomy_component_and_fits_the_maps() {
-        for (function, component) in TARGETS {
+        for (function, component) in crate::components::traced_functions() {
             let id = component_id(component).unwrap_or_else(|| panic!("{function}: {component}"));
             assert!(id < CALIBRATION_COMPONENT);
             // The sampling taxonomy puts the function in the same component.
             assert_eq!(
                 crate::components::classify(function).map(crate::components::top_level),
-                Some(*component),
+                Some(component),
                 "{function}"
             );
         }
-        assert!(TARGETS.len() < cnitrace_common::MAX_TRACE_FUNCTIONS as usize);
+        assert!(
+            crate::components::traced_functions().count()
+                < cnitrace_common::MAX_TRACE_FUNCTIONS as usize
+        );
         assert!(COMPONENTS.len() < CALIBRATION_COMPONENT as usize);
     }
 }

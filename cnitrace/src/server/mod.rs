@@ -233,8 +233,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-async fn index() -> Html<&'static str> {
-    Html(page::INDEX)
+async fn index() -> Html<String> {
+    Html(page::index())
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -1,7 +1,19 @@
 //! The page at `/`: the live breakdown as a stacked bar per component (like figs. 9 and 11 of
 //! the paper), the sessions, and a session's breakdown. Self-contained: no external resources.
 
-pub const INDEX: &str = r##"<!doctype html>
+/// The page with the taxonomy's colours filled in (the same as the lab's SVG charts).
+pub fn index() -> String {
+    let colours: serde_json::Map<String, serde_json::Value> = crate::components::COMPONENTS
+        .iter()
+        .map(|c| (c.name.to_owned(), c.colour.into()))
+        .collect();
+    TEMPLATE.replace(
+        "__COLOURS__",
+        &serde_json::Value::Object(colours).to_string(),
+    )
+}
+
+const TEMPLATE: &str = r##"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cnitrace</title>
 <style>
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
@@ -21,7 +33,7 @@ td:first-child,th:first-child{text-align:left} .muted{color:#777} button{margin-
 <h2 id="session-title"></h2>
 <div id="session-bar" class="bar" style="display:none"></div><div id="session-legend" class="legend"></div><div id="session-table"></div>
 <script>
-const COLORS={bridge:"#1f77b4",ip_forward:"#ff7f0e",netfilter:"#d62728",vxlan:"#9467bd",ipip:"#8c564b",bpf:"#2ca02c",veth:"#17becf",ovs:"#bcbd22",tunnel_offload:"#e377c2",other:"#bbbbbb"};
+const COLORS=__COLOURS__;
 function headers(){const t=localStorage.getItem("cnitrace-token");return t?{"Authorization":"Bearer "+t}:{};}
 function saveToken(){localStorage.setItem("cnitrace-token",document.getElementById("token").value);document.getElementById("auth").style.display="none";refresh();}
 async function api(path,opts={}){const r=await fetch(path,{...opts,headers:{...headers(),"Content-Type":"application/json"}});
