@@ -167,6 +167,16 @@ pub struct Context {
     pub unavailable: Vec<Unavailable>,
 }
 
+/// Program types that run per packet on the network datapath (the `bpf` component).
+pub fn is_datapath_type(program_type: u32) -> bool {
+    // SCHED_CLS 3, SCHED_ACT 4, XDP 6, CGROUP_SKB 8, LWT_IN/OUT/XMIT 10-12, SK_SKB 14,
+    // SK_MSG 16, LWT_SEG6LOCAL 19, FLOW_DISSECTOR 22, NETFILTER 32.
+    matches!(
+        program_type,
+        3 | 4 | 6 | 8 | 10 | 11 | 12 | 14 | 16 | 19 | 22 | 32
+    )
+}
+
 /// The dotted class of one sample, or `None` if the CPU was idle.
 pub fn attribute(sample: &StackSample) -> Option<&'static str> {
     if sample.flags & SAMPLE_FLAG_USER != 0 {
@@ -363,7 +373,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         let ns: u64 = raw
             .bpf_programs
             .iter()
-            .filter(|p| !p.is_own() && crate::probe::bpf_stats::is_datapath_type(p.program_type))
+            .filter(|p| !p.is_own() && is_datapath_type(p.program_type))
             .map(|p| p.run_time_ns)
             .sum();
         (ns as f64 * raw.clock.cycles_per_ns).round() as u64
@@ -459,7 +469,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
                 run_time_ns: p.run_time_ns,
                 cycles,
                 cpp: per_packet(cycles, packets.count),
-                datapath: crate::probe::bpf_stats::is_datapath_type(p.program_type),
+                datapath: is_datapath_type(p.program_type),
             }
         })
         .collect();
@@ -750,6 +760,12 @@ fn cpu_split(raw: &RawWindow, bytes: u64) -> CpuSplit {
 mod tests {
     use super::*;
     use crate::contract::ClockSource;
+
+    #[test]
+    fn datapath_program_types() {
+        assert!(is_datapath_type(3) && is_datapath_type(6));
+        assert!(!is_datapath_type(7) && !is_datapath_type(17)); // perf_event, raw_tracepoint
+    }
 
     fn stack(frames: &[&str], flags: u32, count: u64, period: u64) -> StackSample {
         StackSample {

@@ -147,6 +147,22 @@ pub fn traced_functions() -> impl Iterator<Item = (&'static str, &'static str)> 
         .flat_map(|c| c.traced.iter().map(move |f| (*f, c.name)))
 }
 
+/// Components whose code is absent from this kernel, with the reason.
+pub fn unavailable(kallsyms: &crate::kallsyms::Kallsyms) -> Vec<crate::contract::Unavailable> {
+    let present: std::collections::HashSet<&str> = kallsyms.names().map(base_name).collect();
+    COMPONENTS
+        .iter()
+        .filter_map(|c| {
+            unavailable_reason(c, |s| present.contains(s)).map(|reason| {
+                crate::contract::Unavailable {
+                    name: c.name.to_owned(),
+                    reason,
+                }
+            })
+        })
+        .collect()
+}
+
 /// Ordered rules: the first rule that matches a function decides its (sub-)component.
 /// Specific rules come before the broader prefixes they overlap with.
 const RULES: &[(Pattern, &str)] = &[
@@ -265,11 +281,7 @@ const INTERRUPT_FRAMES: &[Pattern] = &[
     Pattern::Exact("net_tx_action"),
 ];
 
-/// Drops compiler-generated suffixes (`.cold`, `.isra.0`, `.constprop.0`, `.part.0`), so the
-/// split-off parts of a function count as the function.
-pub fn base_name(symbol: &str) -> &str {
-    symbol.split_once('.').map_or(symbol, |(base, _)| base)
-}
+pub use crate::kallsyms::base_name;
 
 /// The dotted (sub-)component a kernel function belongs to, or `None` if it is outside the
 /// datapath taxonomy. cnitrace's own programs map to [`SELF_COST`].
@@ -426,5 +438,18 @@ mod tests {
         assert!(is_interrupt_frame("handle_softirqs"));
         assert!(!is_interrupt_frame("default_idle"));
         assert!(!is_interrupt_frame("do_idle"));
+    }
+
+    #[test]
+    fn unavailable_lists_absent_components_with_reasons() {
+        let syms = crate::kallsyms::Kallsyms::parse(
+            "ffffffff81000000 t br_forward\nffffffff81000100 t nf_hook_slow\n",
+        );
+        let unavailable = unavailable(&syms);
+        let names: Vec<&str> = unavailable.iter().map(|u| u.name.as_str()).collect();
+        assert!(names.contains(&"ipip") && names.contains(&"vxlan") && names.contains(&"ovs"));
+        assert!(!names.contains(&"bridge") && !names.contains(&"netfilter"));
+        assert!(!names.contains(&"other") && !names.contains(&"bpf"));
+        assert!(unavailable.iter().all(|u| !u.reason.is_empty()));
     }
 }

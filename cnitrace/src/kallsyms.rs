@@ -4,6 +4,12 @@ use std::path::Path;
 
 use crate::error::Error;
 
+/// Drops compiler-generated suffixes (`.cold`, `.isra.0`, `.constprop.0`, `.part.0`), so the
+/// split-off parts of a function count as the function.
+pub fn base_name(symbol: &str) -> &str {
+    symbol.split_once('.').map_or(symbol, |(base, _)| base)
+}
+
 /// Text symbols of the running kernel, its modules and JITed BPF programs.
 #[derive(Debug, Default)]
 pub struct Kallsyms {
@@ -74,9 +80,7 @@ impl Kallsyms {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.names
-            .iter()
-            .any(|n| crate::components::base_name(n) == name)
+        self.names.iter().any(|n| base_name(n) == name)
     }
 
     pub fn len(&self) -> usize {

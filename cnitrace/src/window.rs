@@ -5,42 +5,15 @@
 
 use std::sync::Arc;
 
+pub use crate::probe::Probes;
 use crate::{
-    breakdown::{self, Context, PacketSelection, RawWindow},
-    components::{self, COMPONENTS},
-    contract::{Breakdown, PacketUnit, Unavailable},
+    breakdown::{self, Context, PacketSelection},
+    contract::{Breakdown, PacketUnit},
     error::Error,
-    kallsyms::Kallsyms,
     netfilter, netns,
-    probe::{Backend, bpf_stats::StatsGuard},
+    probe::bpf_stats::StatsGuard,
     snapshot::Snapshot,
 };
-
-/// What a window needs from the kernel side. [`crate::probe::KernelProbes`] implements it;
-/// router tests use a synthetic one, so everything above the probes runs without privileges.
-pub trait Probes: Send + Sync + 'static {
-    /// The cumulative counters now.
-    fn snapshot(&self) -> Result<Snapshot, Error>;
-    /// The window between two snapshots, symbolized. `bpf_stats` says how BPF run-time
-    /// statistics were enabled over the window, if they were.
-    fn window(
-        &self,
-        start: &Snapshot,
-        end: &Snapshot,
-        bpf_stats: Option<&str>,
-    ) -> Result<RawWindow, Error>;
-    /// Components this node lacks, with the reason.
-    fn unavailable(&self) -> Vec<Unavailable>;
-    /// The backend these probes implement (fixed once attached).
-    fn backend(&self) -> Backend;
-    /// Switches BPF run-time statistics on while the returned guard (shared by every window
-    /// that asked) lives; `None` if the kernel refuses.
-    fn bpf_stats(&self) -> Option<Arc<StatsGuard>> {
-        crate::probe::bpf_stats::shared()
-            .inspect_err(|e| tracing::warn!("BPF run-time statistics unavailable: {e}"))
-            .ok()
-    }
-}
 
 /// What one window measures besides the probes' own counters.
 #[derive(Debug, Clone, Default)]
@@ -175,36 +148,4 @@ pub fn kernel_release() -> String {
         |_| "unknown".to_owned(),
         |u| u.release().to_string_lossy().into_owned(),
     )
-}
-
-/// Components whose code is absent from this kernel, with the reason.
-pub fn unavailable_components(kallsyms: &Kallsyms) -> Vec<Unavailable> {
-    let present: std::collections::HashSet<&str> =
-        kallsyms.names().map(components::base_name).collect();
-    COMPONENTS
-        .iter()
-        .filter_map(|c| {
-            components::unavailable_reason(c, |s| present.contains(s)).map(|reason| Unavailable {
-                name: c.name.to_owned(),
-                reason,
-            })
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unavailable_lists_absent_components_with_reasons() {
-        let syms =
-            Kallsyms::parse("ffffffff81000000 t br_forward\nffffffff81000100 t nf_hook_slow\n");
-        let unavailable = unavailable_components(&syms);
-        let names: Vec<&str> = unavailable.iter().map(|u| u.name.as_str()).collect();
-        assert!(names.contains(&"ipip") && names.contains(&"vxlan") && names.contains(&"ovs"));
-        assert!(!names.contains(&"bridge") && !names.contains(&"netfilter"));
-        assert!(!names.contains(&"other") && !names.contains(&"bpf"));
-        assert!(unavailable.iter().all(|u| !u.reason.is_empty()));
-    }
 }

@@ -58,7 +58,7 @@ pub fn run(args: &ImportPerfArgs) -> anyhow::Result<()> {
         raw.ifaces.push(device);
     }
     let unavailable = cnitrace::kallsyms::Kallsyms::load()
-        .map(|k| window::unavailable_components(&k))
+        .map(|k| cnitrace::components::unavailable(&k))
         .unwrap_or_default();
     let context = breakdown::Context {
         node: window::node_name(),

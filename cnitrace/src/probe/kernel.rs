@@ -16,7 +16,7 @@ use cnitrace_common::{
 };
 
 use super::{
-    Backend, EBPF_OBJECT, bpf_stats, btf, clock, map_ref, privileges, program_mut,
+    Backend, EBPF_OBJECT, Probes, bpf_stats, btf, clock, map_ref, privileges, program_mut,
     sampling::{self, SamplerConfig, validate_frequency},
     trace,
 };
@@ -26,7 +26,6 @@ use crate::{
     error::Error,
     kallsyms::Kallsyms,
     snapshot::Snapshot,
-    window::{Probes, unavailable_components},
 };
 
 /// The loaded and attached probes: the packet and softirq counters, and either the stack
@@ -407,7 +406,7 @@ impl Probes for KernelProbes {
             .unavailable
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(unavailable_components(&kallsyms));
+            Some(crate::components::unavailable(&kallsyms));
         self.symbolized_window(start, end, &kallsyms, bpf_stats)
     }
 
@@ -425,7 +424,7 @@ impl Probes for KernelProbes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         cached.unwrap_or_else(|| match Kallsyms::load() {
-            Ok(syms) => unavailable_components(&syms),
+            Ok(syms) => crate::components::unavailable(&syms),
             Err(e) => crate::components::COMPONENTS
                 .iter()
                 .map(|c| Unavailable {

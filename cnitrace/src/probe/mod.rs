@@ -10,12 +10,40 @@ pub mod sampling;
 pub mod trace;
 pub mod tracefs;
 
+use std::sync::Arc;
+
 use aya::Ebpf;
 
 pub use kernel::KernelProbes;
 pub use trace::AttachMode;
 
-use crate::error::Error;
+use crate::{breakdown::RawWindow, contract::Unavailable, error::Error, snapshot::Snapshot};
+
+/// What a window needs from the kernel side. [`KernelProbes`] implements it;
+/// router tests use a synthetic one, so everything above the probes runs without privileges.
+pub trait Probes: Send + Sync + 'static {
+    /// The cumulative counters now.
+    fn snapshot(&self) -> Result<Snapshot, Error>;
+    /// The window between two snapshots, symbolized. `bpf_stats` says how BPF run-time
+    /// statistics were enabled over the window, if they were.
+    fn window(
+        &self,
+        start: &Snapshot,
+        end: &Snapshot,
+        bpf_stats: Option<&str>,
+    ) -> Result<RawWindow, Error>;
+    /// Components this node lacks, with the reason.
+    fn unavailable(&self) -> Vec<Unavailable>;
+    /// The backend these probes implement (fixed once attached).
+    fn backend(&self) -> Backend;
+    /// Switches BPF run-time statistics on while the returned guard (shared by every window
+    /// that asked) lives; `None` if the kernel refuses.
+    fn bpf_stats(&self) -> Option<Arc<bpf_stats::StatsGuard>> {
+        bpf_stats::shared()
+            .inspect_err(|e| tracing::warn!("BPF run-time statistics unavailable: {e}"))
+            .ok()
+    }
+}
 
 /// How cycles are attributed to components: stack sampling, or entry/exit probes on each
 /// component's functions attached as the mode says.
