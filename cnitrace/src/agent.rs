@@ -74,8 +74,12 @@ pub struct Agent {
     sessions: Mutex<BTreeMap<u64, SessionEntry>>,
     /// One snapshot per second, newest last.
     ring: Mutex<VecDeque<Snapshot>>,
+    /// When a rolling window was last read (seconds since start; [`NEVER`] before the first).
+    rolling_read_s: AtomicU64,
     started: Instant,
 }
+
+const NEVER: u64 = u64::MAX;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock must not take the agent down with it.
@@ -92,6 +96,7 @@ impl Agent {
             next_id: AtomicU64::new(1),
             sessions: Mutex::new(BTreeMap::new()),
             ring: Mutex::new(VecDeque::new()),
+            rolling_read_s: AtomicU64::new(NEVER),
             started: Instant::now(),
         }
     }
@@ -104,15 +109,25 @@ impl Agent {
         self.probes.as_ref()
     }
 
-    /// Adds a snapshot to the rolling ring (called once a second).
-    pub fn tick(&self) -> Result<(), crate::Error> {
+    /// Adds a snapshot to the rolling ring (called once a second) while someone reads rolling
+    /// windows: an agent nobody asks anything reads no map and keeps no history. Returns
+    /// whether a snapshot was taken.
+    pub fn tick(&self) -> Result<bool, crate::Error> {
+        let last_read = self.rolling_read_s.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_secs();
+        if last_read == NEVER || now.saturating_sub(last_read) > MAX_ROLLING_S {
+            let mut ring = lock(&self.ring);
+            ring.clear();
+            ring.shrink_to_fit();
+            return Ok(false);
+        }
         let snapshot = self.probes.snapshot()?;
         let mut ring = lock(&self.ring);
         ring.push_back(snapshot);
         while ring.len() > MAX_ROLLING_S as usize + 1 {
             ring.pop_front();
         }
-        Ok(())
+        Ok(true)
     }
 
     fn validate(&self, request: &SessionRequest) -> Result<WindowSpec, AgentError> {
@@ -281,11 +296,18 @@ impl Agent {
                 .min_by_key(|s| s.mono.elapsed().abs_diff(wanted))
                 .cloned()
         };
+        let idle = self
+            .rolling_read_s
+            .swap(self.started.elapsed().as_secs(), Ordering::Relaxed)
+            == NEVER;
         let Some(start) = start else {
-            return Err(AgentError::Conflict(format!(
-                "no history yet (the agent started {:.1} s ago); try again in a second",
-                self.started.elapsed().as_secs_f64()
-            )));
+            return Err(AgentError::Conflict(if idle {
+                "no history: the rolling window records only while it is read (it starts now); \
+                 try again in a second"
+                    .to_owned()
+            } else {
+                "no history yet; try again in a second".to_owned()
+            }));
         };
         let end = self.probes.snapshot()?;
         Ok(window::between(

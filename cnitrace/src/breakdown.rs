@@ -123,6 +123,11 @@ pub struct RawWindow {
     pub ifaces: Vec<IfaceCounters>,
     /// Per softirq vector (index = vector number).
     pub softirq: Vec<SoftirqStats>,
+    /// Whether `softirq` carries handler times (exact probes); otherwise only run counts, and
+    /// times come from the sampled stacks.
+    pub softirq_timed: bool,
+    /// What counted `ifaces` (`packets.source` names it).
+    pub packet_counter: String,
     /// CPU time by state over the window, all CPUs.
     pub cpu: CpuTicks,
     /// BPF programs that ran in the window.
@@ -246,7 +251,11 @@ fn device_name(c: &IfaceCounters) -> String {
 /// every hop of a benchmark flow transmits the same data packets, so the busiest device carries
 /// the benchmark without double counting across hops. With `--iface`, the named devices in the
 /// allowed namespaces, summed.
-pub fn select_packets(devices: &[IfaceCounters], selection: &PacketSelection) -> Packets {
+pub fn select_packets(
+    devices: &[IfaceCounters],
+    selection: &PacketSelection,
+    counter: &str,
+) -> Packets {
     let chosen: Vec<&IfaceCounters> = if selection.ifaces.is_empty() {
         devices
             .iter()
@@ -285,13 +294,13 @@ pub fn select_packets(devices: &[IfaceCounters], selection: &PacketSelection) ->
         .collect();
     let source = match (selection.ifaces.is_empty(), located.is_empty()) {
         (true, false) => format!(
-            "net_dev_start_xmit on {} (the busiest device in the window; choose with --iface)",
+            "{counter} on {} (the busiest device in the window; choose with --iface)",
             located.join(", ")
         ),
-        (true, true) => "net_dev_start_xmit: no device transmitted in the window".to_owned(),
-        (false, false) => format!("net_dev_start_xmit summed over {}", located.join(", ")),
+        (true, true) => format!("{counter}: no device transmitted in the window"),
+        (false, false) => format!("{counter} summed over {}", located.join(", ")),
         (false, true) => format!(
-            "net_dev_start_xmit: {} transmitted nothing in the window",
+            "{counter}: {} transmitted nothing in the window",
             selection.ifaces.join(", ")
         ),
     };
@@ -341,7 +350,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
     }
     let busy_period: u64 = period_by_class.values().sum();
     let mut total_cycles = (busy_period as f64 * raw.clock.cycles_per_period_unit()).round() as u64;
-    let packets = select_packets(&raw.ifaces, selection);
+    let packets = select_packets(&raw.ifaces, selection, &raw.packet_counter);
     let traced = raw
         .trace
         .as_ref()
@@ -704,8 +713,99 @@ impl HookCost {
     }
 }
 
+/// Ethernet, IPv4 and TCP headers with the timestamp option: the bytes every segment of a TCP
+/// stream carries besides its payload.
+const SEGMENT_HEADERS: u64 = 14 + 20 + 32;
+
+/// Wire segments of `skbs` transmitted skbs carrying `bytes` on a device of `mtu`: a GSO skb
+/// of n full segments is `SEGMENT_HEADERS + n * (mtu - 52)` bytes long, a small skb is one
+/// segment. Exact for full-sized TCP segments; a partial last segment counts as its fraction.
+pub fn segments(skbs: u64, bytes: u64, mtu: u32) -> u64 {
+    let payload_per_segment = u64::from(mtu).saturating_sub(52);
+    if payload_per_segment == 0 {
+        return skbs;
+    }
+    let payload = bytes.saturating_sub(skbs * SEGMENT_HEADERS);
+    (payload as f64 / payload_per_segment as f64)
+        .round()
+        .max(skbs as f64) as u64
+}
+
+/// Parses /proc/softirqs: per vector (in [`SOFTIRQ_NAMES`] order), runs summed over CPUs.
+pub fn parse_proc_softirqs(text: &str) -> Vec<u64> {
+    let mut counts = vec![0; SOFTIRQ_NAMES.len()];
+    for line in text.lines().skip(1) {
+        let Some((name, per_cpu)) = line.split_once(':') else {
+            continue;
+        };
+        if let Some(vector) = SOFTIRQ_NAMES.iter().position(|n| *n == name.trim()) {
+            counts[vector] = per_cpu
+                .split_whitespace()
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum();
+        }
+    }
+    counts
+}
+
+/// Each vector's handler, as it appears on a stack sampled while the handler ran.
+const SOFTIRQ_HANDLERS: [&[&str]; 10] = [
+    &["tasklet_hi_action"],
+    &["run_timer_softirq"],
+    &["net_tx_action"],
+    &["net_rx_action"],
+    &["blk_done_softirq"],
+    &["irq_poll_softirq"],
+    &["tasklet_action"],
+    &["sched_balance_softirq", "run_rebalance_domains"],
+    &["hrtimer_run_softirq"],
+    &["rcu_core_si"],
+];
+
+/// Handler times per vector from the sampled stacks: a sample with a vector's handler on its
+/// stack was spent in that handler (in ksoftirqd when `run_ksoftirqd` is below it).
+fn sampled_softirq_times(raw: &RawWindow) -> Vec<SoftirqStats> {
+    let ns_per_unit = match raw.clock.source {
+        crate::contract::ClockSource::CpuClock => 1.0,
+        crate::contract::ClockSource::PmuCycles => 1.0 / raw.clock.cycles_per_ns,
+    };
+    let mut stats: Vec<SoftirqStats> = raw
+        .softirq
+        .iter()
+        .map(|s| SoftirqStats {
+            count: s.count,
+            ..SoftirqStats::default()
+        })
+        .collect();
+    for sample in &raw.samples {
+        let Some(vector) = sample.frames.iter().find_map(|frame| {
+            let name = components::base_name(frame);
+            SOFTIRQ_HANDLERS
+                .iter()
+                .position(|handlers| handlers.contains(&name))
+        }) else {
+            continue;
+        };
+        let ns = (sample.period as f64 * ns_per_unit).round() as u64;
+        if let Some(s) = stats.get_mut(vector) {
+            s.ns += ns;
+            if sample.frames.iter().any(|f| f == "run_ksoftirqd") {
+                s.ksoftirqd_ns += ns;
+            }
+        }
+    }
+    stats
+}
+
 fn softirq_costs(raw: &RawWindow, packets: u64) -> Vec<SoftirqCost> {
-    raw.softirq
+    let sampled;
+    let stats = if raw.softirq_timed {
+        &raw.softirq
+    } else {
+        sampled = sampled_softirq_times(raw);
+        &sampled
+    };
+    stats
         .iter()
         .zip(SOFTIRQ_NAMES)
         .filter(|(s, _)| s.count > 0)
@@ -807,6 +907,8 @@ mod tests {
                 })
                 .collect(),
             softirq: vec![SoftirqStats::default(); 10],
+            softirq_timed: true,
+            packet_counter: "net_dev_start_xmit".to_owned(),
             cpu: CpuTicks::default(),
             bpf_programs: Vec::new(),
             bpf_stats: None,

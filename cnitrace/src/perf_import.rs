@@ -101,6 +101,8 @@ pub fn window(
         samples,
         ifaces: Vec::new(),
         softirq: Vec::new(),
+        softirq_timed: true,
+        packet_counter: "the --packets count given to import-perf".to_owned(),
         cpu: crate::breakdown::CpuTicks::default(),
         bpf_programs: Vec::new(),
         bpf_stats: None,

@@ -7,7 +7,7 @@ use crate::{
     error::Error,
     probe::{
         Backend, KernelProbes,
-        sampling::{SamplerConfig, validate_frequency},
+        sampling::{ProbeConfig, validate_frequency},
     },
     window::{OpenWindow, WindowSpec},
 };
@@ -20,7 +20,7 @@ pub struct ProfileOptions {
     pub duration_s: f64,
     /// `None`: auto (see [`KernelProbes::start`]).
     pub backend: Option<Backend>,
-    pub sampler: SamplerConfig,
+    pub sampler: ProbeConfig,
     pub window: WindowSpec,
 }
 
@@ -97,7 +97,7 @@ mod tests {
         ProfileOptions {
             duration_s: 1.0,
             backend: None,
-            sampler: SamplerConfig::default(),
+            sampler: ProbeConfig::default(),
             window: WindowSpec::default(),
         }
     }

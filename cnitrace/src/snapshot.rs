@@ -13,8 +13,11 @@ pub struct Snapshot {
     pub wall: DateTime<Utc>,
     pub mono: std::time::Instant,
     pub samples: HashMap<SampleKey, SampleValue>,
-    /// Per device, keyed by the kernel's `net_device` address.
+    /// Per device: keyed by the kernel's `net_device` address (exact counter), or by namespace
+    /// and ifindex (device counters, whose `tx_segments` are derived per window).
     pub ifaces: BTreeMap<u64, IfaceCounters>,
+    /// MTU of each device read from its own counters (empty with the exact counter).
+    pub device_mtu: BTreeMap<u64, u32>,
     /// Per softirq vector, all CPUs summed.
     pub softirq: Vec<SoftirqStats>,
     pub cpu: CpuTicks,
@@ -65,7 +68,10 @@ impl Snapshot {
             .iter()
             .filter_map(|(device, now)| {
                 let before = earlier.ifaces.get(device).copied().unwrap_or_default();
-                let diff = now.since(&before);
+                let mut diff = now.since(&before);
+                if let Some(&mtu) = self.device_mtu.get(device) {
+                    diff.tx_segments = crate::breakdown::segments(diff.tx_skbs, diff.tx_bytes, mtu);
+                }
                 (diff.tx_skbs > 0).then_some((*device, diff))
             })
             .collect();
@@ -146,6 +152,7 @@ mod tests {
                     (device as u64, c)
                 })
                 .collect(),
+            device_mtu: BTreeMap::new(),
             softirq: vec![SoftirqStats::default(); 10],
             cpu: CpuTicks::default(),
             bpf_programs: BTreeMap::new(),

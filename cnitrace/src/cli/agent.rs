@@ -5,10 +5,7 @@ use std::sync::Arc;
 use cnitrace::{
     agent::{Agent, Limits},
     doctor,
-    probe::{
-        AttachMode, Backend, BackendKind, KernelProbes,
-        sampling::{DEFAULT_FREQUENCY_HZ, SamplerConfig},
-    },
+    probe::{AttachMode, Backend, BackendKind, KernelProbes},
     server::{AppState, Metrics, router},
 };
 
@@ -23,10 +20,10 @@ pub struct AgentArgs {
     /// File holding the bearer token every request (except /healthz and /) must carry.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
-    /// Sampling frequency per CPU, in Hz.
-    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
-    pub frequency: u64,
-    /// auto: tracing where the kernel has kprobes, else sampling (fixed for the agent's life).
+    #[command(flatten)]
+    pub probes: super::ProbeArgs,
+    /// auto is sampling; tracing puts a probe pair on every call of each component's entry
+    /// points (fixed for the agent's life).
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
@@ -61,10 +58,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let probes = KernelProbes::start(
         Backend::requested(args.backend, args.attach)?,
-        &SamplerConfig {
-            frequency_hz: args.frequency,
-            ..SamplerConfig::default()
-        },
+        &args.probes.config(),
     )?;
     let limits = Limits {
         max_sessions: args.max_sessions,

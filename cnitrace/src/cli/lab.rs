@@ -10,7 +10,7 @@ use cnitrace::{
     netfilter::hooks::Hook,
     probe::{
         AttachMode, Backend, BackendKind,
-        sampling::{DEFAULT_FREQUENCY_HZ, SamplerConfig},
+        sampling::{DEFAULT_FREQUENCY_HZ, ProbeConfig},
     },
 };
 
@@ -170,9 +170,9 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 model: args.model,
                 scenario: args.scenario,
                 duration_s: args.duration,
-                sampler: SamplerConfig {
+                sampler: ProbeConfig {
                     frequency_hz: args.frequency,
-                    ..SamplerConfig::default()
+                    ..ProbeConfig::default()
                 },
             };
             sweep::validate(&options)?;
@@ -226,9 +226,9 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 duration_s: args.duration,
                 repeats: args.repeat,
                 backend: Backend::requested(args.backend, args.attach)?,
-                sampler: SamplerConfig {
+                sampler: ProbeConfig {
                     frequency_hz: args.frequency,
-                    ..SamplerConfig::default()
+                    ..ProbeConfig::default()
                 },
             };
             bench::validate(&options)?;

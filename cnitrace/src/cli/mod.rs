@@ -8,6 +8,9 @@ pub mod lab;
 pub mod profile;
 
 use clap::ValueEnum;
+use cnitrace::probe::sampling::{
+    ClockChoice, DEFAULT_FREQUENCY_HZ, PacketSource, ProbeConfig, SoftirqSource,
+};
 use serde::Serialize;
 
 /// How a result is printed.
@@ -28,6 +31,37 @@ pub fn print<T: Serialize>(
         Format::Table => print!("{}", render(value)),
     }
     Ok(())
+}
+
+/// What gets attached: the sampler's rate and clock, and where packets and softirq times come
+/// from.
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// Sampling frequency per CPU, in Hz.
+    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    pub frequency: u64,
+    /// Sample a hardware cycles counter when present (auto), or always cpu-clock.
+    #[arg(long, value_enum, default_value_t = ClockChoice::Auto)]
+    pub clock: ClockChoice,
+    /// The packet denominator: devices' own counters (no per-packet program; segments derived
+    /// from bytes and MTU), or exact (a program on every transmit of every device).
+    #[arg(long, value_enum, default_value_t = PacketSource::Devices)]
+    pub packets: PacketSource,
+    /// Softirq times: from the sampled stacks (runs from /proc/softirqs), or exact (a probe
+    /// pair on every softirq run).
+    #[arg(long, value_enum, default_value_t = SoftirqSource::Sampled)]
+    pub softirq: SoftirqSource,
+}
+
+impl ProbeArgs {
+    pub fn config(&self) -> ProbeConfig {
+        ProbeConfig {
+            frequency_hz: self.frequency,
+            clock: self.clock,
+            packets: self.packets,
+            softirq: self.softirq,
+        }
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

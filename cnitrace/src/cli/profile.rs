@@ -5,10 +5,7 @@ use std::io::IsTerminal as _;
 use cnitrace::{
     contract::PacketUnit,
     netfilter,
-    probe::{
-        AttachMode, Backend, BackendKind,
-        sampling::{ClockChoice, DEFAULT_FREQUENCY_HZ, SamplerConfig},
-    },
+    probe::{AttachMode, Backend, BackendKind},
     profile::{self, Ending, ProfileOptions},
     render,
     window::WindowSpec,
@@ -21,16 +18,15 @@ pub struct ProfileArgs {
     /// Window length in seconds. Ctrl-C ends the window early and still reports it.
     #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     pub duration: f64,
-    /// auto: tracing where the kernel has kprobes (every traced function can then attach),
-    /// else sampling.
+    /// auto is sampling (its cost does not grow with the packet rate); tracing puts a probe
+    /// pair on every call of each component's entry points (kprobes or fentry).
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
     /// Tracing: fentry/fexit per function where possible else kprobes (auto), or force one.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
-    /// Sampling frequency per CPU, in Hz.
-    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
-    pub frequency: u64,
+    #[command(flatten)]
+    pub probes: super::ProbeArgs,
     /// Interface(s) whose transmitted packets are the denominator (summed). Default: the
     /// interface that transmitted the most in the window.
     #[arg(long = "iface")]
@@ -41,9 +37,6 @@ pub struct ProfileArgs {
     /// What a packet is: a wire-size segment (default, as the paper counts) or an skb.
     #[arg(long, value_enum, default_value_t = PacketUnit::Segment)]
     pub packet_unit: PacketUnit,
-    /// Sample a hardware cycles counter when present (auto), or always cpu-clock.
-    #[arg(long, value_enum, default_value_t = ClockChoice::Auto)]
-    pub clock: ClockChoice,
     /// Count the packets entering each netfilter hook with a temporary nftables table (removed
     /// afterwards), so rules per packet are known for nft-based iptables too.
     #[arg(long)]
@@ -74,10 +67,7 @@ pub async fn run(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
     let options = ProfileOptions {
         duration_s: args.duration,
         backend: Backend::requested(args.backend, args.attach)?,
-        sampler: SamplerConfig {
-            frequency_hz: args.frequency,
-            clock: args.clock,
-        },
+        sampler: args.probes.config(),
         window: WindowSpec {
             ifaces: args.ifaces,
             unit: args.packet_unit,

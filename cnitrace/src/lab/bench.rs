@@ -17,7 +17,7 @@ use crate::{
     error::Error,
     netfilter,
     probe::Backend,
-    probe::sampling::SamplerConfig,
+    probe::sampling::ProbeConfig,
     profile::{self, ProfileOptions},
     window::WindowSpec,
 };
@@ -29,7 +29,7 @@ pub struct BenchOptions {
     /// Profiled seconds of each stream.
     pub duration_s: f64,
     pub repeats: u32,
-    pub sampler: SamplerConfig,
+    pub sampler: ProbeConfig,
     /// `None`: auto.
     pub backend: Option<Backend>,
 }
@@ -235,7 +235,7 @@ async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Resul
 pub(crate) fn stream_profile(
     lab: &Lab,
     duration_s: f64,
-    sampler: &SamplerConfig,
+    sampler: &ProbeConfig,
     backend: Option<Backend>,
     count_hook_entries: bool,
 ) -> ProfileOptions {

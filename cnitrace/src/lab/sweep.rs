@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::topology::{self, Lab, Model, Scenario};
-use crate::{error::Error, netfilter::hooks::Hook, netns, probe::sampling::SamplerConfig, profile};
+use crate::{error::Error, netfilter::hooks::Hook, netns, probe::sampling::ProbeConfig, profile};
 
 /// The chain holding the sweep's rules, jumped to from the hook's base chain.
 pub const SWEEP_CHAIN: &str = "CNITRACE-SWEEP";
@@ -21,7 +21,7 @@ pub struct SweepOptions {
     pub model: Model,
     pub scenario: Scenario,
     pub duration_s: f64,
-    pub sampler: SamplerConfig,
+    pub sampler: ProbeConfig,
 }
 
 /// Least-squares line y = slope x + intercept, and its coefficient of determination.
@@ -366,7 +366,7 @@ mod tests {
             model: Model::Flannel,
             scenario: Scenario::Intra,
             duration_s: 2.0,
-            sampler: SamplerConfig::default(),
+            sampler: ProbeConfig::default(),
         };
         assert!(validate(&o).unwrap_err().to_string().contains("two counts"));
         o.rules = vec![0, MAX_RULES + 1];

@@ -16,8 +16,8 @@ use cnitrace_common::{
 };
 
 use super::{
-    Backend, EBPF_OBJECT, Probes, bpf_stats, btf, clock, map_ref, privileges, program_mut,
-    sampling::{self, SamplerConfig, validate_frequency},
+    Backend, EBPF_OBJECT, Probes, bpf_stats, btf, clock, devices, map_ref, privileges, program_mut,
+    sampling::{self, PacketSource, ProbeConfig, SoftirqSource, validate_frequency},
     trace,
 };
 use crate::{
@@ -32,6 +32,8 @@ use crate::{
 /// sampler or the tracer. Dropping it detaches and unloads every program.
 pub struct KernelProbes {
     ebpf: Ebpf,
+    packets: PacketSource,
+    softirq: SoftirqSource,
     /// Set when this is the tracing backend.
     tracer: Option<trace::TracerState>,
     /// Components absent from the kernel, as of the last window's symbol read.
@@ -42,61 +44,55 @@ pub struct KernelProbes {
 }
 
 impl KernelProbes {
-    /// Attaches the backend asked for. Auto (`None`): tracing where the kernel has kprobes (the
-    /// fallback every traced function can use), else sampling; if tracing cannot start under
-    /// auto, sampling.
-    pub fn start(backend: Option<Backend>, config: &SamplerConfig) -> Result<Self, Error> {
-        match backend {
-            Some(backend) => Self::start_backend(backend, config),
-            None if trace::kprobes_available() => {
-                Self::start_backend(Backend::Tracing(trace::AttachMode::Auto), config).or_else(
-                    |e| {
-                        tracing::warn!("tracing backend unavailable ({e}); sampling instead");
-                        Self::start_backend(Backend::Sampling, config)
-                    },
-                )
-            }
-            None => Self::start_backend(Backend::Sampling, config),
-        }
+    /// Attaches the backend asked for; auto (`None`) is sampling, whose cost does not grow
+    /// with the packet rate (tracing runs a probe pair per traced call: ask for it).
+    pub fn start(backend: Option<Backend>, config: &ProbeConfig) -> Result<Self, Error> {
+        Self::start_backend(backend.unwrap_or(Backend::Sampling), config)
     }
 
-    /// Loads the object, attaches the packet and softirq tracepoints, then the sampler on
-    /// every online CPU or the tracer's probes.
-    fn start_backend(backend: Backend, config: &SamplerConfig) -> Result<Self, Error> {
+    /// Loads the object; attaches the exact packet and softirq probes when asked for, then the
+    /// sampler on every online CPU or the tracer's probes.
+    fn start_backend(backend: Backend, config: &ProbeConfig) -> Result<Self, Error> {
         validate_frequency(config.frequency_hz)?;
         privileges::check()?;
         privileges::raise_memlock_limit();
-        let offsets = btf::packet_offsets()?;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(global::SKB_LEN, &offsets.skb_len, true)
-            .override_global(global::SKB_HEAD, &offsets.skb_head, true)
-            .override_global(global::SKB_END, &offsets.skb_end, true)
-            .override_global(global::SHINFO_GSO_SEGS, &offsets.shinfo_gso_segs, true)
-            .override_global(global::DEV_NAME, &offsets.dev_name, true)
-            .override_global(global::DEV_IFINDEX, &offsets.dev_ifindex, true)
-            .override_global(global::DEV_ND_NET, &offsets.dev_nd_net, true)
-            .override_global(global::NET_NS_INUM, &offsets.net_ns_inum, true)
+        let packets = config.packets;
+        // The tracer has no stacks to time handlers from: it always times them exactly.
+        let softirq = match backend {
+            Backend::Tracing(_) => SoftirqSource::Exact,
+            Backend::Sampling => config.softirq,
+        };
+        let mut loader = EbpfLoader::new();
+        // Struct offsets (from the kernel's BTF) are only needed by the exact packet counter.
+        let offsets = if packets == PacketSource::Exact {
+            Some(btf::packet_offsets()?)
+        } else {
+            None
+        };
+        if let Some(offsets) = &offsets {
+            loader
+                .override_global(global::SKB_LEN, &offsets.skb_len, true)
+                .override_global(global::SKB_HEAD, &offsets.skb_head, true)
+                .override_global(global::SKB_END, &offsets.skb_end, true)
+                .override_global(global::SHINFO_GSO_SEGS, &offsets.shinfo_gso_segs, true)
+                .override_global(global::DEV_NAME, &offsets.dev_name, true)
+                .override_global(global::DEV_IFINDEX, &offsets.dev_ifindex, true)
+                .override_global(global::DEV_ND_NET, &offsets.dev_nd_net, true)
+                .override_global(global::NET_NS_INUM, &offsets.net_ns_inum, true);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
 
-        let counter: &mut RawTracePoint = program_mut(&mut ebpf, program::TX_COUNTER)?;
-        counter
-            .load()
-            .map_err(|e| Error::program(format!("load {}", program::TX_COUNTER), e))?;
-        counter.attach("net_dev_start_xmit").map_err(|e| {
-            Error::program(
-                format!(
-                    "attach {} to raw tracepoint net_dev_start_xmit",
-                    program::TX_COUNTER
-                ),
-                e,
-            )
-        })?;
-
-        for (name, tracepoint) in [
-            (program::SOFTIRQ_ENTRY, "softirq_entry"),
-            (program::SOFTIRQ_EXIT, "softirq_exit"),
-        ] {
+        let mut raw_tracepoints = Vec::new();
+        if packets == PacketSource::Exact {
+            raw_tracepoints.push((program::TX_COUNTER, "net_dev_start_xmit"));
+        }
+        if softirq == SoftirqSource::Exact {
+            raw_tracepoints.push((program::SOFTIRQ_ENTRY, "softirq_entry"));
+            raw_tracepoints.push((program::SOFTIRQ_EXIT, "softirq_exit"));
+        }
+        for (name, tracepoint) in raw_tracepoints {
             let prog: &mut RawTracePoint = program_mut(&mut ebpf, name)?;
             prog.load()
                 .map_err(|e| Error::program(format!("load {name}"), e))?;
@@ -112,6 +108,8 @@ impl KernelProbes {
             let calibration = clock::calibrate(std::time::Duration::from_millis(100));
             return Ok(Self {
                 ebpf,
+                packets,
+                softirq,
                 tracer: Some(tracer),
                 unavailable: std::sync::Mutex::new(None),
                 clock: Clock {
@@ -133,6 +131,8 @@ impl KernelProbes {
         tracing::debug!(?clock, cpus = cpus.len(), "sampler attached");
         Ok(Self {
             ebpf,
+            packets,
+            softirq,
             tracer: None,
             unavailable: std::sync::Mutex::new(None),
             clock,
@@ -168,27 +168,44 @@ impl KernelProbes {
                 .fold(SampleValue::default(), |acc, v| acc.plus(v));
             samples.insert(key, total);
         }
-        let ifaces_map: PerCpuHashMap<&MapData, u64, IfaceCounters> =
-            map_ref(&self.ebpf, map::IFACES)?;
         let mut ifaces = BTreeMap::new();
-        for entry in &ifaces_map {
-            let (key, per_cpu) = entry.map_err(|e| Error::map(map::IFACES, e))?;
-            let total = per_cpu
-                .iter()
-                .fold(IfaceCounters::default(), |acc, c| acc.plus(c));
-            ifaces.insert(key, total);
+        let mut device_mtu = BTreeMap::new();
+        match self.packets {
+            PacketSource::Exact => {
+                let ifaces_map: PerCpuHashMap<&MapData, u64, IfaceCounters> =
+                    map_ref(&self.ebpf, map::IFACES)?;
+                for entry in &ifaces_map {
+                    let (key, per_cpu) = entry.map_err(|e| Error::map(map::IFACES, e))?;
+                    let total = per_cpu
+                        .iter()
+                        .fold(IfaceCounters::default(), |acc, c| acc.plus(c));
+                    ifaces.insert(key, total);
+                }
+            }
+            PacketSource::Devices => {
+                for (key, device) in devices::read_all()? {
+                    ifaces.insert(key, device.counters);
+                    device_mtu.insert(key, device.mtu);
+                }
+            }
         }
-        let softirq_map: PerCpuArray<&MapData, SoftirqStats> = map_ref(&self.ebpf, map::SOFTIRQ)?;
-        let softirq = (0..NR_SOFTIRQS)
-            .map(|vector| {
-                let per_cpu = softirq_map
-                    .get(&vector, 0)
-                    .map_err(|e| Error::map(map::SOFTIRQ, e))?;
-                Ok(per_cpu
-                    .iter()
-                    .fold(SoftirqStats::default(), |acc, s| acc.plus(s)))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+        let softirq = match self.softirq {
+            SoftirqSource::Exact => {
+                let softirq_map: PerCpuArray<&MapData, SoftirqStats> =
+                    map_ref(&self.ebpf, map::SOFTIRQ)?;
+                (0..NR_SOFTIRQS)
+                    .map(|vector| {
+                        let per_cpu = softirq_map
+                            .get(&vector, 0)
+                            .map_err(|e| Error::map(map::SOFTIRQ, e))?;
+                        Ok(per_cpu
+                            .iter()
+                            .fold(SoftirqStats::default(), |acc, s| acc.plus(s)))
+                    })
+                    .collect::<Result<Vec<_>, Error>>()?
+            }
+            SoftirqSource::Sampled => proc_softirqs()?,
+        };
         let cpu = cpu_ticks()?;
         let faults_map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::FAULTS)?;
         let fault_sum = |index: u32| -> Result<u64, Error> {
@@ -227,6 +244,7 @@ impl KernelProbes {
             mono,
             samples,
             ifaces,
+            device_mtu,
             softirq,
             cpu,
             bpf_programs: bpf_stats::programs(),
@@ -284,6 +302,11 @@ impl KernelProbes {
             samples,
             ifaces: delta.ifaces.into_values().collect(),
             softirq: delta.softirq,
+            softirq_timed: self.softirq == SoftirqSource::Exact,
+            packet_counter: match self.packets {
+                PacketSource::Exact => "net_dev_start_xmit".to_owned(),
+                PacketSource::Devices => "device counters (segments from bytes and MTU)".to_owned(),
+            },
             cpu: delta.cpu,
             bpf_programs: bpf_window(start, end, &ifaces_for_names),
             bpf_stats: bpf_stats_mode.map(str::to_owned),
@@ -368,6 +391,20 @@ fn describe_attachments(
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Softirq runs per vector, all CPUs summed, from /proc/softirqs (no times: those come from
+/// the sampled stacks).
+fn proc_softirqs() -> Result<Vec<SoftirqStats>, Error> {
+    let text = std::fs::read_to_string("/proc/softirqs")
+        .map_err(|e| Error::io("read /proc/softirqs", e))?;
+    Ok(crate::breakdown::parse_proc_softirqs(&text)
+        .into_iter()
+        .map(|count| SoftirqStats {
+            count,
+            ..SoftirqStats::default()
+        })
+        .collect())
 }
 
 /// CPU time of all CPUs by state, from /proc/stat.

@@ -4,6 +4,7 @@
 pub mod bpf_stats;
 pub mod btf;
 pub mod clock;
+pub mod devices;
 mod kernel;
 pub mod privileges;
 pub mod sampling;

@@ -26,18 +26,45 @@ pub enum ClockChoice {
     CpuClock,
 }
 
-/// How the stack sampler runs.
-#[derive(Debug, Clone)]
-pub struct SamplerConfig {
-    pub frequency_hz: u64,
-    pub clock: ClockChoice,
+/// Where the packet denominator comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PacketSource {
+    /// Each device's own transmit counters (skbs and bytes, read per network namespace);
+    /// segments derived from bytes and the device's MTU. No program runs per packet.
+    #[default]
+    Devices,
+    /// A raw tracepoint on every transmit of every device, reading each skb's `gso_segs`:
+    /// exact, at the cost of a program run per skb on the whole node.
+    Exact,
 }
 
-impl Default for SamplerConfig {
+/// Where softirq runs and times come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SoftirqSource {
+    /// Runs from /proc/softirqs, time per vector from the sampled stacks (the handler on the
+    /// stack). No program runs per softirq.
+    #[default]
+    Sampled,
+    /// Entry and exit tracepoints on every softirq run: exact times, a program pair per run.
+    Exact,
+}
+
+/// What is attached: the sampler's rate and clock, and the packet and softirq sources.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub frequency_hz: u64,
+    pub clock: ClockChoice,
+    pub packets: PacketSource,
+    pub softirq: SoftirqSource,
+}
+
+impl Default for ProbeConfig {
     fn default() -> Self {
         Self {
             frequency_hz: DEFAULT_FREQUENCY_HZ,
             clock: ClockChoice::Auto,
+            packets: PacketSource::default(),
+            softirq: SoftirqSource::default(),
         }
     }
 }
@@ -66,7 +93,7 @@ pub fn validate_frequency(hz: u64) -> Result<(), Error> {
 pub(super) fn attach(
     prog: &mut PerfEvent,
     cpus: &[u32],
-    config: &SamplerConfig,
+    config: &ProbeConfig,
 ) -> Result<Clock, Error> {
     let (pmu, _) = clock::pmu_present();
     let calibration = clock::calibrate(std::time::Duration::from_millis(100));

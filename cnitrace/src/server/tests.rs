@@ -59,6 +59,7 @@ impl Probes for SyntheticProbe {
             .into(),
             ifaces: [(7, dev)].into(),
             softirq: vec![SoftirqStats::default(); 10],
+            device_mtu: std::collections::BTreeMap::new(),
             cpu: CpuTicks::default(),
             bpf_programs: std::collections::BTreeMap::new(),
             faults: Faults::default(),
@@ -97,6 +98,8 @@ impl Probes for SyntheticProbe {
                 .collect(),
             ifaces: delta.ifaces.into_values().collect(),
             softirq: delta.softirq,
+            softirq_timed: true,
+            packet_counter: "net_dev_start_xmit".to_owned(),
             cpu: delta.cpu,
             bpf_programs: Vec::new(),
             bpf_stats: bpf_stats.map(str::to_owned),
@@ -392,12 +395,36 @@ async fn session_errors() {
     );
 }
 
+#[test]
+fn an_agent_nobody_reads_takes_no_snapshots() {
+    let (_, state) = app(None, Limits::default());
+    for _ in 0..3 {
+        assert!(!state.agent.tick().unwrap());
+    }
+    // Only the metrics baseline would read the maps; ticks did not.
+    assert_eq!(
+        state
+            .agent
+            .probes()
+            .snapshot()
+            .unwrap()
+            .samples
+            .values()
+            .next()
+            .unwrap()
+            .count,
+        100,
+        "the first snapshot the probe took is this one"
+    );
+}
+
 #[tokio::test]
 async fn rolling_breakdown() {
     let (app, state) = app(None, Limits::default());
     let (status, body, _) = call(&app, Method::GET, "/api/v1/breakdown?window=5", None, None).await;
     assert_eq!(status, StatusCode::CONFLICT, "no history yet: {body}");
-    state.agent.tick().unwrap();
+    // The ring records only once someone has read it: the read above started it.
+    assert!(state.agent.tick().unwrap(), "a read starts the ring");
     let (status, body, _) = call(&app, Method::GET, "/api/v1/breakdown?window=5", None, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["packets"]["count"], 1000);
