@@ -1,5 +1,8 @@
-//! Overhead benchmark: iperf3 throughput over a bridged pod pair without and with cnitrace
-//! sampling, alternated A/B/A/B in one run so machine drift hits both sides alike.
+//! Overhead benchmark: iperf3 throughput over a bridged pod pair without and with cnitrace and
+//! its peers, alternated in one run so machine drift hits every side alike, with an A/A row
+//! (no profiler twice) to tell a difference from noise. Throughput rounds run with
+//! kernel.bpf_stats_enabled as the machine had it (0 by default), so no side is taxed by the
+//! bench; cnitrace's in-kernel cost is measured in separate rounds with statistics on.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -47,6 +50,8 @@ fn median(values: &mut [f64]) -> f64 {
 #[derive(Clone, Copy)]
 enum Config {
     Nothing,
+    /// The same as `Nothing`, as a second row: the A/A comparison.
+    NothingAgain,
     Cnitrace(u64),
     /// The paper's method.
     PerfRecord(u64),
@@ -60,6 +65,7 @@ impl Config {
     fn label(self) -> String {
         match self {
             Config::Nothing => "no profiler".to_owned(),
+            Config::NothingAgain => "no profiler (A/A)".to_owned(),
             Config::Cnitrace(hz) => format!("cnitrace {hz} Hz"),
             Config::PerfRecord(hz) => format!("perf record -g {hz} Hz"),
             Config::Bpftrace(hz) => format!("bpftrace profile {hz} Hz"),
@@ -70,7 +76,7 @@ impl Config {
     fn start(self, bin: &std::path::Path, seconds: u32) -> Result<Option<Child>> {
         let span = (seconds + 1).to_string();
         let child = match self {
-            Config::Nothing => return Ok(None),
+            Config::Nothing | Config::NothingAgain => return Ok(None),
             Config::Cnitrace(hz) => start_profiler(bin, hz, seconds)?,
             Config::PerfRecord(hz) => {
                 let data = workspace_root().join("target/bench/overhead-perf.data");
@@ -210,22 +216,64 @@ struct Cost {
     bpf_runs_per_s: f64,
     /// The cnitrace process's own CPU time over the CPU time available.
     process_fraction: f64,
+    /// cnitrace's BPF run time per second, and the stream's wire segments per second.
+    bpf_ns_per_s: f64,
+    segments_per_s: f64,
+}
+
+/// One iperf3 run beside `config`; with `cost`, cnitrace's in-kernel and process cost too.
+fn measure(
+    config: Config,
+    bin: &std::path::Path,
+    topo: &Topology,
+    seconds: u32,
+    cpus: f64,
+    cost: bool,
+) -> Result<(f64, Option<Cost>)> {
+    let started = std::time::Instant::now();
+    let profiler = config.start(bin, seconds)?;
+    let gbps = topo.start_iperf3(seconds)?.finish()?;
+    let mut measured = None;
+    if let Some(mut p) = profiler {
+        if cost {
+            // Read while the programs are still loaded (the window outlasts iperf3 by 1 s).
+            let (run_ns, runs) = cnitrace_bpf_runtime()?;
+            let process_s = process_cpu_seconds(p.id()).unwrap_or(0.0);
+            let elapsed = started.elapsed().as_secs_f64();
+            measured = Some(Cost {
+                bpf_fraction: run_ns as f64 / 1e9 / (elapsed * cpus),
+                bpf_runs_per_s: runs as f64 / elapsed,
+                process_fraction: process_s / (elapsed * cpus),
+                bpf_ns_per_s: run_ns as f64 / elapsed,
+                segments_per_s: 0.0,
+            });
+        }
+        if matches!(config, Config::AgentIdle) {
+            let _ = Command::new("kill").arg(p.id().to_string()).status();
+        }
+        let status = p.wait()?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status} during the benchmark",
+                config.label()
+            );
+        }
+    }
+    Ok((gbps, measured))
 }
 
 pub fn run(args: &Args) -> Result<()> {
     if !crate::is_root() {
         bail!("the benchmark needs root (network namespaces and BPF)");
     }
-    bootstrap::ensure()?;
+    bootstrap::ensure_bench()?;
     run_command(cargo().args(["build", "--release", "--package", "cnitrace"]))?;
     let bin = workspace_root().join("target/release/cnitrace");
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: args.rules })?;
     let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
-    let _stats = BpfStats::enable()?;
-
     // Configuration 0 is "nothing"; the others run beside the same traffic.
-    let mut configs = vec![Config::Nothing];
+    let mut configs = vec![Config::Nothing, Config::NothingAgain];
     for &hz in &args.frequencies {
         configs.push(Config::Cnitrace(hz));
         if !args.cnitrace_only {
@@ -242,30 +290,7 @@ pub fn run(args: &Args) -> Result<()> {
             // Rotate the order each round so no configuration always runs first.
             let index = (step + round) % configs.len();
             let config = configs[index];
-            let started = std::time::Instant::now();
-            let profiler = config.start(&bin, args.seconds)?;
-            let gbps = topo.start_iperf3(args.seconds)?.finish()?;
-            if let Some(mut p) = profiler {
-                // Read while the programs are still loaded (the window outlasts iperf3 by 1 s).
-                let (run_ns, runs) = cnitrace_bpf_runtime()?;
-                let process_s = process_cpu_seconds(p.id()).unwrap_or(0.0);
-                let elapsed = started.elapsed().as_secs_f64();
-                costs[index].push(Cost {
-                    bpf_fraction: run_ns as f64 / 1e9 / (elapsed * cpus),
-                    bpf_runs_per_s: runs as f64 / elapsed,
-                    process_fraction: process_s / (elapsed * cpus),
-                });
-                if matches!(config, Config::AgentIdle) {
-                    let _ = Command::new("kill").arg(p.id().to_string()).status();
-                }
-                let status = p.wait()?;
-                if !status.success() {
-                    bail!(
-                        "{} exited with {status} during the benchmark",
-                        config.label()
-                    );
-                }
-            }
+            let (gbps, _) = measure(config, &bin, &topo, args.seconds, cpus, false)?;
             eprintln!(
                 "bench: round {}/{} {:>24}: {gbps:.2} Gbit/s",
                 round + 1,
@@ -273,6 +298,23 @@ pub fn run(args: &Args) -> Result<()> {
                 config.label()
             );
             results[index].push(gbps);
+        }
+    }
+    // In-kernel cost: separate rounds with run-time statistics on (they tax every program,
+    // so they never run during the throughput rounds above).
+    {
+        let _stats = BpfStats::enable()?;
+        for _ in 0..args.rounds.min(3) {
+            for (index, &config) in configs.iter().enumerate() {
+                if matches!(config, Config::Cnitrace(_) | Config::AgentIdle) {
+                    let (gbps, cost) = measure(config, &bin, &topo, args.seconds, cpus, true)?;
+                    if let Some(mut cost) = cost {
+                        // Wire segments of 1448 payload bytes: the packets of the stream.
+                        cost.segments_per_s = gbps * 1e9 / 8.0 / 1448.0;
+                        costs[index].push(cost);
+                    }
+                }
+            }
         }
     }
     drop(topo);
@@ -286,7 +328,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let _ = writeln!(
         out,
-        "{:<26} {:>13} {:>7} {:>7} {:>7} {:>13} {:>12} {:>11}",
+        "{:<26} {:>13} {:>7} {:>7} {:>7} {:>13} {:>12} {:>11} {:>12}",
         "configuration",
         "median Gbit/s",
         "min",
@@ -294,7 +336,8 @@ pub fn run(args: &Args) -> Result<()> {
         "ratio",
         "BPF CPU share",
         "process CPU",
-        "BPF runs/s"
+        "BPF runs/s",
+        "BPF ns/pkt"
     );
     for ((config, values), cost) in configs.iter().zip(&results).zip(&costs) {
         let mut v = values.clone();
@@ -308,18 +351,21 @@ pub fn run(args: &Args) -> Result<()> {
             |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{:.3}%", v * 100.0));
         let _ = writeln!(
             out,
-            "{label:<26} {m:>13.2} {:>7.2} {:>7.2} {:>7.4} {:>13} {:>12} {:>11}",
+            "{label:<26} {m:>13.2} {:>7.2} {:>7.2} {:>7.4} {:>13} {:>12} {:>11} {:>12}",
             v.first().copied().unwrap_or_default(),
             v.last().copied().unwrap_or_default(),
             m / baseline,
             pct(med(&|c| c.bpf_fraction)),
             pct(med(&|c| c.process_fraction)),
             med(&|c| c.bpf_runs_per_s).map_or_else(|| "-".to_owned(), |r| format!("{r:.0}")),
+            med(&|c| c.bpf_ns_per_s / c.segments_per_s)
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
         );
     }
     let _ = writeln!(
         out,
-        "\nBPF CPU share: run_time_ns of cnitrace's programs (kernel.bpf_stats_enabled=1, restored after) over elapsed x CPUs."
+        "\nThroughput rounds: kernel.bpf_stats_enabled as found (0), no A/B side taxed by statistics; ratio = median / median of `no profiler`.\n\
+         BPF CPU share, runs/s, ns/pkt: run_time_ns of cnitrace's programs over elapsed x CPUs, per second, and per wire segment of the stream, in separate rounds with kernel.bpf_stats_enabled=1 (restored after)."
     );
     let _ = writeln!(
         out,

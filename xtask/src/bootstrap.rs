@@ -142,6 +142,15 @@ pub fn ensure() -> Result<()> {
     ensure_build()
 }
 
+/// What the benchmarks compare against besides the test tools (perf is one of those).
+const BENCH_PACKAGES: &[&str] = &["bpftrace"];
+
+/// Everything the benchmarks use: the test tools and the peers they are compared with.
+pub fn ensure_bench() -> Result<()> {
+    ensure()?;
+    ensure_apt(BENCH_PACKAGES)
+}
+
 /// Only what building needs (the container image's builder stage).
 pub fn ensure_build() -> Result<()> {
     ensure_apt(BUILD_PACKAGES)?;
