@@ -202,9 +202,9 @@ pub fn report() -> NodeReport {
             sampling_ok && (kprobes_ok || fentry_ok),
             match (kprobes_ok, fentry_ok) {
                 (true, true) => {
-                    "fentry/fexit for vmlinux functions, kprobes for modules' (auto picks it)"
+                    "fentry/fexit for vmlinux functions, kprobes for modules' (--backend tracing)"
                 }
-                (true, false) => "kprobe/kretprobe on every traced function (auto picks it)",
+                (true, false) => "kprobe/kretprobe on every traced function (--backend tracing)",
                 (false, true) => {
                     "fentry/fexit for vmlinux functions only (no kprobes: module functions are not traced; auto keeps sampling)"
                 }
