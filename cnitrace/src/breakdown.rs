@@ -765,10 +765,7 @@ const SOFTIRQ_HANDLERS: [&[&str]; 10] = [
 /// Handler times per vector from the sampled stacks: a sample with a vector's handler on its
 /// stack was spent in that handler (in ksoftirqd when `run_ksoftirqd` is below it).
 fn sampled_softirq_times(raw: &RawWindow) -> Vec<SoftirqStats> {
-    let ns_per_unit = match raw.clock.source {
-        crate::contract::ClockSource::CpuClock => 1.0,
-        crate::contract::ClockSource::PmuCycles => 1.0 / raw.clock.cycles_per_ns,
-    };
+    let ns_per_unit = raw.clock.cycles_per_period_unit() / raw.clock.cycles_per_ns;
     let mut stats: Vec<SoftirqStats> = raw
         .softirq
         .iter()
