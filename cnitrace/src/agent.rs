@@ -319,16 +319,17 @@ impl Agent {
         )?)
     }
 
-    /// Running sessions whose duration has elapsed.
+    /// Running sessions whose duration has elapsed. A session opened without a duration
+    /// ends after the longest one allowed: a client that dies (or forgets) cannot hold a slot
+    /// and keep BPF statistics on for good.
     pub fn due_sessions(&self) -> Vec<u64> {
         let now = Utc::now();
         lock(&self.sessions)
             .values()
             .filter(|s| s.view.state == SessionState::Running)
             .filter(|s| {
-                s.view
-                    .duration_s
-                    .is_some_and(|d| (now - s.view.started).num_milliseconds() as f64 >= d * 1000.0)
+                let deadline = s.view.duration_s.unwrap_or(self.limits.max_duration_s);
+                (now - s.view.started).num_milliseconds() as f64 >= deadline * 1000.0
             })
             .map(|s| s.view.id)
             .collect()

@@ -20,6 +20,7 @@ pub mod perf_import;
 pub mod probe;
 pub mod profile;
 pub mod render;
+pub mod repair;
 pub mod server;
 pub mod snapshot;
 pub mod window;

@@ -42,6 +42,10 @@ enum Command {
     Doctor {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Put back what a killed cnitrace left on this node (the bpf_stats sysctl,
+        /// nftables counting tables, lab namespaces and their processes), then report.
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -96,7 +100,25 @@ fn main() -> ExitCode {
             Command::Netfilter(args) => cli::profile::run_netfilter(args).await,
             Command::Agent(args) => cli::agent::run(args).await,
             Command::Collect(args) => cli::collect::run(args).await,
-            Command::Doctor { format } => cli::print(format, &doctor::report(), doctor::render),
+            Command::Doctor {
+                format,
+                repair: false,
+            } => cli::print(format, &doctor::report(), doctor::render),
+            Command::Doctor {
+                format,
+                repair: true,
+            } => {
+                let report = cnitrace::repair::repair().await;
+                cli::print(format, &report, cnitrace::repair::render)?;
+                if report.remaining.is_empty() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!(
+                        "{} thing(s) could not be repaired (listed above)",
+                        report.remaining.len()
+                    ))
+                }
+            }
             Command::Lab(lab) => cli::lab::run(lab).await,
             Command::ImportPerf(_) => unreachable!("handled before the runtime starts"),
         }

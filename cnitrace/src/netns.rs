@@ -31,6 +31,19 @@ pub fn inode(name: &str) -> Result<u32, Error> {
     inode_of(&path(name))
 }
 
+/// The processes whose network namespace is the named one (as `ip netns pids`).
+pub fn pids_in(name: &str) -> Result<Vec<i32>, Error> {
+    let wanted = inode(name)?;
+    Ok(std::fs::read_dir("/proc")
+        .map_err(|e| Error::io("read /proc", e))?
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            inode_of(std::path::Path::new(&format!("/proc/{pid}/ns/net"))).ok() == Some(wanted)
+        })
+        .collect())
+}
+
 /// The namespaces (inodes) named interfaces may be in: this process's and the `--netns` ones;
 /// empty when no interface is named (any device may then be the busiest).
 pub fn selection_inodes(ifaces: &[String], namespaces: &[String]) -> Result<Vec<u32>, Error> {

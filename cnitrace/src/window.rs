@@ -90,6 +90,15 @@ impl OpenWindow {
         &self.start
     }
 
+    /// Starts the window's counters again now, keeping the rulesets read at open: for a
+    /// caller that opens the window (reading rulesets can take seconds on a slow machine),
+    /// then starts its traffic and lets it warm up. The ruleset counters then also cover the
+    /// warm-up; their rules-per-packet ratios are unaffected.
+    pub fn restart(&mut self, probes: &dyn Probes) -> Result<(), Error> {
+        self.start = probes.snapshot()?;
+        Ok(())
+    }
+
     /// Ends the window now and computes its Breakdown, netfilter section included.
     pub fn close(self, probes: &dyn Probes) -> Result<Breakdown, Error> {
         let end = probes.snapshot()?;

@@ -604,13 +604,22 @@ impl AgentProcess {
                 .post(&url)
                 .header("Authorization", &auth)
                 .send_json(body)?,
+            // The agent takes POSTs only with a JSON content type, also without a body.
             (_, None) => agent
                 .post(&url)
                 .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
                 .send_empty()?,
         };
         let status = response.status().as_u16();
         Ok((status, response.body_mut().read_to_string()?))
+    }
+
+    /// Waits for an agent the test killed itself.
+    pub fn reap(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, then the exit status.

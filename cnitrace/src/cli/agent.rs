@@ -6,7 +6,7 @@ use cnitrace::{
     agent::{Agent, Limits},
     doctor,
     probe::{AttachMode, Backend, BackendKind, KernelProbes},
-    server::{AppState, Metrics, router},
+    server::{AppState, ServeLimits, router, serve},
 };
 
 use super::{interrupted, read_token};
@@ -20,6 +20,17 @@ pub struct AgentArgs {
     /// File holding the bearer token every request (except /healthz and /) must carry.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Serve a non-loopback address without a token: anyone who can reach it can read this
+    /// node's data and open sessions. Refused unless given.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Seconds a client has to send a request's headers; idle keep-alive connections are
+    /// closed after the same time.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_timeout: u64,
+    /// Connections open at once (a client address gets at most an eighth of them).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(8..=65536))]
+    pub max_connections: u64,
     #[command(flatten)]
     pub probes: super::ProbeArgs,
     /// auto is sampling; tracing puts a probe pair on every call of each component's entry
@@ -31,7 +42,8 @@ pub struct AgentArgs {
     /// Most sessions running at once.
     #[arg(long, default_value_t = 8)]
     pub max_sessions: usize,
-    /// Longest session duration accepted, in seconds.
+    /// Longest session, in seconds: longer durations are refused, and a session opened
+    /// without one is stopped after this long.
     #[arg(long, default_value_t = 3600.0)]
     pub max_duration: f64,
 }
@@ -48,8 +60,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     let token = args.token_file.as_deref().map(read_token).transpose()?;
     if token.is_none() && !args.listen.ip().is_loopback() {
+        if !args.insecure_no_auth {
+            anyhow::bail!(
+                "refusing to serve {} without a token: pass --token-file FILE (or \
+                 --insecure-no-auth to let anyone who can reach it read this node's data and \
+                 open sessions)",
+                args.listen
+            );
+        }
         tracing::warn!(
-            "listening on {} without --token-file: anyone who can reach it can read this node's data",
+            "INSECURE: serving {} without a token (--insecure-no-auth): anyone who can reach it \
+             can read this node's data and open sessions",
             args.listen
         );
     }
@@ -65,12 +86,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         max_duration_s: args.max_duration,
         ..Limits::default()
     };
-    let state = Arc::new(AppState {
-        agent: Agent::new(Box::new(probes), limits),
-        node: doctor::report(),
+    let loopback_only = token.is_none() && args.listen.ip().is_loopback();
+    let state = Arc::new(AppState::new(
+        Agent::new(Box::new(probes), limits),
+        doctor::report(),
         token,
-        metrics: Metrics::new(),
-    });
+        loopback_only,
+    ));
     state.metrics.prime(&state.agent)?;
     // Once a second: a snapshot for rolling windows, and stop sessions whose time is up.
     let ticker = {
@@ -98,9 +120,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "cnitrace agent: listening on http://{} (SIGTERM or Ctrl-C stops it)",
         args.listen
     );
-    axum::serve(listener, router(Arc::clone(&state)))
-        .with_graceful_shutdown(interrupted())
-        .await?;
+    let max_connections = usize::try_from(args.max_connections)?;
+    let limits = ServeLimits {
+        header_read_timeout: std::time::Duration::from_secs(args.header_timeout),
+        max_connections,
+        max_connections_per_client: (max_connections / 8).max(1),
+        ..ServeLimits::default()
+    };
+    serve(listener, router(Arc::clone(&state)), limits, interrupted()).await?;
     ticker.abort();
     let _ = ticker.await;
     // The last reference to the sampler goes here: its programs are detached and unloaded.

@@ -93,11 +93,26 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let nodes = {
         let clients = std::sync::Arc::clone(&clients);
         tokio::task::spawn_blocking(move || {
-            clients
-                .iter()
-                .zip(started)
-                .map(|(client, id)| client.stop(id))
-                .collect::<Result<Vec<_>, _>>()
+            // Every session is stopped, whatever happens to the others; failures are
+            // reported together afterwards.
+            let mut nodes = Vec::new();
+            let mut failures = Vec::new();
+            for (client, id) in clients.iter().zip(started) {
+                match client.stop(id) {
+                    Ok(breakdown) => nodes.push(breakdown),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            if failures.is_empty() {
+                Ok(nodes)
+            } else {
+                Err(anyhow::anyhow!(
+                    "{} of {} sessions could not be stopped:\n  {}",
+                    failures.len(),
+                    clients.len(),
+                    failures.join("\n  ")
+                ))
+            }
         })
         .await??
     };

@@ -19,7 +19,7 @@ use crate::{
     probe::Backend,
     probe::sampling::ProbeConfig,
     profile::{self, ProfileOptions},
-    window::WindowSpec,
+    window::{OpenWindow, WindowSpec},
 };
 
 #[derive(Debug, Clone)]
@@ -257,9 +257,10 @@ pub(crate) fn stream_profile(
     }
 }
 
-/// An iperf3 stream from the client pod to `server`, profiled. Probes start first: their
-/// start-up (seconds on a slow VM) must not eat the stream. Returns the breakdown and the
-/// stream's throughput in Gbit/s.
+/// An iperf3 stream from the client pod to `server`, profiled. Probes start and the window
+/// opens (rulesets read) before the stream: on a slow VM either can take longer than the
+/// stream lasts. The window's counters start once the stream has warmed up. Returns the
+/// breakdown and the stream's throughput in Gbit/s.
 pub(crate) async fn profiled_stream(
     lab: &Lab,
     server: &Pod,
@@ -267,11 +268,15 @@ pub(crate) async fn profiled_stream(
 ) -> Result<(Breakdown, f64), Error> {
     profile::validate(profile_options)?;
     let probes = profile::start_probes(profile_options)?;
+    let mut window = OpenWindow::open(&probes, &profile_options.window)?;
+    // Warm-up, window, and a margin for the end snapshot.
     let seconds = profile_options.duration_s.ceil() as u32 + 2;
     let stream = traffic::Stream::start(&lab.client().netns, &server.netns, server.ip, seconds)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (breakdown, _) =
-        profile::run_started(profile_options, probes, std::future::pending(), |_, _| {}).await?;
+    window.restart(&probes)?;
+    tokio::time::sleep(Duration::from_secs_f64(profile_options.duration_s)).await;
+    let breakdown = window.close(&probes)?;
+    drop(probes);
     let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
         .await
         .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;

@@ -210,10 +210,18 @@ fn pods(model: Model) -> Vec<Pod> {
         .collect()
 }
 
-/// Removes every lab namespace (their devices, routes, rules and tc programs go with them).
+/// Removes every lab namespace (their devices, routes, rules and tc programs go with them),
+/// after ending the processes still running in them (servers of a run that was killed): a
+/// namespace whose name is gone but whose processes live on would keep its devices.
 pub async fn down() -> Result<Vec<String>, Error> {
     let names = existing();
     for name in &names {
+        for pid in netns::pids_in(name).unwrap_or_default() {
+            if pid != std::process::id().cast_signed() {
+                // SAFETY: kill(2) with a pid read from /proc; at worst the process is gone.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         net::delete_namespace(name).await?;
     }
     Ok(names)

@@ -17,8 +17,31 @@ use crate::{
     netns,
 };
 
-/// Name of the nftables tables cnitrace adds to count hook entries (one per family).
+/// Prefix of the nftables tables cnitrace adds to count hook entries (one per family and
+/// process: `cnitrace_entries_<pid>`, so two runs in one namespace keep to their own).
 pub const COUNTING_TABLE: &str = "cnitrace_entries";
+
+/// This process's counting table.
+fn own_counting_table() -> String {
+    format!("{COUNTING_TABLE}_{}", std::process::id())
+}
+
+/// Whether a counting table is left by a process that is gone (or by a version that did not
+/// name its tables by process).
+fn is_stale_counting_table(name: &str, pid_alive: impl Fn(u32) -> bool) -> bool {
+    match name.strip_prefix(COUNTING_TABLE) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix('_')
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !pid_alive(pid)),
+        None => false,
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
 
 /// Priority of the counting chains: before every standard table (raw is -300, conntrack
 /// defragmentation -400), so they see every packet that enters the hook.
@@ -143,7 +166,8 @@ pub struct EntryCounter {
 
 impl EntryCounter {
     pub fn install(netns: Option<&str>, families: &[Family]) -> Result<Self, Error> {
-        remove_counting_tables(netns)?;
+        remove_stale_counting_tables(netns)?;
+        let table = own_counting_table();
         let mut script = String::new();
         let families: Vec<Family> = families
             .iter()
@@ -152,7 +176,7 @@ impl EntryCounter {
             .collect();
         for &family in &families {
             let nft = nft_family(family).expect("filtered");
-            let _ = writeln!(script, "table {nft} {COUNTING_TABLE} {{");
+            let _ = writeln!(script, "table {nft} {table} {{");
             for hook in Hook::ALL {
                 let name = hook.nft_name();
                 let _ = writeln!(
@@ -192,7 +216,7 @@ impl EntryCounter {
             let json = stdout_of(
                 self.netns.as_deref(),
                 "nft",
-                &["-j", "list", "table", nft, COUNTING_TABLE],
+                &["-j", "list", "table", nft, &own_counting_table()],
                 &mut notes,
             )?
             .ok_or_else(|| {
@@ -221,26 +245,51 @@ impl EntryCounter {
 
 impl Drop for EntryCounter {
     fn drop(&mut self) {
-        if let Err(e) = remove_counting_tables(self.netns.as_deref()) {
-            tracing::warn!("removing the hook-entry counting tables: {e}");
+        let table = own_counting_table();
+        for family in &self.families {
+            let nft = nft_family(*family).expect("filtered");
+            if let Err(e) = netns::output_in(
+                self.netns.as_deref(),
+                "nft",
+                &["delete", "table", nft, &table],
+                None,
+            ) {
+                tracing::warn!("removing the hook-entry counting table {nft} {table}: {e}");
+            }
         }
     }
 }
 
-/// Deletes cnitrace's counting tables in a namespace, if any (also after a crash).
-pub fn remove_counting_tables(netns: Option<&str>) -> Result<(), Error> {
-    for nft in ["ip", "ip6", "bridge"] {
-        let listed = netns::output_in(netns, "nft", &["list", "table", nft, COUNTING_TABLE], None)?;
-        if listed.is_some_and(|o| o.status.success()) {
-            netns::output_in(
-                netns,
-                "nft",
-                &["delete", "table", nft, COUNTING_TABLE],
-                None,
-            )?;
+/// Counting tables of a namespace, as (nft family, table name), from `nft list tables`.
+fn counting_tables(netns: Option<&str>) -> Result<Vec<(String, String)>, Error> {
+    let Some(out) = netns::output_in(netns, "nft", &["list", "tables"], None)? else {
+        return Ok(Vec::new());
+    };
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("table"), Some(family), Some(name)) if name.starts_with(COUNTING_TABLE) => {
+                    Some((family.to_owned(), name.to_owned()))
+                }
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// Deletes the counting tables in a namespace that no running process owns (left by a
+/// crash or `kill -9`); returns what it deleted, as `family name`.
+pub fn remove_stale_counting_tables(netns: Option<&str>) -> Result<Vec<String>, Error> {
+    let mut removed = Vec::new();
+    for (family, name) in counting_tables(netns)? {
+        if is_stale_counting_table(&name, pid_alive) {
+            netns::output_in(netns, "nft", &["delete", "table", &family, &name], None)?;
+            removed.push(format!("{family} {name}"));
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// What to read around a window.
@@ -373,6 +422,19 @@ pub fn apply(section: &mut NetfilterSection, walks: Vec<ChainWalk>, notes: Vec<S
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_tables_of_dead_processes_are_stale() {
+        let alive = |pid: u32| pid == 42;
+        assert!(super::is_stale_counting_table("cnitrace_entries", alive));
+        assert!(super::is_stale_counting_table("cnitrace_entries_7", alive));
+        assert!(!super::is_stale_counting_table(
+            "cnitrace_entries_42",
+            alive
+        ));
+        assert!(!super::is_stale_counting_table("cnitrace_entries_x", alive));
+        assert!(!super::is_stale_counting_table("filter", alive));
+    }
+
     use super::*;
 
     fn walk(

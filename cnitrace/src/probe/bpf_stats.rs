@@ -23,16 +23,48 @@ pub enum StatsGuard {
     AlreadyOn,
 }
 
+/// Where a process that switched the sysctl on notes the value to restore, so that after a
+/// crash or `kill -9` the next start (or `cnitrace doctor --repair`) restores it instead of
+/// taking "on" for the user's own setting.
+const MARKER_DIR: &str = "/run/cnitrace";
+
+fn marker_path(pid: u32) -> std::path::PathBuf {
+    std::path::Path::new(MARKER_DIR).join(format!("bpf_stats_enabled.{pid}"))
+}
+
+/// Whether to skip BPF_ENABLE_STATS and use the sysctl, as kernels before 5.8 must (set
+/// `CNITRACE_BPF_STATS=sysctl` to exercise that path on a newer kernel).
+fn sysctl_forced() -> bool {
+    std::env::var_os("CNITRACE_BPF_STATS").is_some_and(|v| v == "sysctl")
+}
+
 impl StatsGuard {
     pub fn enable() -> Result<Self, Error> {
-        match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        let syscall = if sysctl_forced() {
+            Err("CNITRACE_BPF_STATS=sysctl".to_owned())
+        } else {
+            aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| e.to_string())
+        };
+        match syscall {
             Ok(fd) => Ok(Self::Fd(fd)),
             Err(syscall_error) => {
                 tracing::debug!("BPF_ENABLE_STATS failed ({syscall_error}); using the sysctl");
+                restore_after_crash();
                 let previous = std::fs::read_to_string(SYSCTL)
                     .map_err(|e| Error::io(format!("read {SYSCTL}"), e))?;
                 if previous.trim() == "1" {
                     return Ok(Self::AlreadyOn);
+                }
+                // The marker first: a crash between the two writes then restores a value
+                // that was never changed, which is harmless.
+                let marker = marker_path(std::process::id());
+                if let Err(e) = std::fs::create_dir_all(MARKER_DIR)
+                    .and_then(|()| std::fs::write(&marker, previous.trim()))
+                {
+                    tracing::warn!(
+                        "cannot note {SYSCTL}'s value in {}: {e}; after a crash, restore it by hand",
+                        marker.display()
+                    );
                 }
                 std::fs::write(SYSCTL, "1").map_err(|e| Error::io(format!("write {SYSCTL}"), e))?;
                 Ok(Self::Sysctl { previous })
@@ -66,12 +98,62 @@ pub fn shared() -> Result<Arc<StatsGuard>, Error> {
 
 impl Drop for StatsGuard {
     fn drop(&mut self) {
-        if let Self::Sysctl { previous } = self
-            && let Err(e) = std::fs::write(SYSCTL, previous.trim())
-        {
-            tracing::warn!("could not restore {SYSCTL} to {}: {e}", previous.trim());
+        if let Self::Sysctl { previous } = self {
+            if let Err(e) = std::fs::write(SYSCTL, previous.trim()) {
+                tracing::warn!("could not restore {SYSCTL} to {}: {e}", previous.trim());
+            }
+            let _ = std::fs::remove_file(marker_path(std::process::id()));
         }
     }
+}
+
+/// Restores the sysctl that processes now gone switched on and never restored; returns
+/// what it did. While another live process holds it on, only the dead ones' markers go.
+pub fn restore_after_crash() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(MARKER_DIR) else {
+        return Vec::new();
+    };
+    let mut live = false;
+    let mut restore = None;
+    let mut dead_markers = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("bpf_stats_enabled.")
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            live = true;
+            continue;
+        }
+        // The oldest value wins: a second crashed run may have noted the first one's "1".
+        if let Ok(value) = std::fs::read_to_string(entry.path())
+            && (restore.is_none() || value.trim() == "0")
+        {
+            restore = Some(value.trim().to_owned());
+        }
+        dead_markers.push(entry.path());
+    }
+    let mut done = Vec::new();
+    if let Some(value) = restore
+        && !live
+    {
+        match std::fs::write(SYSCTL, &value) {
+            Ok(()) => done.push(format!(
+                "{SYSCTL} restored to {value} (left on by a cnitrace process that is gone)"
+            )),
+            Err(e) => {
+                tracing::warn!("could not restore {SYSCTL} to {value}: {e}");
+                return done;
+            }
+        }
+    }
+    for marker in dead_markers {
+        let _ = std::fs::remove_file(marker);
+    }
+    done
 }
 
 /// Every loaded program's statistics, by program id.

@@ -115,12 +115,14 @@ impl Metrics {
     /// Adds the interval since the previous scrape to the counters and encodes them.
     pub fn scrape(&self, agent: &Agent) -> Result<String, crate::Error> {
         let probes = agent.probes();
-        let now = probes.snapshot()?;
-        let previous = self
+        // Held from the snapshot to the counters: two scrapes at once (annotations and a
+        // ServiceMonitor, say) then measure consecutive intervals, never one interval twice.
+        let mut last = self
             .last
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace(now.clone());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = probes.snapshot()?;
+        let previous = last.replace(now.clone());
         if let Some(previous) = previous {
             let b = window::between(probes, &previous, &now, &PacketSelection::default(), None)?;
             let node = NodeLabels {
@@ -148,6 +150,7 @@ impl Metrics {
                     .inc_by(s.cycles);
             }
         }
+        drop(last);
         let mut text = String::new();
         encode(&mut text, &self.registry)
             .map_err(|e| crate::Error::io("encode metrics", std::io::Error::other(e)))?;

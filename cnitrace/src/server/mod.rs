@@ -2,6 +2,7 @@
 //! OpenAPI document and a page that draws the breakdown. `router(state)` is all of it, so tests
 //! drive it with `oneshot`, no socket needed.
 
+mod listen;
 mod metrics;
 mod page;
 
@@ -9,7 +10,10 @@ use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Path, Query, Request, State, rejection::JsonRejection},
+    extract::{
+        DefaultBodyLimit, Path, Query, Request, State,
+        rejection::{BytesRejection, JsonRejection},
+    },
     http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
     response::{Html, IntoResponse, Response},
@@ -25,6 +29,7 @@ use crate::{
     doctor::NodeReport,
 };
 
+pub use listen::{ServeLimits, serve};
 pub use metrics::Metrics;
 
 /// Largest request body accepted (session requests are a few hundred bytes).
@@ -36,7 +41,32 @@ pub struct AppState {
     pub node: NodeReport,
     /// Bearer token required on every path except /healthz and the page itself.
     pub token: Option<String>,
+    /// Without a token the agent only serves loopback, and then every request must name a
+    /// loopback host: a web page whose name an attacker re-points at 127.0.0.1 (DNS
+    /// rebinding) gets 403 instead of this node's data.
+    pub loopback_only: bool,
     pub metrics: Metrics,
+    /// Window computations (snapshots, symbolization, ruleset reads) running at once; the
+    /// rest wait, so a burst of requests cannot take every CPU or pile up memory.
+    work: Arc<tokio::sync::Semaphore>,
+}
+
+/// Window computations that may run at once.
+pub const MAX_CONCURRENT_WORK: usize = 4;
+/// How long a request waits for a computation slot before it gets 503.
+const WORK_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl AppState {
+    pub fn new(agent: Agent, node: NodeReport, token: Option<String>, loopback_only: bool) -> Self {
+        Self {
+            agent,
+            node,
+            token,
+            loopback_only,
+            metrics: Metrics::new(),
+            work: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WORK)),
+        }
+    }
 }
 
 pub struct ApiError(StatusCode, String);
@@ -76,16 +106,32 @@ async fn blocking<T: Send + 'static>(
     state: &Arc<AppState>,
     work: impl FnOnce(&AppState) -> Result<T, AgentError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let state = Arc::clone(state);
-    tokio::task::spawn_blocking(move || work(&state))
+    let permit = tokio::time::timeout(WORK_QUEUE_WAIT, Arc::clone(&state.work).acquire_owned())
         .await
-        .map_err(|e| {
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
             ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("worker failed: {e}"),
+                format!(
+                    "busy: {MAX_CONCURRENT_WORK} measurements are running and others are waiting; try again"
+                ),
             )
-        })?
-        .map_err(ApiError::from)
+        })?;
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || {
+        // Held until the computation ends, even if the client has gone.
+        let _permit = permit;
+        work(&state)
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("worker failed: {e}"),
+        )
+    })?
+    .map_err(ApiError::from)
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
@@ -107,10 +153,27 @@ async fn node(State(state): State<Arc<AppState>>) -> Json<NodeReport> {
 )]
 async fn start_session(
     State(state): State<Arc<AppState>>,
-    body: Result<Option<Json<SessionRequest>>, JsonRejection>,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<SessionView>), ApiError> {
-    // No body (no Content-Type) means all defaults; a body that is not valid JSON is an error.
-    let request = body?.map(|Json(request)| request).unwrap_or_default();
+    // An empty body means all defaults; a body that is not a valid request is an error.
+    // (The JSON content type was checked by `refuse_cross_site`.)
+    let body = body.map_err(|rejection| {
+        let status = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, rejection.body_text())
+    })?;
+    let request: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SessionRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("invalid session request: {e}"),
+            )
+        })?
+    };
     let view = blocking(&state, move |s| s.agent.start_session(&request)).await?;
     if let Some(duration) = view.duration_s {
         // Its own timer, so a bounded window ends on time (the agent's 1 s ticker is a backstop).
@@ -287,6 +350,94 @@ async fn require_token(
     next.run(request).await
 }
 
+/// The host part of a `Host` header or an `Origin` URL (`[::1]:9560` -> `[::1]`).
+fn host_of(authority: &str) -> &str {
+    let authority = authority
+        .split_once("://")
+        .map_or(authority, |(_, rest)| rest)
+        .trim_end_matches('/');
+    if authority.starts_with('[') {
+        return authority
+            .split_once(']')
+            .map_or(authority, |(host, _)| &authority[..=host.len()]);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses cross-site use: a request must name a loopback host when the agent serves loopback
+/// without a token (DNS rebinding); a state-changing request must carry a JSON content type
+/// (which a cross-site form or `no-cors` fetch cannot send) and, if the browser says where it
+/// comes from, come from the agent's own origin.
+async fn refuse_cross_site(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(host_of);
+    if state.loopback_only
+        && request.uri().path() != "/healthz"
+        && !host.is_some_and(is_loopback_host)
+    {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "this agent serves loopback without a token: address it as localhost or 127.0.0.1"
+                .to_owned(),
+        )
+        .into_response();
+    }
+    if request.method() == axum::http::Method::POST {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !json {
+            return ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "POST requests need Content-Type: application/json (the body may be empty)"
+                    .to_owned(),
+            )
+            .into_response();
+        }
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if let Some(origin) = origin
+            && origin != "null"
+            && host.is_some_and(|host| !host_of(origin).eq_ignore_ascii_case(host))
+        {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                format!("cross-origin request from {origin} refused"),
+            )
+            .into_response();
+        }
+        if origin == Some("null") {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                "request from an opaque origin refused".to_owned(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(index))
@@ -304,6 +455,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
+        ))
+        // Outermost: a cross-site request is refused before it can probe the token.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            refuse_cross_site,
         ))
         .with_state(state)
 }

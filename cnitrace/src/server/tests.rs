@@ -24,14 +24,24 @@ use crate::{
     window::Probes,
 };
 
-/// Each snapshot adds 100 bridge samples of 1 ms and 1000 transmitted segments.
+/// Each snapshot adds 100 bridge samples of 1 ms and 1000 transmitted segments, and takes
+/// `delay` (to make requests overlap).
+#[derive(Default)]
 struct SyntheticProbe {
     ticks: AtomicU64,
+    delay: std::time::Duration,
+    /// Snapshots being taken now, and the most ever at once.
+    in_flight: AtomicU64,
+    peak_in_flight: Arc<AtomicU64>,
 }
 
 impl Probes for SyntheticProbe {
     fn snapshot(&self) -> Result<Snapshot, crate::Error> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_in_flight.fetch_max(now, Ordering::SeqCst);
         let t = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
+        std::thread::sleep(self.delay);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let key = SampleKey {
             stack_hash: 1,
             flags: 0,
@@ -125,29 +135,42 @@ impl Probes for SyntheticProbe {
 }
 
 fn app(token: Option<&str>, limits: Limits) -> (Router, Arc<AppState>) {
-    let state = Arc::new(AppState {
-        agent: Agent::new(
-            Box::new(SyntheticProbe {
-                ticks: AtomicU64::new(0),
-            }),
-            Limits {
-                // Unit tests never run iptables-save on the machine they run on.
-                read_rulesets: false,
-                ..limits
-            },
-        ),
-        node: crate::doctor::NodeReport {
-            node: "test".into(),
-            kernel: "k".into(),
-            checks: Vec::new(),
-            backends: Vec::new(),
-            components: Vec::new(),
-            traced_functions: Vec::new(),
-            cni: Vec::new(),
+    app_with(token, limits, false)
+}
+
+fn app_with(token: Option<&str>, limits: Limits, loopback_only: bool) -> (Router, Arc<AppState>) {
+    app_on(SyntheticProbe::default(), token, limits, loopback_only)
+}
+
+fn app_on(
+    probe: SyntheticProbe,
+    token: Option<&str>,
+    limits: Limits,
+    loopback_only: bool,
+) -> (Router, Arc<AppState>) {
+    let node = crate::doctor::NodeReport {
+        node: "test".into(),
+        kernel: "k".into(),
+        checks: Vec::new(),
+        backends: Vec::new(),
+        components: Vec::new(),
+        traced_functions: Vec::new(),
+        cni: Vec::new(),
+    };
+    let agent = Agent::new(
+        Box::new(probe),
+        Limits {
+            // Unit tests never run iptables-save on the machine they run on.
+            read_rulesets: false,
+            ..limits
         },
-        token: token.map(str::to_owned),
-        metrics: Metrics::new(),
-    });
+    );
+    let state = Arc::new(AppState::new(
+        agent,
+        node,
+        token.map(str::to_owned),
+        loopback_only,
+    ));
     (router(Arc::clone(&state)), state)
 }
 
@@ -158,17 +181,18 @@ async fn call(
     body: Option<&str>,
     token: Option<&str>,
 ) -> (StatusCode, Value, String) {
+    let is_post = method == Method::POST;
     let mut request = Request::builder().method(method).uri(uri);
     if let Some(token) = token {
         request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let request = match body {
-        Some(body) => request
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_owned())),
-        None => request.body(Body::empty()),
+    // As every client of the API: JSON on every POST, even without a body.
+    if is_post {
+        request = request.header(header::CONTENT_TYPE, "application/json");
     }
-    .unwrap();
+    let request = request
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+        .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -260,6 +284,142 @@ async fn token_is_required_except_for_health_and_page() {
             .await
             .0,
         StatusCode::OK
+    );
+}
+
+/// Status of a request with exactly these headers.
+async fn status_with(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> StatusCode {
+    let mut request = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if !status.is_success() {
+        assert!(is_json_error(&body), "{uri}: {status} without a JSON error");
+    }
+    status
+}
+
+#[tokio::test]
+async fn cross_site_requests_are_refused() {
+    let (app, state) = app(None, Limits::default());
+    let json = ("content-type", "application/json");
+    // A form or no-cors fetch from another site can only send text/plain or form types.
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let headers: Vec<(&str, &str)> = content_type
+            .map(|c| ("content-type", c))
+            .into_iter()
+            .collect();
+        assert_eq!(
+            status_with(&app, Method::POST, "/api/v1/sessions", &headers).await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+    }
+    assert_eq!(
+        status_with(
+            &app,
+            Method::POST,
+            "/api/v1/sessions",
+            &[
+                json,
+                ("origin", "https://evil.example"),
+                ("host", "127.0.0.1:9560")
+            ]
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status_with(
+            &app,
+            Method::POST,
+            "/api/v1/sessions",
+            &[json, ("origin", "null"), ("host", "127.0.0.1:9560")]
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    // The agent's own page posts from its own origin.
+    assert_eq!(
+        status_with(
+            &app,
+            Method::POST,
+            "/api/v1/sessions",
+            &[
+                json,
+                ("origin", "http://127.0.0.1:9560"),
+                ("host", "127.0.0.1:9560")
+            ]
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert!(
+        state.agent.sessions().len() == 1,
+        "only the same-origin request opened a session"
+    );
+
+    // Serving loopback without a token: a rebound name is refused, loopback names are not.
+    let (app, _) = app_with(None, Limits::default(), true);
+    assert_eq!(
+        status_with(
+            &app,
+            Method::GET,
+            "/api/v1/node",
+            &[("host", "rebind.evil.example:9560")]
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status_with(&app, Method::GET, "/api/v1/node", &[]).await,
+        StatusCode::FORBIDDEN
+    );
+    for host in [
+        "localhost:9560",
+        "127.0.0.1:9560",
+        "[::1]:9560",
+        "127.0.0.2",
+    ] {
+        assert_eq!(
+            status_with(&app, Method::GET, "/api/v1/node", &[("host", host)]).await,
+            StatusCode::OK,
+            "{host}"
+        );
+    }
+    // The kubelet's probe names the pod's address: liveness is answered whatever the host.
+    assert_eq!(
+        status_with(&app, Method::GET, "/healthz", &[("host", "10.0.0.7:9560")]).await,
+        StatusCode::OK
+    );
+}
+
+#[test]
+fn hosts_are_split_from_ports() {
+    assert_eq!(host_of("127.0.0.1:9560"), "127.0.0.1");
+    assert_eq!(host_of("[::1]:9560"), "[::1]");
+    assert_eq!(host_of("[::1]"), "[::1]");
+    assert_eq!(host_of("http://localhost:9560/"), "localhost");
+    assert_eq!(host_of("https://evil.example"), "evil.example");
+    assert!(
+        is_loopback_host("[::1]") && is_loopback_host("LOCALHOST") && !is_loopback_host("10.1.1.1")
     );
 }
 
@@ -395,6 +555,24 @@ async fn session_errors() {
     );
 }
 
+#[tokio::test]
+async fn open_ended_sessions_end_at_the_longest_duration() {
+    let limits = Limits {
+        max_duration_s: 0.2,
+        ..Limits::default()
+    };
+    let (app, state) = app(None, limits);
+    let (status, open_ended, _) = call(&app, Method::POST, "/api/v1/sessions", None, None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(state.agent.due_sessions().is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        state.agent.due_sessions(),
+        vec![open_ended["id"].as_u64().unwrap()],
+        "a session without duration_s is due after max_duration_s"
+    );
+}
+
 #[test]
 fn an_agent_nobody_reads_takes_no_snapshots() {
     let (_, state) = app(None, Limits::default());
@@ -477,4 +655,89 @@ async fn metrics_are_monotonic_prometheus_counters() {
     );
     let packets2 = value(&second, "cnitrace_packets_total", None);
     assert!((packets2 - 2000.0).abs() < f64::EPSILON, "{packets2}");
+}
+
+/// Counter value of a metric without labels beyond `node`.
+fn counter(text: &str, name: &str) -> f64 {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .map_or_else(
+            || panic!("{name} missing"),
+            |s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => panic!("{name} is not a counter"),
+            },
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_scrapes_count_each_interval_once() {
+    let probe = SyntheticProbe {
+        delay: std::time::Duration::from_millis(20),
+        ..SyntheticProbe::default()
+    };
+    let (app, state) = app_on(probe, None, Limits::default(), false);
+    state.metrics.prime(&state.agent).unwrap();
+    let scrapes = 12;
+    let handles: Vec<_> = (0..scrapes)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { call(&app, Method::GET, "/metrics", None, None).await })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.await.unwrap().0, StatusCode::OK);
+    }
+    // One more scrape sees everything: every snapshot after the first is 1000 segments.
+    let (_, _, text) = call(&app, Method::GET, "/metrics", None, None).await;
+    let packets = counter(&text, "cnitrace_packets_total");
+    assert!(
+        (packets - f64::from(scrapes + 1) * 1000.0).abs() < f64::EPSILON,
+        "{packets} packets counted for {} intervals of 1000",
+        scrapes + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn window_work_is_bounded_and_health_stays_answered() {
+    let peak = Arc::new(AtomicU64::new(0));
+    let probe = SyntheticProbe {
+        delay: std::time::Duration::from_millis(100),
+        peak_in_flight: Arc::clone(&peak),
+        ..SyntheticProbe::default()
+    };
+    let limits = Limits {
+        max_sessions: 64,
+        ..Limits::default()
+    };
+    let (app, _) = app_on(probe, None, limits, false);
+    let requests: Vec<_> = (0..16)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                call(&app, Method::POST, "/api/v1/sessions", None, None)
+                    .await
+                    .0
+            })
+        })
+        .collect();
+    // While they queue, liveness answers at once.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        call(&app, Method::GET, "/healthz", None, None).await.0,
+        StatusCode::OK
+    );
+    assert!(started.elapsed() < std::time::Duration::from_millis(100));
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::CREATED);
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(
+        (1..=MAX_CONCURRENT_WORK as u64).contains(&peak),
+        "{peak} snapshots at once"
+    );
 }
