@@ -309,8 +309,12 @@ pub struct ChainWalk {
     pub family: String,
     pub hook: String,
     pub table: String,
-    /// The base chain and every user chain reachable from it.
+    /// The base chain and the user chains reachable from it: the first 64 names, base chain
+    /// first (kube-proxy's nat hooks reach tens of thousands).
     pub chains: Vec<String>,
+    /// How many chains are reachable, the base chain included.
+    pub chain_count: u32,
+    /// Rules of all reachable chains.
     pub rules: u32,
     /// Packets that entered the base chain (`null`: not known).
     pub packets: Option<u64>,

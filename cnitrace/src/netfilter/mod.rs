@@ -397,7 +397,7 @@ pub fn apply(section: &mut NetfilterSection, walks: Vec<ChainWalk>, notes: Vec<S
             continue;
         }
         let hook = HookCost::entry(&mut section.hooks, &walk.family, &walk.hook);
-        hook.chains += u32::try_from(walk.chains.len()).unwrap_or(u32::MAX);
+        hook.chains += walk.chain_count;
         hook.rules += walk.rules;
         // Tables at one hook see the same packets: entries are the largest count, evaluations
         // add up.
@@ -452,6 +452,7 @@ mod tests {
             hook: hook.to_owned(),
             table: table.to_owned(),
             chains: vec![hook.to_owned()],
+            chain_count: 1,
             rules,
             packets: Some(packets),
             rules_evaluated: Some(evaluated),

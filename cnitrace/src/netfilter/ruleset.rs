@@ -77,6 +77,7 @@ pub struct Table {
     pub chains: Vec<Chain>,
 }
 
+#[cfg(test)]
 impl Table {
     fn chain(&self, name: &str) -> Option<&Chain> {
         self.chains.iter().find(|c| c.name == name)
@@ -141,6 +142,8 @@ pub fn parse_iptables_save(
     family: Family,
 ) -> Result<Vec<Table>, Error> {
     let mut tables: Vec<Table> = Vec::new();
+    // The current table's chains by name: kube-proxy-sized rulesets have tens of thousands.
+    let mut chain_index: HashMap<String, usize> = HashMap::new();
     let bad = |n: usize, what: &str| {
         Error::InvalidArgument(format!("iptables-save output line {}: {what}", n + 1))
     };
@@ -150,6 +153,7 @@ pub fn parse_iptables_save(
             continue;
         }
         if let Some(name) = line.strip_prefix('*') {
+            chain_index.clear();
             tables.push(Table {
                 backend,
                 family,
@@ -171,6 +175,7 @@ pub fn parse_iptables_save(
                 .and_then(|c| c.trim_start_matches('[').split(':').next())
                 .and_then(|p| p.parse::<u64>().ok());
             let base = policy != "-";
+            chain_index.insert(name.to_owned(), table.chains.len());
             table.chains.push(Chain {
                 name: name.to_owned(),
                 hook: if base { Hook::parse(name) } else { None },
@@ -202,10 +207,8 @@ pub fn parse_iptables_save(
         if w.len() < 2 || (w[0] != "-A" && w[0] != "--append") {
             return Err(bad(n, "expected `-A CHAIN`"));
         }
-        let chain_index = table
-            .chains
-            .iter()
-            .position(|c| c.name == w[1])
+        let chain_at = *chain_index
+            .get(&w[1])
             .ok_or_else(|| bad(n, &format!("rule in undeclared chain {}", w[1])))?;
         let mut target = Target::Continue;
         for pair in w.windows(2) {
@@ -215,7 +218,7 @@ pub fn parse_iptables_save(
                 _ => {}
             }
         }
-        table.chains[chain_index].rules.push(Rule {
+        table.chains[chain_at].rules.push(Rule {
             text: rest.to_owned(),
             matches,
             target,
@@ -260,8 +263,10 @@ pub fn parse_nft_json(text: &str, skip: &[(Family, String)]) -> Result<Vec<Table
         "arp" => Some(Family::Arp),
         _ => None,
     };
-    let mut tables: Vec<(String, Table)> = Vec::new();
-    let key = |family: &str, table: &str| format!("{family} {table}");
+    let mut tables: Vec<Table> = Vec::new();
+    // Tables by (nft family, name), chains by (table index, name): rules name both.
+    let mut table_index: HashMap<(String, String), usize> = HashMap::new();
+    let mut chain_index: HashMap<(usize, String), usize> = HashMap::new();
     for item in items {
         let Some((kind, body)) = item.as_object().and_then(|o| o.iter().next()) else {
             continue;
@@ -279,20 +284,20 @@ pub fn parse_nft_json(text: &str, skip: &[(Family, String)]) -> Result<Vec<Table
                         .iter()
                         .any(|(f, n)| *f == family && n == name && nft_family != "inet");
                 if !skipped {
-                    tables.push((
-                        key(nft_family, name),
-                        Table {
-                            backend: Backend::Nft,
-                            family,
-                            name: name.to_owned(),
-                            chains: Vec::new(),
-                        },
-                    ));
+                    table_index.insert((nft_family.to_owned(), name.to_owned()), tables.len());
+                    tables.push(Table {
+                        backend: Backend::Nft,
+                        family,
+                        name: name.to_owned(),
+                        chains: Vec::new(),
+                    });
                 }
             }
             "chain" => {
-                let k = key(nft_family, text_of("table"));
-                if let Some((_, table)) = tables.iter_mut().find(|(tk, _)| *tk == k) {
+                let key = (nft_family.to_owned(), text_of("table").to_owned());
+                if let Some(&at) = table_index.get(&key) {
+                    let table = &mut tables[at];
+                    chain_index.insert((at, text_of("name").to_owned()), table.chains.len());
                     table.chains.push(Chain {
                         name: text_of("name").to_owned(),
                         hook: body
@@ -305,14 +310,14 @@ pub fn parse_nft_json(text: &str, skip: &[(Family, String)]) -> Result<Vec<Table
                 }
             }
             "rule" => {
-                let k = key(nft_family, text_of("table"));
-                let Some((_, table)) = tables.iter_mut().find(|(tk, _)| *tk == k) else {
+                let key = (nft_family.to_owned(), text_of("table").to_owned());
+                let Some(&at) = table_index.get(&key) else {
                     continue;
                 };
-                let Some(chain) = table.chains.iter_mut().find(|c| c.name == text_of("chain"))
-                else {
+                let Some(&chain_at) = chain_index.get(&(at, text_of("chain").to_owned())) else {
                     continue;
                 };
+                let chain = &mut tables[at].chains[chain_at];
                 let exprs = body.get("expr").and_then(|e| e.as_array());
                 let mut matches = None;
                 let mut target = Target::Continue;
@@ -345,8 +350,14 @@ pub fn parse_nft_json(text: &str, skip: &[(Family, String)]) -> Result<Vec<Table
                         _ => {}
                     }
                 }
+                // Counters in the rule text would make every snapshot's text differ.
+                let without_counters: Vec<&serde_json::Value> = exprs
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.get("counter").is_none())
+                    .collect();
                 chain.rules.push(Rule {
-                    text: serde_json::to_string(exprs.unwrap_or(&Vec::new())).unwrap_or_default(),
+                    text: serde_json::to_string(&without_counters).unwrap_or_default(),
                     matches,
                     target,
                 });
@@ -354,23 +365,7 @@ pub fn parse_nft_json(text: &str, skip: &[(Family, String)]) -> Result<Vec<Table
             _ => {}
         }
     }
-    // Counters in the rule text would make every snapshot's text differ.
-    for (_, table) in &mut tables {
-        for chain in &mut table.chains {
-            for rule in &mut chain.rules {
-                rule.text = strip_nft_counters(&rule.text);
-            }
-        }
-    }
-    Ok(tables.into_iter().map(|(_, t)| t).collect())
-}
-
-fn strip_nft_counters(text: &str) -> String {
-    let Ok(serde_json::Value::Array(mut exprs)) = serde_json::from_str(text) else {
-        return text.to_owned();
-    };
-    exprs.retain(|e| e.get("counter").is_none());
-    serde_json::to_string(&exprs).unwrap_or_default()
+    Ok(tables)
 }
 
 impl Ruleset {
@@ -384,8 +379,13 @@ impl Ruleset {
             let before = earlier.tables.iter().find(|t| {
                 t.backend == table.backend && t.family == table.family && t.name == table.name
             });
+            let before_chains: HashMap<&str, &Chain> = before
+                .into_iter()
+                .flat_map(|t| &t.chains)
+                .map(|c| (c.name.as_str(), c))
+                .collect();
             for chain in &mut table.chains {
-                let old = before.and_then(|t| t.chain(&chain.name));
+                let old = before_chains.get(chain.name.as_str()).copied();
                 chain.policy_packets =
                     match (chain.policy_packets, old.and_then(|c| c.policy_packets)) {
                         (Some(now), Some(then)) => Some(now.saturating_sub(then)),
@@ -412,6 +412,10 @@ impl Ruleset {
     }
 }
 
+/// Chain names listed per hook; kube-proxy's nat PREROUTING reaches one chain per Service
+/// and endpoint, tens of thousands, which only the count then reports.
+pub const LISTED_CHAINS: usize = 64;
+
 /// Totals of one chain for all packets that entered it.
 #[derive(Debug, Clone, Copy, Default)]
 struct ChainTotals {
@@ -423,7 +427,8 @@ struct ChainTotals {
 }
 
 struct Walker<'a> {
-    table: &'a Table,
+    /// The table's chains by name.
+    chains: HashMap<&'a str, &'a Chain>,
     /// Packets entering each user chain: the matches of the rules that jump or go to it.
     entries: HashMap<&'a str, f64>,
     memo: HashMap<&'a str, ChainTotals>,
@@ -443,7 +448,7 @@ impl<'a> Walker<'a> {
             }
         }
         Self {
-            table,
+            chains: table.chains.iter().map(|c| (c.name.as_str(), c)).collect(),
             entries,
             memo: HashMap::new(),
             approximate,
@@ -497,7 +502,7 @@ impl<'a> Walker<'a> {
         if let Some(totals) = self.memo.get(name) {
             return *totals;
         }
-        let Some(chain) = self.table.chain(name) else {
+        let Some(&chain) = self.chains.get(name) else {
             return ChainTotals::default();
         };
         if stack.contains(&chain.name.as_str()) {
@@ -512,25 +517,30 @@ impl<'a> Walker<'a> {
         totals
     }
 
-    /// The chain and every user chain reachable from it, with their rule count.
-    fn reachable(&self, chain: &'a Chain) -> (Vec<String>, u32) {
-        let mut seen: Vec<&str> = vec![&chain.name];
+    /// The chain and every user chain reachable from it (names of the first
+    /// [`LISTED_CHAINS`], base chain first), how many there are, and their rule count.
+    fn reachable(&self, chain: &'a Chain) -> (Vec<String>, u32, u32) {
+        let mut seen: HashSet<&str> = HashSet::from([chain.name.as_str()]);
+        let mut listed = vec![chain.name.clone()];
         let mut queue = vec![chain];
         let mut rules = 0usize;
         while let Some(c) = queue.pop() {
             rules += c.rules.len();
             for rule in &c.rules {
                 if let Target::Jump(name) | Target::Goto(name) = &rule.target
-                    && let Some(called) = self.table.chain(name)
-                    && !seen.contains(&called.name.as_str())
+                    && let Some(&called) = self.chains.get(name.as_str())
+                    && seen.insert(called.name.as_str())
                 {
-                    seen.push(&called.name);
+                    if listed.len() < LISTED_CHAINS {
+                        listed.push(called.name.clone());
+                    }
                     queue.push(called);
                 }
             }
         }
         (
-            seen.iter().map(|s| (*s).to_owned()).collect(),
+            listed,
+            u32::try_from(seen.len()).unwrap_or(u32::MAX),
             u32::try_from(rules).unwrap_or(u32::MAX),
         )
     }
@@ -550,7 +560,7 @@ pub fn walk(
         let mut walker = Walker::new(table);
         for chain in table.chains.iter().filter(|c| c.hook.is_some()) {
             let hook = chain.hook.expect("base chain");
-            let (chains, rules) = walker.reachable(chain);
+            let (chains, chain_count, rules) = walker.reachable(chain);
             let mut stack = Vec::new();
             let counted = hook_entries(table.family, hook);
             let (packets, source) = match (counted, chain.policy_packets) {
@@ -580,6 +590,7 @@ pub fn walk(
                 hook: hook.as_str().to_owned(),
                 table: table.name.clone(),
                 chains,
+                chain_count,
                 rules,
                 packets: packets.map(|p| p.round() as u64),
                 rules_evaluated: evaluated.map(|e| e.round() as u64),
