@@ -45,6 +45,9 @@ pub mod map {
     pub const TRACE_FUNCTIONS: &str = "CNT_TRACE_FUNCS";
     /// Tracing: fentry slot -> component id.
     pub const TRACE_SLOTS: &str = "CNT_TRACE_SLOTS";
+    /// The sampler's epoch (one `u32`): user space advances it to retire old sample keys and
+    /// stacks, which it deletes once no open window can still need them.
+    pub const EPOCH: &str = "CNT_EPOCH";
 }
 
 /// Names of the read-only globals user space sets before loading: struct offsets read from the
@@ -88,7 +91,9 @@ pub struct SampleKey {
     pub stack_hash: u64,
     /// `SAMPLE_FLAG_*` bits.
     pub flags: u32,
-    pub padding: u32,
+    /// The sampler's epoch when the key was made (also mixed into `stack_hash`), so that keys
+    /// of a retired epoch stop growing and can be deleted without ever being made again.
+    pub epoch: u32,
 }
 
 /// One kernel stack: return addresses, innermost first, zero-filled past the last frame.

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, generated::bpf_get_stack},
     macros::{map, perf_event},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::PerfEventContext,
 };
 use cnitrace_common::{
@@ -23,6 +23,10 @@ static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(MAX_STACKS,
 /// Per-CPU scratch for copying a stack (too large for the 512-byte BPF stack).
 #[map(name = "CNT_SCRATCH")]
 static SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// The current epoch, set by user space (see `cnitrace_common::map::EPOCH`).
+#[map(name = "CNT_EPOCH")]
+static EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "CNT_SAMPLES")]
 static SAMPLES: PerCpuHashMap<SampleKey, SampleValue> =
@@ -45,7 +49,8 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), u32> {
     let period = unsafe { (*ctx.ctx).sample_period };
     let pid = bpf_get_current_pid_tgid() as u32;
     let mut flags = if pid == 0 { SAMPLE_FLAG_IDLE_TASK } else { 0 };
-    let stack_hash = match record_kernel_stack(ctx) {
+    let epoch = EPOCH.get(0).copied().unwrap_or(0);
+    let stack_hash = match record_kernel_stack(ctx, epoch) {
         Ok(Some(hash)) => hash,
         Ok(None) => {
             flags |= SAMPLE_FLAG_USER;
@@ -60,15 +65,16 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), u32> {
     let key = SampleKey {
         stack_hash,
         flags,
-        padding: 0,
+        epoch,
     };
     add_sample(&key, period)
 }
 
-/// Copies the sampled kernel stack, stores it under its hash, returns the hash; `None` when the
-/// sample hit user mode (no kernel frames).
+/// Copies the sampled kernel stack, stores it under its hash (the epoch mixed in: each epoch
+/// stores its own copy), returns the hash; `None` when the sample hit user mode (no kernel
+/// frames).
 #[inline(always)]
-fn record_kernel_stack(ctx: &PerfEventContext) -> Result<Option<u64>, u32> {
+fn record_kernel_stack(ctx: &PerfEventContext, epoch: u32) -> Result<Option<u64>, u32> {
     let frames = SCRATCH.get_ptr_mut(0).ok_or(fault::STACK_LOST)?;
     // SAFETY: the per-CPU scratch slot is ours for the duration of this non-preemptible program.
     let frames = unsafe { &mut *frames };
@@ -82,7 +88,7 @@ fn record_kernel_stack(ctx: &PerfEventContext) -> Result<Option<u64>, u32> {
     if depth == 0 {
         return Ok(None);
     }
-    let mut hash = FNV_OFFSET;
+    let mut hash = (FNV_OFFSET ^ u64::from(epoch)).wrapping_mul(FNV_PRIME);
     for i in 0..STACK_DEPTH {
         if i >= depth {
             frames.ips[i] = 0;

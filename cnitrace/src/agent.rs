@@ -72,14 +72,22 @@ pub struct Agent {
     limits: Limits,
     next_id: AtomicU64,
     sessions: Mutex<BTreeMap<u64, SessionEntry>>,
-    /// One snapshot per second, newest last.
-    ring: Mutex<VecDeque<Snapshot>>,
+    /// Snapshots for rolling windows, newest last, numbered by tick: one a second for the
+    /// last [`DENSE_S`] seconds, then one per [`SPARSE_EVERY_S`] seconds back to
+    /// [`MAX_ROLLING_S`], so the ring holds ~40 snapshots instead of 301.
+    ring: Mutex<VecDeque<(u64, Snapshot)>>,
+    ticks: AtomicU64,
     /// When a rolling window was last read (seconds since start; [`NEVER`] before the first).
     rolling_read_s: AtomicU64,
     started: Instant,
 }
 
 const NEVER: u64 = u64::MAX;
+
+/// Rolling windows up to this long start within a second of the length asked for.
+const DENSE_S: u64 = 10;
+/// Longer ones within this many seconds.
+const SPARSE_EVERY_S: u64 = 10;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock must not take the agent down with it.
@@ -96,6 +104,7 @@ impl Agent {
             next_id: AtomicU64::new(1),
             sessions: Mutex::new(BTreeMap::new()),
             ring: Mutex::new(VecDeque::new()),
+            ticks: AtomicU64::new(0),
             rolling_read_s: AtomicU64::new(NEVER),
             started: Instant::now(),
         }
@@ -122,12 +131,37 @@ impl Agent {
             return Ok(false);
         }
         let snapshot = self.probes.snapshot()?;
+        let tick = self.ticks.fetch_add(1, Ordering::Relaxed);
         let mut ring = lock(&self.ring);
-        ring.push_back(snapshot);
-        while ring.len() > MAX_ROLLING_S as usize + 1 {
-            ring.pop_front();
-        }
+        ring.push_back((tick, snapshot));
+        ring.retain(|(taken, _)| {
+            let age = tick - taken;
+            age <= MAX_ROLLING_S && (age <= DENSE_S || taken % SPARSE_EVERY_S == 0)
+        });
         Ok(true)
+    }
+
+    /// Keeps the kernel maps from filling (see [`Probes::maintain`]): `also_held` is a
+    /// baseline kept outside the agent (the metrics' last scrape).
+    pub fn maintain(
+        &self,
+        also_held: Option<Instant>,
+    ) -> Result<crate::probe::Maintenance, crate::Error> {
+        let sessions = lock(&self.sessions)
+            .values()
+            .filter_map(|s| s.window.as_ref().map(|w| w.start().mono))
+            .min();
+        let ring = lock(&self.ring).front().map(|(_, s)| s.mono);
+        let oldest = [sessions, ring, also_held].into_iter().flatten().min();
+        // Half full: the other half takes the new epoch's keys while the old one drains.
+        let advance_at =
+            cnitrace_common::MAX_SAMPLE_KEYS.min(cnitrace_common::MAX_STACKS) as usize / 2;
+        self.probes.maintain(oldest, advance_at)
+    }
+
+    /// How many snapshots the ring holds now.
+    pub fn ring_len(&self) -> usize {
+        lock(&self.ring).len()
     }
 
     fn validate(&self, request: &SessionRequest) -> Result<WindowSpec, AgentError> {
@@ -293,6 +327,7 @@ impl Agent {
             let wanted = Duration::from_secs(seconds);
             // The snapshot whose age is closest to the window asked for.
             ring.iter()
+                .map(|(_, snapshot)| snapshot)
                 .min_by_key(|s| s.mono.elapsed().abs_diff(wanted))
                 .cloned()
         };

@@ -134,7 +134,7 @@ mod tests {
                         SampleKey {
                             stack_hash: id,
                             flags: 0,
-                            padding: 0,
+                            epoch: 0,
                         },
                         SampleValue { count, period },
                     )

@@ -94,7 +94,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         loopback_only,
     ));
     state.metrics.prime(&state.agent)?;
-    // Once a second: a snapshot for rolling windows, and stop sessions whose time is up.
+    // Once a second: a snapshot for rolling windows, map maintenance, and stop sessions whose
+    // time is up.
     let ticker = {
         let state = Arc::clone(&state);
         tokio::spawn(async move {
@@ -105,6 +106,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let _ = tokio::task::spawn_blocking(move || {
                     if let Err(e) = state.agent.tick() {
                         tracing::warn!("snapshot failed: {e}");
+                    }
+                    if let Err(e) = state.agent.maintain(state.metrics.baseline_taken()) {
+                        tracing::warn!("map maintenance failed: {e}");
                     }
                     for id in state.agent.due_sessions() {
                         if let Err(e) = state.agent.stop_session(id) {

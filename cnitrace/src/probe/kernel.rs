@@ -16,7 +16,8 @@ use cnitrace_common::{
 };
 
 use super::{
-    Backend, EBPF_OBJECT, Probes, bpf_stats, btf, clock, devices, map_ref, privileges, program_mut,
+    Backend, EBPF_OBJECT, Maintenance, Probes, bpf_stats, btf, clock, devices, map_ref, privileges,
+    program_mut,
     sampling::{self, PacketSource, ProbeConfig, SoftirqSource, validate_frequency},
     trace,
 };
@@ -38,6 +39,10 @@ pub struct KernelProbes {
     tracer: Option<trace::TracerState>,
     /// Components absent from the kernel, as of the last window's symbol read.
     unavailable: std::sync::Mutex<Option<Vec<Unavailable>>>,
+    /// The symbol table of the last window, with what it was read for.
+    symbols: std::sync::Mutex<Option<CachedSymbols>>,
+    /// The sampler's epoch and the retired one waiting for deletion.
+    epochs: std::sync::Mutex<Epochs>,
     clock: Clock,
     frequency_hz: u64,
     cpus: u32,
@@ -112,6 +117,8 @@ impl KernelProbes {
                 softirq,
                 tracer: Some(tracer),
                 unavailable: std::sync::Mutex::new(None),
+                symbols: std::sync::Mutex::new(None),
+                epochs: std::sync::Mutex::new(Epochs::default()),
                 clock: Clock {
                     source: ClockSource::CpuClock,
                     cycles_per_ns: calibration.cycles_per_ns,
@@ -135,6 +142,8 @@ impl KernelProbes {
             softirq,
             tracer: None,
             unavailable: std::sync::Mutex::new(None),
+            symbols: std::sync::Mutex::new(None),
+            epochs: std::sync::Mutex::new(Epochs::default()),
             clock,
             frequency_hz: config.frequency_hz,
             cpus: cpus.len() as u32,
@@ -425,9 +434,200 @@ fn cpu_ticks() -> Result<CpuTicks, Error> {
     })
 }
 
+#[derive(Debug, Default)]
+struct Epochs {
+    current: u32,
+    /// A retired epoch and when it was retired.
+    retired: Option<(u32, std::time::Instant)>,
+}
+
+// bpf(2) map commands and the offsets of their bpf_attr fields (include/uapi/linux/bpf.h).
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// One map element operation by descriptor: aya's maps need `&mut` to write, and the probes
+/// are shared by every window (`&self`).
+fn map_elem(
+    command: libc::c_long,
+    map: &MapData,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut attr = [0u8; 128];
+    let fd = map.fd().as_fd().as_raw_fd();
+    attr[0..4].copy_from_slice(&u32::try_from(fd).unwrap_or(u32::MAX).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+    if let Some(value) = value {
+        attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+    }
+    // SAFETY: attr is a zeroed bpf_attr with map_fd, key and value pointers that outlive the
+    // call; the kernel reads key_size and value_size bytes, which the caller's slices hold.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The map behind a name, for [`map_elem`].
+fn map_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error> {
+    match ebpf.map(name) {
+        Some(
+            aya::maps::Map::HashMap(data)
+            | aya::maps::Map::PerCpuHashMap(data)
+            | aya::maps::Map::Array(data),
+        ) => Ok(data),
+        _ => Err(Error::Object(format!(
+            "map {name} missing from the eBPF object (or not a hash or array map)"
+        ))),
+    }
+}
+
+fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: Pod types are plain data without padding bytes the kernel could not read.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
+}
+
+impl KernelProbes {
+    fn maintain_maps(
+        &self,
+        oldest_baseline: Option<std::time::Instant>,
+        advance_at: usize,
+    ) -> Result<Maintenance, Error> {
+        let mut epochs = self
+            .epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut done = Maintenance {
+            epoch: epochs.current,
+            ..Maintenance::default()
+        };
+        let samples: PerCpuHashMap<&MapData, SampleKey, SampleValue> =
+            map_ref(&self.ebpf, map::SAMPLES)?;
+        let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&self.ebpf, map::STACKS)?;
+        let (samples_data, stacks_data) = (
+            map_data(&self.ebpf, map::SAMPLES)?,
+            map_data(&self.ebpf, map::STACKS)?,
+        );
+        if let Some((retired, at)) = epochs.retired {
+            // Windows that began before the retirement still measure the retired keys'
+            // growth up to it; once none is left, the keys are frozen in every baseline.
+            if oldest_baseline.is_some_and(|oldest| oldest < at) {
+                return Ok(done);
+            }
+            let old_keys: Vec<SampleKey> = samples
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| key.epoch == retired)
+                .collect();
+            let mut old_stacks = std::collections::HashSet::new();
+            for key in &old_keys {
+                if map_elem(BPF_MAP_DELETE_ELEM, samples_data, bytes_of(key), None).is_ok() {
+                    done.keys_deleted += 1;
+                }
+                if key.stack_hash != 0 {
+                    old_stacks.insert(key.stack_hash);
+                }
+            }
+            // The epoch is mixed into the stack hash, so these stacks belong to no live key.
+            for hash in old_stacks {
+                if map_elem(BPF_MAP_DELETE_ELEM, stacks_data, bytes_of(&hash), None).is_ok() {
+                    done.stacks_deleted += 1;
+                }
+            }
+            epochs.retired = None;
+            return Ok(done);
+        }
+        let keys = samples.keys().count();
+        let stored = stacks.keys().count();
+        if keys.max(stored) <= advance_at {
+            return Ok(done);
+        }
+        let next = epochs.current.wrapping_add(1);
+        map_elem(
+            BPF_MAP_UPDATE_ELEM,
+            map_data(&self.ebpf, map::EPOCH)?,
+            bytes_of(&0u32),
+            Some(bytes_of(&next)),
+        )
+        .map_err(|e| Error::io("advance the sampler's epoch", e))?;
+        epochs.retired = Some((epochs.current, std::time::Instant::now()));
+        epochs.current = next;
+        tracing::debug!(
+            keys,
+            stacks = stored,
+            epoch = next,
+            "sampler epoch advanced"
+        );
+        done.epoch = next;
+        done.advanced = true;
+        Ok(done)
+    }
+}
+
+/// A parsed /proc/kallsyms and what it depends on: the loaded modules and BPF programs
+/// (JITed programs are symbols too). Every window and scrape used to parse the file again
+/// (~150k lines, tens of MB at the peak); now only a module or program change does.
+struct CachedSymbols {
+    modules: u64,
+    programs: Vec<u32>,
+    kallsyms: std::sync::Arc<Kallsyms>,
+}
+
+/// A hash of /proc/modules (names, sizes, load addresses): changes when a module comes or goes.
+fn modules_fingerprint() -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read("/proc/modules")
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+impl KernelProbes {
+    /// The symbol table valid at `end`: the cached one while modules and BPF programs are
+    /// those it was read with, else a fresh read (which also updates the absent components).
+    fn symbols_for(&self, end: &Snapshot) -> Result<std::sync::Arc<Kallsyms>, Error> {
+        let modules = modules_fingerprint();
+        let programs: Vec<u32> = end.bpf_programs.keys().copied().collect();
+        let mut cache = self
+            .symbols
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(cached) = cache.as_ref()
+            && cached.modules == modules
+            && cached.programs == programs
+        {
+            return Ok(std::sync::Arc::clone(&cached.kallsyms));
+        }
+        let kallsyms = std::sync::Arc::new(Kallsyms::load()?);
+        *self
+            .unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(crate::components::unavailable(&kallsyms));
+        *cache = Some(CachedSymbols {
+            modules,
+            programs,
+            kallsyms: std::sync::Arc::clone(&kallsyms),
+        });
+        Ok(kallsyms)
+    }
+}
+
 impl Probes for KernelProbes {
     fn snapshot(&self) -> Result<Snapshot, Error> {
         KernelProbes::snapshot(self)
+    }
+
+    fn maintain(
+        &self,
+        oldest_baseline: Option<std::time::Instant>,
+        advance_at: usize,
+    ) -> Result<Maintenance, Error> {
+        self.maintain_maps(oldest_baseline, advance_at)
     }
 
     fn window(
@@ -436,14 +636,7 @@ impl Probes for KernelProbes {
         end: &Snapshot,
         bpf_stats: Option<&str>,
     ) -> Result<RawWindow, Error> {
-        // Fresh symbols for every window: modules and BPF programs come and go. The same read
-        // answers which components are absent, so /proc/kallsyms is parsed once per window.
-        let kallsyms = Kallsyms::load()?;
-        *self
-            .unavailable
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(crate::components::unavailable(&kallsyms));
+        let kallsyms = self.symbols_for(end)?;
         self.symbolized_window(start, end, &kallsyms, bpf_stats)
     }
 

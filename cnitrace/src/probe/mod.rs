@@ -37,6 +37,17 @@ pub trait Probes: Send + Sync + 'static {
     fn unavailable(&self) -> Vec<Unavailable>;
     /// The backend these probes implement (fixed once attached).
     fn backend(&self) -> Backend;
+    /// Keeps the kernel maps from filling for good: retires the sample keys and stacks of an
+    /// old epoch once more than `advance_at` keys or stacks exist, and deletes a retired
+    /// epoch once `oldest_baseline` (the oldest snapshot any open window or the ring still
+    /// measures from) was taken after it was retired. Called once a second by the agent.
+    fn maintain(
+        &self,
+        _oldest_baseline: Option<std::time::Instant>,
+        _advance_at: usize,
+    ) -> Result<Maintenance, Error> {
+        Ok(Maintenance::default())
+    }
     /// Switches BPF run-time statistics on while the returned guard (shared by every window
     /// that asked) lives; `None` if the kernel refuses.
     fn bpf_stats(&self) -> Option<Arc<bpf_stats::StatsGuard>> {
@@ -44,6 +55,17 @@ pub trait Probes: Send + Sync + 'static {
             .inspect_err(|e| tracing::warn!("BPF run-time statistics unavailable: {e}"))
             .ok()
     }
+}
+
+/// What one [`Probes::maintain`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    /// The epoch samples are now keyed with.
+    pub epoch: u32,
+    /// An epoch was retired by this call.
+    pub advanced: bool,
+    pub keys_deleted: usize,
+    pub stacks_deleted: usize,
 }
 
 /// How cycles are attributed to components: stack sampling, or entry/exit probes on each

@@ -112,6 +112,15 @@ impl Metrics {
         Ok(())
     }
 
+    /// When the baseline the next scrape measures from was taken.
+    pub fn baseline_taken(&self) -> Option<std::time::Instant> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|s| s.mono)
+    }
+
     /// Adds the interval since the previous scrape to the counters and encodes them.
     pub fn scrape(&self, agent: &Agent) -> Result<String, crate::Error> {
         let probes = agent.probes();

@@ -45,7 +45,7 @@ impl Probes for SyntheticProbe {
         let key = SampleKey {
             stack_hash: 1,
             flags: 0,
-            padding: 0,
+            epoch: 0,
         };
         let mut dev = IfaceCounters {
             ifindex: 2,
@@ -618,6 +618,29 @@ async fn rolling_breakdown() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "window={bad}");
         assert!(is_json_error(&body));
     }
+}
+
+#[tokio::test]
+async fn the_ring_stays_small_over_five_minutes() {
+    let (app, state) = app(None, Limits::default());
+    let _ = call(&app, Method::GET, "/api/v1/breakdown?window=5", None, None).await;
+    // A rolling read keeps the ring going; 900 ticks are fifteen minutes of one a second.
+    let mut largest = 0;
+    for _ in 0..900 {
+        assert!(state.agent.tick().unwrap());
+        largest = largest.max(state.agent.ring_len());
+    }
+    // 10 dense + one per 10 s back to 300 s, against 301 at one a second.
+    assert!(largest <= 42, "{largest} snapshots kept");
+    let (status, body, _) = call(
+        &app,
+        Method::GET,
+        "/api/v1/breakdown?window=300",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 #[tokio::test]
