@@ -356,8 +356,12 @@ pub mod fault {
     pub const TRACE_UNMATCHED_EXIT: u32 = 6;
     /// Tracing: a kprobe fired at an address cnitrace did not register.
     pub const TRACE_UNKNOWN_FUNCTION: u32 = 7;
+    /// Tracing: the nesting stack was found stale (its bottom frame entered over a second ago)
+    /// and started again: a return probe was missed (kretprobe instances
+    /// exhausted), and without the restart nothing would be charged again on that CPU.
+    pub const TRACE_RESYNC: u32 = 8;
     /// Number of slots.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);

@@ -56,6 +56,20 @@ fn charge(component: u32, exclusive_ns: u64, inclusive_ns: u64, event: Charge) {
     }
 }
 
+/// A nesting stack whose bottom frame was entered longer ago than this is stale: datapath
+/// functions return within microseconds, so one of its returns was missed.
+const STALE_NS: u64 = 1_000_000_000;
+
+/// Whether the stack must start again: its bottom frame is stale (with the stack full, entries
+/// and returns would otherwise only move the overflow count, and nothing be charged again).
+#[inline(always)]
+fn is_stale(depth: u32, now: u64) -> bool {
+    depth > 0
+        && TRACE_FRAMES
+            .get(0)
+            .is_some_and(|bottom| now.saturating_sub(bottom.entered_ns) > STALE_NS)
+}
+
 /// A traced function of `component` starts: the function below it on the stack stops
 /// accumulating exclusive time.
 fn trace_enter(component: u32) {
@@ -66,6 +80,12 @@ fn trace_enter(component: u32) {
     };
     // SAFETY: per-CPU value, only this CPU touches it, and probe programs do not nest.
     let state = unsafe { &mut *state };
+    if state.overflow == 0 && is_stale(state.depth, now) {
+        // Returns of the abandoned frames may still come; they find an empty stack and are
+        // counted as unmatched.
+        state.depth = 0;
+        count_fault(fault::TRACE_RESYNC);
+    }
     let depth = state.depth;
     if depth >= TRACE_MAX_DEPTH as u32 {
         state.overflow += 1;

@@ -43,6 +43,7 @@ pub struct Faults {
     pub iface_map_full: u64,
     pub field_read: u64,
     pub trace_overflow: u64,
+    pub trace_resync: u64,
     pub trace_unmatched_exit: u64,
     pub trace_unknown_function: u64,
 }
@@ -634,6 +635,7 @@ fn tracing_quality(
         calibration: trace.calibration.clone(),
         components: traced,
         nesting_overflows: raw.faults.trace_overflow,
+        nesting_resyncs: raw.faults.trace_resync,
         unmatched_exits: raw.faults.trace_unmatched_exit,
         unknown_functions: raw.faults.trace_unknown_function,
     }
@@ -739,10 +741,11 @@ pub fn parse_proc_softirqs(text: &str) -> Vec<u64> {
             continue;
         };
         if let Some(vector) = SOFTIRQ_NAMES.iter().position(|n| *n == name.trim()) {
+            // Saturating: a corrupt or hostile line must not wrap (or panic in a debug build).
             counts[vector] = per_cpu
                 .split_whitespace()
                 .filter_map(|n| n.parse::<u64>().ok())
-                .sum();
+                .fold(0u64, u64::saturating_add);
         }
     }
     counts
@@ -923,6 +926,93 @@ mod tests {
                 name: "ipip".into(),
                 reason: "absent".into(),
             }],
+        }
+    }
+
+    #[test]
+    fn softirq_counts_saturate_instead_of_overflowing() {
+        // Found by `cargo xtask fuzz` (proc_files): a sum past u64::MAX panicked.
+        let text = format!("CPU0 CPU1\n NET_RX: {} {}\n", u64::MAX, u64::MAX);
+        assert_eq!(parse_proc_softirqs(&text)[3], u64::MAX);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Frames from every component and from outside the taxonomy.
+        const FRAMES: &[&str] = &[
+            "br_handle_frame",
+            "nf_hook_slow",
+            "ipt_do_table",
+            "ip_forward",
+            "fib_table_lookup",
+            "vxlan_xmit",
+            "ipip_rcv",
+            "veth_xmit",
+            "skb_segment",
+            "memcpy",
+            "__netif_receive_skb",
+            "net_rx_action",
+            "do_syscall_64",
+            "bpf_prog_0123456789abcdef_cil_from_container",
+        ];
+
+        fn sample() -> impl Strategy<Value = StackSample> {
+            (
+                prop::collection::vec(prop::sample::select(FRAMES), 0..6),
+                prop::sample::select(&[0u32, SAMPLE_FLAG_USER, SAMPLE_FLAG_IDLE_TASK][..]),
+                any::<bool>(),
+                1u64..1000,
+                1u64..10_000_000,
+            )
+                .prop_map(|(frames, flags, stack_lost, count, period)| StackSample {
+                    frames: frames.into_iter().map(str::to_owned).collect(),
+                    flags,
+                    stack_lost,
+                    count,
+                    period: period * count,
+                })
+        }
+
+        proptest! {
+            /// Whatever the samples, the components add up to the total, each top-level
+            /// component to its sub-components, and shares to one.
+            #[test]
+            fn components_always_add_up_to_the_total(
+                samples in prop::collection::vec(sample(), 0..40),
+                segments in 0u64..1_000_000,
+            ) {
+                let raw = window(samples, &[("eth0", segments / 2 + 1, segments)]);
+                let b = compute(&raw, &context(), &PacketSelection::default());
+                let sum: u64 = b.components.iter().map(|c| c.cycles).sum();
+                prop_assert_eq!(sum, b.total.cycles);
+                for c in &b.components {
+                    let parts: u64 = b
+                        .subcomponents
+                        .iter()
+                        .filter(|s| components::top_level(&s.name) == c.name)
+                        .map(|s| s.cycles)
+                        .sum();
+                    prop_assert!(parts == c.cycles || parts == 0, "{}: {} vs {}", c.name, parts, c.cycles);
+                }
+                if b.total.cycles > 0 {
+                    let shares: f64 = b.components.iter().map(|c| c.share).sum();
+                    prop_assert!((shares - 1.0).abs() < 1e-9, "shares add to {}", shares);
+                }
+            }
+
+            /// The largest-remainder split always hands out exactly the total.
+            #[test]
+            fn apportion_is_exact(total in any::<u64>(), weights in prop::collection::vec(any::<u32>(), 0..20)) {
+                let weights: Vec<u64> = weights.into_iter().map(u64::from).collect();
+                let parts = apportion(total, &weights);
+                prop_assert_eq!(parts.len(), weights.len());
+                if weights.iter().any(|&w| w > 0) {
+                    prop_assert_eq!(parts.iter().map(|&p| u128::from(p)).sum::<u128>(), u128::from(total));
+                }
+            }
         }
     }
 

@@ -265,6 +265,8 @@ pub struct TracingQuality {
     pub components: Vec<TracedComponent>,
     /// Entries not recorded because the nesting stack was full.
     pub nesting_overflows: u64,
+    /// Times a CPU's nesting stack was found stale (a return probe missed) and restarted.
+    pub nesting_resyncs: u64,
     /// Returns without a recorded entry (an entry probe missed).
     pub unmatched_exits: u64,
     pub unknown_functions: u64,

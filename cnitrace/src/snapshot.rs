@@ -83,6 +83,7 @@ impl Snapshot {
             iface_map_full: a.iface_map_full.saturating_sub(b.iface_map_full),
             field_read: a.field_read.saturating_sub(b.field_read),
             trace_overflow: a.trace_overflow.saturating_sub(b.trace_overflow),
+            trace_resync: a.trace_resync.saturating_sub(b.trace_resync),
             trace_unmatched_exit: a
                 .trace_unmatched_exit
                 .saturating_sub(b.trace_unmatched_exit),

@@ -7,6 +7,7 @@ mod bench_fidelity;
 mod bench_scale;
 mod bootstrap;
 mod demo;
+mod fuzz;
 mod report;
 mod vmtest;
 
@@ -59,6 +60,8 @@ enum Task {
     BenchFidelity(bench_fidelity::Args),
     /// The agent's cost and memory as pods and TCP connections grow.
     BenchScale(bench_scale::Args),
+    /// Every parser of outside text under libFuzzer (cargo-fuzz), from the seeds in fuzz/corpus.
+    Fuzz(fuzz::Args),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -183,6 +186,11 @@ fn test(no_lint: bool) -> Result<()> {
     }
     run_command(&mut tests)?;
     cnitrace_tests::remove_stale();
+    // A short fuzzing pass over every parser of outside text (longer runs: `cargo xtask fuzz`).
+    fuzz::run(&fuzz::Args {
+        seconds: 15,
+        targets: Vec::new(),
+    })?;
     if is_root() {
         // The tracing backend needs kprobes and fentry, which this machine's kernel may lack:
         // proven on Debian's distro kernels under QEMU.
@@ -208,6 +216,7 @@ fn main() -> ExitCode {
         Task::BenchAgent(args) => bench_agent::run(&args),
         Task::BenchFidelity(args) => bench_fidelity::run(&args),
         Task::BenchScale(args) => bench_scale::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -742,6 +742,102 @@ COMMIT
         }
     }
 
+    mod properties {
+        use std::{collections::BTreeSet, fmt::Write as _};
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A filter table: per user chain (C0..Cn) and for FORWARD, rules as (jump target
+        /// index or none, verdict, packets matched).
+        type Spec = Vec<Vec<(Option<usize>, u8, u64)>>;
+
+        fn spec() -> impl Strategy<Value = Spec> {
+            (1usize..8).prop_flat_map(|chains| {
+                prop::collection::vec(
+                    prop::collection::vec((prop::option::of(0..chains), 0u8..3, 0u64..1000), 0..6),
+                    chains + 1,
+                )
+            })
+        }
+
+        /// Index 0 is FORWARD; index i > 0 is user chain C{i-1}.
+        fn render(spec: &Spec, policy_packets: u64) -> String {
+            let mut text = format!("*filter\n:FORWARD ACCEPT [{policy_packets}:0]\n");
+            for i in 1..spec.len() {
+                let _ = writeln!(text, ":C{} - [0:0]", i - 1);
+            }
+            for (i, rules) in spec.iter().enumerate() {
+                let chain = if i == 0 {
+                    "FORWARD".to_owned()
+                } else {
+                    format!("C{}", i - 1)
+                };
+                for (target, verdict, packets) in rules {
+                    let action = match (target, verdict) {
+                        (Some(t), 0) => format!("-j C{t}"),
+                        (Some(t), _) => format!("-g C{t}"),
+                        (None, 0) => "-j ACCEPT".to_owned(),
+                        (None, 1) => "-j RETURN".to_owned(),
+                        (None, _) => "-j LOG".to_owned(),
+                    };
+                    let _ = writeln!(text, "[{packets}:0] -A {chain} -s 10.0.0.{i}/32 {action}");
+                }
+            }
+            text.push_str("COMMIT\n");
+            text
+        }
+
+        /// Reachable chains (spec indexes) from FORWARD, the naive way.
+        fn reachable(spec: &Spec) -> BTreeSet<usize> {
+            let mut seen = BTreeSet::from([0]);
+            let mut todo = vec![0];
+            while let Some(i) = todo.pop() {
+                for (target, _, _) in &spec[i] {
+                    if let Some(t) = target
+                        && seen.insert(t + 1)
+                    {
+                        todo.push(t + 1);
+                    }
+                }
+            }
+            seen
+        }
+
+        proptest! {
+            /// Any table, loops included: the walk ends, reaches what a naive search reaches,
+            /// and every packet entering FORWARD evaluates its first rule.
+            #[test]
+            fn the_walk_matches_a_naive_search_and_ends(spec in spec(), policy in 0u64..5000) {
+                let text = render(&spec, policy);
+                let tables = parse_iptables_save(&text, Backend::IptablesLegacy, Family::Ipv4).unwrap();
+                let ruleset = Ruleset { tables };
+                let (diff, changed) = ruleset.since(&Ruleset::default());
+                let walks = walk("host", &diff, changed, &|_, _| None);
+                prop_assert_eq!(walks.len(), 1);
+                let w = &walks[0];
+                let expected = reachable(&spec);
+                prop_assert_eq!(w.chain_count as usize, expected.len());
+                let rules: usize = expected.iter().map(|&i| spec[i].len()).sum();
+                prop_assert_eq!(w.rules as usize, rules);
+                prop_assert_eq!(w.chains.len(), expected.len().min(LISTED_CHAINS));
+                let packets = w.packets.unwrap();
+                let evaluated = w.rules_evaluated.unwrap();
+                if !spec[0].is_empty() {
+                    prop_assert!(evaluated >= packets, "{} < {}", evaluated, packets);
+                }
+            }
+
+            /// Garbage never panics the parser.
+            #[test]
+            fn any_text_parses_or_errs(text in "\\PC{0,400}") {
+                let _ = parse_iptables_save(&text, Backend::IptablesNft, Family::Ipv4);
+                let _ = parse_nft_json(&text, &[]);
+            }
+        }
+    }
+
     #[test]
     fn quoted_words() {
         assert_eq!(

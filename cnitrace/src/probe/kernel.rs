@@ -230,6 +230,7 @@ impl KernelProbes {
             iface_map_full: fault_sum(fault::IFACE_MAP_FULL)?,
             field_read: fault_sum(fault::FIELD_READ)?,
             trace_overflow: fault_sum(fault::TRACE_OVERFLOW)?,
+            trace_resync: fault_sum(fault::TRACE_RESYNC)?,
             trace_unmatched_exit: fault_sum(fault::TRACE_UNMATCHED_EXIT)?,
             trace_unknown_function: fault_sum(fault::TRACE_UNKNOWN_FUNCTION)?,
         };

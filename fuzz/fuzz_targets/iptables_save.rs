@@ -1,0 +1,19 @@
+//! iptables-save output: parse, difference against itself, walk. Never a panic or a hang.
+#![no_main]
+
+use cnitrace::netfilter::{
+    hooks::Family,
+    ruleset::{self, Backend, Ruleset},
+};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    for backend in [Backend::IptablesLegacy, Backend::IptablesNft] {
+        if let Ok(tables) = ruleset::parse_iptables_save(text, backend, Family::Ipv4) {
+            let now = Ruleset { tables };
+            let (diff, changed) = now.since(&Ruleset::default());
+            let _ = ruleset::walk("host", &diff, changed, &|_, _| Some(1000));
+            let _ = ruleset::walk("host", &diff, changed, &|_, _| None);
+        }
+    }
+});
