@@ -31,7 +31,8 @@ static DEV_IFINDEX: u32 = 0;
 static DEV_ND_NET: u32 = 0;
 #[unsafe(no_mangle)]
 static NET_NS_INUM: u32 = 0;
-/// Keyed by the `net_device` address: unique across namespaces while the device lives.
+/// Keyed by namespace inode and ifindex (as user space keys devices): a device that takes a
+/// dead one's memory gets its own entry, never the dead device's name.
 #[map(name = "CNT_IFACES")]
 static IFACES: PerCpuHashMap<u64, IfaceCounters> = PerCpuHashMap::with_max_entries(MAX_IFACES, 0);
 
@@ -55,7 +56,10 @@ fn try_tx(ctx: &RawTracePointContext) -> Result<(), u32> {
     let end: u32 = read(skb, global(&SKB_END))?;
     let segs: u16 = read(head, end as usize + global(&SHINFO_GSO_SEGS))?;
     let segs = if segs == 0 { 1 } else { u64::from(segs) };
-    let key = dev as u64;
+    let ifindex: u32 = read(dev, global(&DEV_IFINDEX))?;
+    let net: *const u8 = read(dev, global(&DEV_ND_NET))?;
+    let netns_inode: u32 = read(net, global(&NET_NS_INUM))?;
+    let key = (u64::from(netns_inode) << 32) | u64::from(ifindex);
     if let Some(counters) = IFACES.get_ptr_mut(key) {
         // SAFETY: per-CPU value, written only by this CPU in a non-preemptible program.
         unsafe {
@@ -75,9 +79,8 @@ fn try_tx(ctx: &RawTracePointContext) -> Result<(), u32> {
     // SAFETY: the helper bounds the copy to the 16-byte name and reports faults.
     unsafe { bpf_probe_read_kernel_str_bytes(dev.add(global(&DEV_NAME)), &mut counters.name) }
         .map_err(|_| fault::FIELD_READ)?;
-    counters.ifindex = read(dev, global(&DEV_IFINDEX))?;
-    let net: *const u8 = read(dev, global(&DEV_ND_NET))?;
-    counters.netns_inode = read(net, global(&NET_NS_INUM))?;
+    counters.ifindex = ifindex;
+    counters.netns_inode = netns_inode;
     counters.tx_skbs = 1;
     counters.tx_segments = segs;
     counters.tx_bytes = u64::from(len);

@@ -15,16 +15,23 @@ use crate::{
 pub enum CollectError {
     #[error("{url}: {detail}")]
     Agent { url: String, detail: String },
-    #[error("invalid agent URL `{0}`: expected http://HOST:PORT")]
+    #[error("invalid agent URL `{0}`: expected http://HOST:PORT or https://HOST:PORT")]
     BadUrl(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Expands the agent list: `dns+http://HOST:PORT` (a headless Service) becomes one
-/// `http://ADDRESS:PORT` per address HOST resolves to; other URLs pass through.
+/// `http://ADDRESS:PORT` per address HOST resolves to (`dns+https://` likewise, so the
+/// agents' certificates must then name their addresses); other URLs pass through.
 pub fn discover(urls: &[String]) -> Result<Vec<String>, CollectError> {
     let mut agents = Vec::new();
     for url in urls {
-        let Some(rest) = url.strip_prefix("dns+http://") else {
+        let (scheme, rest) = if let Some(rest) = url.strip_prefix("dns+http://") {
+            ("http", rest)
+        } else if let Some(rest) = url.strip_prefix("dns+https://") {
+            ("https", rest)
+        } else {
             agents.push(normalise(url)?);
             continue;
         };
@@ -47,7 +54,7 @@ pub fn discover(urls: &[String]) -> Result<Vec<String>, CollectError> {
                 detail: "resolves to no address".to_owned(),
             });
         }
-        agents.extend(addresses.into_iter().map(|a| format!("http://{a}")));
+        agents.extend(addresses.into_iter().map(|a| format!("{scheme}://{a}")));
     }
     Ok(agents)
 }
@@ -57,6 +64,7 @@ pub fn normalise(url: &str) -> Result<String, CollectError> {
     let trimmed = url.trim_end_matches('/');
     let rest = trimmed
         .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
         .ok_or_else(|| CollectError::BadUrl(url.to_owned()))?;
     if rest.is_empty() || rest.contains('/') {
         return Err(CollectError::BadUrl(url.to_owned()));
@@ -78,12 +86,44 @@ fn error_text(url: &str, e: &ureq::Error) -> CollectError {
     }
 }
 
+/// Certificates to trust for `https://` agents, from a PEM file (a private CA, or the agents'
+/// self-signed certificates).
+pub fn read_ca_file(
+    path: &std::path::Path,
+) -> Result<Vec<ureq::tls::Certificate<'static>>, CollectError> {
+    let bad = |detail: String| CollectError::Tls(format!("{}: {detail}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(cert) = item.map_err(|e| bad(e.to_string()))? {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad("no PEM CERTIFICATE in it".to_owned()));
+    }
+    Ok(certs)
+}
+
 impl AgentClient {
-    pub fn new(url: &str, token: Option<String>) -> Result<Self, CollectError> {
-        let config = ureq::Agent::config_builder()
+    /// A client of one agent; `https://` agents are verified against `ca` when given, else
+    /// against the public web roots.
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        ca: Option<&[ureq::tls::Certificate<'static>]>,
+    ) -> Result<Self, CollectError> {
+        let mut builder = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
-            .http_status_as_error(false)
-            .build();
+            .http_status_as_error(false);
+        if let Some(ca) = ca {
+            builder = builder.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(ca))
+                    .build(),
+            );
+        }
+        let config = builder.build();
         Ok(Self {
             url: normalise(url)?,
             token,

@@ -4,7 +4,8 @@
 use std::{process::Command, thread, time::Duration};
 
 use cnitrace_tests::{
-    AgentProcess, Shape, Topology, cnitrace_bin, privileged, programs_left_after_exit, remove_stale,
+    AgentProcess, Shape, Topology, cnitrace_bin, privileged, programs_left_after_exit,
+    remove_stale, run,
 };
 use serde_json::{Value, json};
 
@@ -267,4 +268,118 @@ fn page_draws_a_real_session_in_headless_chromium() {
         dom.contains(&format!("Session {id} (stopped)")),
         "session title missing"
     );
+}
+
+/// Kills a child process if a test fails before it stops it.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn agent_over_tls_with_collect_trusting_its_certificate() {
+    if !privileged("agent_over_tls_with_collect_trusting_its_certificate") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    remove_stale();
+    let dir = std::env::temp_dir().join(format!("cnitrace-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key, token) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("token"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        // A server certificate, not a CA (webpki refuses a CA as the end entity).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (apt install openssl)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    std::fs::write(&token, "tls-token\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut agent = Killed(
+        Command::new(cnitrace_bin())
+            .args(["agent", "--listen", &listen, "--token-file"])
+            .arg(&token)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let collect = |url: &str, ca: Option<&std::path::Path>| {
+        let mut command = Command::new(cnitrace_bin());
+        command
+            .args([
+                "collect",
+                url,
+                "--duration",
+                "1",
+                "--format",
+                "json",
+                "--token-file",
+            ])
+            .arg(&token);
+        if let Some(ca) = ca {
+            command.arg("--ca-file").arg(ca);
+        }
+        command.output().unwrap()
+    };
+    let url = format!("https://{listen}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let out = collect(&url, Some(&cert));
+        if out.status.success() || std::time::Instant::now() > deadline {
+            break out;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        out.status.success(),
+        "collect over https: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let collected: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(collected["nodes"].as_array().map(Vec::len), Some(1));
+    // Without trusting the certificate, and in plain HTTP, nothing is served.
+    let untrusted = collect(&url, None);
+    assert!(!untrusted.status.success());
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains(&listen),
+        "the error names the agent: {}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+    assert!(!collect(&format!("http://{listen}"), None).status.success());
+    run("kill", &["-TERM", &agent.0.id().to_string()]).unwrap();
+    let status = agent.0.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+    assert!(programs_left_after_exit().unwrap().is_empty());
 }

@@ -26,6 +26,8 @@ const TEST_PACKAGES: &[&str] = &[
     "procps",
     // Headless browser for the test of the agent's page.
     "chromium",
+    // Certificates for the agent's TLS test.
+    "openssl",
     // A virtualenv for kubernetes-validate (offline manifest validation).
     "python3-venv",
     // The paper's method, as the benchmarks' reference, and GNU time for its costs.

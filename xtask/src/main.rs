@@ -5,6 +5,7 @@ mod bench;
 mod bench_agent;
 mod bench_fidelity;
 mod bench_scale;
+mod bench_soak;
 mod bootstrap;
 mod demo;
 mod fuzz;
@@ -60,6 +61,8 @@ enum Task {
     BenchFidelity(bench_fidelity::Args),
     /// The agent's cost and memory as pods and TCP connections grow.
     BenchScale(bench_scale::Args),
+    /// The agent for a long while under sessions, scrapers, polling, veth churn and traffic.
+    BenchSoak(bench_soak::Args),
     /// Every parser of outside text under libFuzzer (cargo-fuzz), from the seeds in fuzz/corpus.
     Fuzz(fuzz::Args),
 }
@@ -127,6 +130,19 @@ fn validate_manifests() -> Result<()> {
     )
 }
 
+/// schemathesis, which checks the agent against its OpenAPI document
+/// (`tests/tests/api_schema.rs`), in a virtualenv inside the clone (target/api-venv).
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+fn ensure_schemathesis() -> Result<()> {
+    let venv = workspace_root().join("target/api-venv");
+    if !venv.join("bin/st").exists() {
+        run_command(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_command(Command::new(venv.join("bin/pip")).args(["install", "-q", SCHEMATHESIS]))?;
+    }
+    Ok(())
+}
+
 fn test(no_lint: bool) -> Result<()> {
     bootstrap::ensure()?;
     if !no_lint {
@@ -175,6 +191,7 @@ fn test(no_lint: bool) -> Result<()> {
         )?;
     }
     validate_manifests()?;
+    ensure_schemathesis()?;
     run_command(cargo().args(["build", "--package", "cnitrace"]))?;
     let mut tests = cargo();
     tests.args(["test", "--workspace", "--exclude", "cnitrace-ebpf"]);
@@ -216,6 +233,7 @@ fn main() -> ExitCode {
         Task::BenchAgent(args) => bench_agent::run(&args),
         Task::BenchFidelity(args) => bench_fidelity::run(&args),
         Task::BenchScale(args) => bench_scale::run(&args),
+        Task::BenchSoak(args) => bench_soak::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {

@@ -6,7 +6,7 @@ use cnitrace::{
     agent::{Agent, Limits},
     doctor,
     probe::{AttachMode, Backend, BackendKind, KernelProbes},
-    server::{AppState, ServeLimits, router, serve},
+    server::{AppState, ServeLimits, router, serve, tls_acceptor},
 };
 
 use super::{interrupted, read_token};
@@ -20,6 +20,12 @@ pub struct AgentArgs {
     /// File holding the bearer token every request (except /healthz and /) must carry.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM; with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Serve a non-loopback address without a token: anyone who can reach it can read this
     /// node's data and open sessions. Refused unless given.
     #[arg(long)]
@@ -74,6 +80,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
@@ -121,7 +131,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         })
     };
     eprintln!(
-        "cnitrace agent: listening on http://{} (SIGTERM or Ctrl-C stops it)",
+        "cnitrace agent: listening on {}://{} (SIGTERM or Ctrl-C stops it)",
+        if tls.is_some() { "https" } else { "http" },
         args.listen
     );
     let max_connections = usize::try_from(args.max_connections)?;
@@ -131,7 +142,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         max_connections_per_client: (max_connections / 8).max(1),
         ..ServeLimits::default()
     };
-    serve(listener, router(Arc::clone(&state)), limits, interrupted()).await?;
+    serve(
+        listener,
+        router(Arc::clone(&state)),
+        limits,
+        tls,
+        interrupted(),
+    )
+    .await?;
     ticker.abort();
     let _ = ticker.await;
     // The last reference to the sampler goes here: its programs are detached and unloaded.

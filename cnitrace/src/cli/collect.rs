@@ -1,6 +1,6 @@
 //! `cnitrace collect`: one window across several agents, optionally around a benchmark.
 
-use cnitrace::collect::{AgentClient, Collected, discover, sum, table};
+use cnitrace::collect::{AgentClient, Collected, discover, read_ca_file, sum, table};
 
 use super::{Format, read_token};
 
@@ -12,6 +12,10 @@ pub struct CollectArgs {
     pub urls: Vec<String>,
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM certificate(s) to trust for https:// agents (their CA, or their self-signed
+    /// certificates); without it, the public web roots.
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Window length when no command is given (Ctrl-C ends it early).
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -28,9 +32,10 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     }
     let token = args.token_file.as_deref().map(read_token).transpose()?;
     let urls = discover(&args.urls)?;
+    let ca = args.ca_file.as_deref().map(read_ca_file).transpose()?;
     let clients = urls
         .iter()
-        .map(|url| AgentClient::new(url, token.clone()))
+        .map(|url| AgentClient::new(url, token.clone(), ca.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     let clients = std::sync::Arc::new(clients);
     let started = {

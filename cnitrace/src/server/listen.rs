@@ -1,6 +1,6 @@
-//! The agent's accept loop: HTTP/1.1 with a header-read timeout (which also ends idle
-//! keep-alive connections), a cap on connections overall and per client address, and a
-//! graceful shutdown. `axum::serve` has none of these limits, and a privileged agent on every
+//! The agent's accept loop: HTTP/1.1, optionally over TLS (rustls), with a header-read
+//! timeout (which also ends idle keep-alive connections and bounds the TLS handshake), a cap on
+//! connections overall and per client address, and a graceful shutdown. `axum::serve` has none of these limits, and a privileged agent on every
 //! node must not let slow or numerous clients hold its file descriptors until `/healthz` fails.
 
 use std::{
@@ -96,12 +96,49 @@ impl Drop for Slot {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then waits up to
-/// `limits.shutdown_grace` for the connections in flight.
+/// The agent's certificate and key, from PEM files.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, crate::Error> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        crate::Error::InvalidArgument(format!("{what} {}: {e}", path.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| bad("cannot read the certificate chain", cert, &e))?;
+    if chain.is_empty() {
+        return Err(bad(
+            "no certificate in",
+            cert,
+            &"PEM CERTIFICATE block expected",
+        ));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| bad("cannot read the private key", key, &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
+    .map_err(|e| {
+        bad(
+            "the certificate and key do not make a TLS configuration:",
+            cert,
+            &e,
+        )
+    })?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+}
+
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` completes, then waits
+/// up to `limits.shutdown_grace` for the connections in flight.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServeLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let connections = Arc::new(Mutex::new(Connections::default()));
@@ -131,10 +168,37 @@ pub async fn serve(
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(acceptor) => {
+                    // A client that never finishes its handshake is cut off like one that never
+                    // finishes its headers.
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(builder.serve_connection(TokioIo::new(stream), service))
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!("TLS handshake with {peer}: {e}");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake with {peer} timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!("connection from {peer}: {e}");
             }
             drop(slot);
@@ -182,7 +246,7 @@ mod tests {
         let router = Router::new().route("/healthz", get(|| async { "ok" }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            serve(listener, router, LIMITS, async {
+            serve(listener, router, LIMITS, None, async {
                 let _ = stopped.await;
             })
             .await

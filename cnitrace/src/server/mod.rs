@@ -29,7 +29,7 @@ use crate::{
     doctor::NodeReport,
 };
 
-pub use listen::{ServeLimits, serve};
+pub use listen::{ServeLimits, serve, tls_acceptor};
 pub use metrics::Metrics;
 
 /// Largest request body accepted (session requests are a few hundred bytes).
@@ -148,7 +148,9 @@ async fn node(State(state): State<Arc<AppState>>) -> Json<NodeReport> {
     post, path = "/api/v1/sessions", request_body = SessionRequest,
     responses(
         (status = 201, body = SessionView),
-        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)
+        (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)
     )
 )]
 async fn start_session(
@@ -203,7 +205,7 @@ fn parse_id(raw: &str) -> Result<u64, ApiError> {
 #[utoipa::path(
     get, path = "/api/v1/sessions/{id}",
     params(("id" = u64, Path, description = "session id")),
-    responses((status = 200, body = SessionView), (status = 404, body = ErrorBody))
+    responses((status = 200, body = SessionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 async fn get_session(
     State(state): State<Arc<AppState>>,
@@ -216,7 +218,12 @@ async fn get_session(
 #[utoipa::path(
     post, path = "/api/v1/sessions/{id}/stop",
     params(("id" = u64, Path, description = "session id")),
-    responses((status = 200, body = SessionView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+    responses(
+        (status = 200, body = SessionView), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 503, body = ErrorBody)
+    )
 )]
 async fn stop_session(
     State(state): State<Arc<AppState>>,
@@ -236,7 +243,10 @@ struct WindowQuery {
 
 #[utoipa::path(
     get, path = "/api/v1/breakdown", params(WindowQuery),
-    responses((status = 200, body = Breakdown), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody))
+    responses(
+        (status = 200, body = Breakdown), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)
+    )
 )]
 async fn rolling(
     State(state): State<Arc<AppState>>,
@@ -256,7 +266,13 @@ async fn rolling(
     ))
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
+#[utoipa::path(
+    get, path = "/metrics",
+    responses(
+        (status = 200, description = "Prometheus text exposition", content_type = "application/openmetrics-text"),
+        (status = 503, body = ErrorBody)
+    )
+)]
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let text = blocking(&state, |s| {
         s.metrics.scrape(&s.agent).map_err(AgentError::Probe)
