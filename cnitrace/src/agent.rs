@@ -153,9 +153,11 @@ impl Agent {
             .min();
         let ring = lock(&self.ring).front().map(|(_, s)| s.mono);
         let oldest = [sessions, ring, also_held].into_iter().flatten().min();
-        // Half full: the other half takes the new epoch's keys while the old one drains.
+        // A quarter full: every snapshot held (ring, sessions, scrape baseline) copies the
+        // sample keys, so fewer keys is less memory; the rest of the map takes the new
+        // epoch's keys while the old one drains.
         let advance_at =
-            cnitrace_common::MAX_SAMPLE_KEYS.min(cnitrace_common::MAX_STACKS) as usize / 2;
+            cnitrace_common::MAX_SAMPLE_KEYS.min(cnitrace_common::MAX_STACKS) as usize / 4;
         self.probes.maintain(oldest, advance_at)
     }
 

@@ -54,6 +54,16 @@ pub struct AgentArgs {
     pub max_duration: f64,
 }
 
+/// Gives memory freed by the last second's windows back to the system: their symbolized
+/// stacks are large and short-lived, and glibc would otherwise keep the pages.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if !(args.max_duration.is_finite() && args.max_duration > 0.0) {
         anyhow::bail!(
@@ -120,6 +130,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     if let Err(e) = state.agent.maintain(state.metrics.baseline_taken()) {
                         tracing::warn!("map maintenance failed: {e}");
                     }
+                    release_freed_memory();
                     for id in state.agent.due_sessions() {
                         if let Err(e) = state.agent.stop_session(id) {
                             tracing::debug!("session {id}: {e}");

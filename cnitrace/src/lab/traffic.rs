@@ -22,6 +22,38 @@ pub struct RrResult {
     pub mean_rtt_us: f64,
 }
 
+/// How long the request/response server waits for its client (which gives up connecting
+/// after 5 s).
+const ACCEPT_WAIT: Duration = Duration::from_secs(10);
+
+/// The first connection within `wait`, else an error.
+fn accept_within(listener: &TcpListener, wait: Duration) -> Result<TcpStream, Error> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("nonblocking", e))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .map_err(|e| Error::io("blocking", e))?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::InvalidArgument(format!(
+                    "request/response: no client connected within {} s",
+                    wait.as_secs()
+                )));
+            }
+            Err(e) => return Err(Error::io("accept", e)),
+        }
+    }
+}
+
 /// Request/response between two pods for `duration`.
 pub fn request_response(
     client_netns: &str,
@@ -35,10 +67,15 @@ pub fn request_response(
         let listener =
             TcpListener::bind(address).map_err(|e| Error::io(format!("bind {address}"), e))?;
         let _ = ready_tx.send(());
-        let (mut stream, _) = listener.accept().map_err(|e| Error::io("accept", e))?;
+        // Never block for good: a client that fails to connect must not leave this thread
+        // (and the caller joining it) waiting in accept() where Ctrl-C cannot end it.
+        let mut stream = accept_within(&listener, ACCEPT_WAIT)?;
         stream
             .set_nodelay(true)
             .map_err(|e| Error::io("nodelay", e))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| Error::io("timeout", e))?;
         let mut byte = [0u8; 1];
         // Echo until the client closes.
         while stream
@@ -204,5 +241,23 @@ impl Drop for Stream {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_gives_up_when_nobody_connects() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let started = Instant::now();
+        let err = accept_within(&listener, Duration::from_millis(200)).unwrap_err();
+        assert!(err.to_string().contains("no client connected"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let address = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || TcpStream::connect(address).unwrap());
+        assert!(accept_within(&listener, Duration::from_secs(5)).is_ok());
+        drop(client.join());
     }
 }
