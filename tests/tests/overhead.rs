@@ -91,8 +91,23 @@ fn default_against_exact(topo: &Topology) -> (Value, Value) {
     };
     let exact = profile(&["--packets", "exact", "--softirq", "exact"]);
     let default = profile(&[]);
-    // Both profilers attach within a couple of seconds on this machine.
-    thread::sleep(Duration::from_secs(3));
+    // The transfer must start inside both windows: wait until both samplers and the exact
+    // packet counter are loaded (each window opens right after its programs attach), then a
+    // margin. A fixed sleep was once too short for the exact profiler's BTF read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let loaded = cnitrace_tests::loaded_cnitrace_programs().unwrap();
+        let count = |name: &str| loaded.iter().filter(|l| l.contains(name)).count();
+        if count("cnitrace_sample") >= 2 && count("cnitrace_tx") >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "profilers not attached: {loaded:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(1500));
     let client = Command::new("ip")
         .args([
             "netns",
