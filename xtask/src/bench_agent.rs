@@ -21,7 +21,8 @@ pub struct Args {
     stops: u32,
 }
 
-fn status_kb(pid: u32, field: &str) -> Result<u64> {
+/// A `/proc/PID/status` field in kB (VmRSS, VmHWM, ...).
+pub fn status_kb(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -20,7 +20,7 @@ use cnitrace_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{bootstrap, cargo, report, run_command, workspace_root};
+use crate::{bench_agent::status_kb, bootstrap, cargo, report, run_command, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,17 +30,6 @@ pub struct Args {
     /// veth pairs created and deleted over the run.
     #[arg(long, default_value_t = 5000)]
     pairs: u64,
-}
-
-fn status_kb(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 #[derive(Default)]
@@ -222,7 +211,7 @@ pub fn run(args: &Args) -> Result<()> {
         let traffic = topo.start_iperf3(55).context("iperf3")?;
         let round_end = Instant::now() + Duration::from_mins(1);
         while Instant::now() < round_end && started.elapsed() < duration {
-            if let (Some(now), Some(peak)) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:")) {
+            if let (Ok(now), Ok(peak)) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:")) {
                 rss.lock().unwrap().push((now, peak));
             }
             thread::sleep(Duration::from_secs(10));

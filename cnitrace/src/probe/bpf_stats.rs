@@ -195,7 +195,8 @@ const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
 const BPF_NETKIT_PRIMARY: u32 = 54;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> libc::c_long {
+/// bpf(2) with a 128-byte `bpf_attr` (larger than any member cnitrace uses).
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> libc::c_long {
     // SAFETY: the attr buffer is 128 bytes, larger than any bpf_attr member used here, and
     // lives for the duration of the call.
     unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) }

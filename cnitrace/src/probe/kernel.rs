@@ -462,9 +462,9 @@ fn map_elem(
     if let Some(value) = value {
         attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
     }
-    // SAFETY: attr is a zeroed bpf_attr with map_fd, key and value pointers that outlive the
-    // call; the kernel reads key_size and value_size bytes, which the caller's slices hold.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
+    // The key and value slices outlive the call and hold the map's key_size and value_size
+    // bytes, which is all the kernel reads through those pointers.
+    let ret = bpf_stats::bpf(command, &mut attr);
     if ret < 0 {
         Err(std::io::Error::last_os_error())
     } else {
