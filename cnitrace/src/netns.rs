@@ -31,6 +31,12 @@ pub fn inode(name: &str) -> Result<u32, Error> {
     inode_of(&path(name))
 }
 
+/// Whether a process is still running: what tells state left by a crashed cnitrace (named
+/// after its pid) from state a live one holds.
+pub fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// The processes whose network namespace is the named one (as `ip netns pids`).
 pub fn pids_in(name: &str) -> Result<Vec<i32>, Error> {
     let wanted = inode(name)?;

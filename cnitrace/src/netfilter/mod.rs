@@ -39,10 +39,6 @@ fn is_stale_counting_table(name: &str, pid_alive: impl Fn(u32) -> bool) -> bool 
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// Priority of the counting chains: before every standard table (raw is -300, conntrack
 /// defragmentation -400), so they see every packet that enters the hook.
 const COUNTING_PRIORITY: i32 = -1000;
@@ -284,7 +280,7 @@ fn counting_tables(netns: Option<&str>) -> Result<Vec<(String, String)>, Error> 
 pub fn remove_stale_counting_tables(netns: Option<&str>) -> Result<Vec<String>, Error> {
     let mut removed = Vec::new();
     for (family, name) in counting_tables(netns)? {
-        if is_stale_counting_table(&name, pid_alive) {
+        if is_stale_counting_table(&name, netns::pid_alive) {
             netns::output_in(netns, "nft", &["delete", "table", &family, &name], None)?;
             removed.push(format!("{family} {name}"));
         }

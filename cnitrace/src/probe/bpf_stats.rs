@@ -124,7 +124,7 @@ pub fn restore_after_crash() -> Vec<String> {
         else {
             continue;
         };
-        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if pid == std::process::id() || crate::netns::pid_alive(pid) {
             live = true;
             continue;
         }
