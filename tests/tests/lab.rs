@@ -333,11 +333,28 @@ fn rule_sweep_fits_a_rising_line_and_removes_its_rules() {
             "{walked} rules walked per packet < {added} added"
         );
     }
-    // With 4 points, R² >= 0.9 (r >= 0.95) has p < 0.05 under no relationship; rule
-    // evaluation is a per-packet loop, so a real slope gives R² near 1.
-    let fit = &result["fit_cpp"];
-    assert!(fit["slope"].as_f64().unwrap() > 0.0, "{fit}");
-    assert!(fit["r_squared"].as_f64().unwrap() >= 0.9, "{fit}");
+    // Rule evaluation is a per-packet loop, so the cost must rise with every step of the
+    // sweep. Four points in strictly rising order happen by chance with p = 1/24 when the
+    // rules cost nothing. A straight-line fit is not asserted: under GRO the per-packet
+    // figure bends (dearer skbs aggregate more packets), and a loaded 2-core runner bends it
+    // further, so R² is printed but not a criterion.
+    let points = result["points"].as_array().unwrap();
+    for field in ["hook_cycles_per_packet", "netfilter_cpp"] {
+        let series: Vec<f64> = points.iter().map(|p| p[field].as_f64().unwrap()).collect();
+        assert!(
+            series.windows(2).all(|w| w[1] > w[0]),
+            "{field} does not rise with the rule count: {series:?}"
+        );
+    }
+    // 2000 rules walked per packet against one: at least five times the hook's cost.
+    let hook = |i: usize| points[i]["hook_cycles_per_packet"].as_f64().unwrap();
+    assert!(
+        hook(points.len() - 1) >= 5.0 * hook(0),
+        "hook cost with 2000 rules {} is not 5x that with none {}",
+        hook(points.len() - 1),
+        hook(0)
+    );
+    assert!(result["fit_cpp"]["slope"].as_f64().unwrap() > 0.0);
     assert!(result["fit_hook"]["slope"].as_f64().unwrap() > 0.0);
 }
 
