@@ -200,12 +200,19 @@ pub fn attribute(sample: &StackSample) -> Option<&'static str> {
     {
         return None;
     }
-    // Innermost component wins: a netfilter hook called from the bridge is netfilter.
+    // Innermost component wins: a netfilter hook called from the bridge is netfilter. A
+    // stack without any datapath frame is the host's own work, grouped the same way.
     Some(
         sample
             .frames
             .iter()
             .find_map(|frame| components::classify(frame))
+            .or_else(|| {
+                sample
+                    .frames
+                    .iter()
+                    .find_map(|frame| components::classify_host(frame))
+            })
             .unwrap_or(OTHER_KERNEL),
     )
 }
@@ -552,6 +559,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             tracing,
         },
         subcomponents: subcomponents_out,
+        stacks: None,
     }
 }
 
@@ -857,7 +865,7 @@ fn cpu_split(raw: &RawWindow, bytes: u64) -> CpuSplit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::contract::ClockSource;
 
@@ -875,6 +883,11 @@ mod tests {
             count,
             period,
         }
+    }
+
+    /// A window with one busy device and no samples, for other modules' tests.
+    pub(crate) fn raw_window() -> RawWindow {
+        window(Vec::new(), &[("veth0", 100, 100)])
     }
 
     fn window(samples: Vec<StackSample>, ifaces: &[(&str, u64, u64)]) -> RawWindow {
@@ -917,7 +930,7 @@ mod tests {
         }
     }
 
-    fn context() -> Context {
+    pub(crate) fn context() -> Context {
         Context {
             node: "n".into(),
             kernel: "k".into(),
@@ -1055,7 +1068,12 @@ mod tests {
             1,
         );
         assert_eq!(attribute(&s), Some("veth"));
+        // No datapath frame: the host's own work, by its innermost named group.
         let s = stack(&["tcp_sendmsg", "sock_sendmsg"], 0, 1, 1);
+        assert_eq!(attribute(&s), Some(crate::components::OTHER_TCP));
+        let s = stack(&["ext4_da_write_begin", "vfs_write"], 0, 1, 1);
+        assert_eq!(attribute(&s), Some(crate::components::OTHER_SYSCALL));
+        let s = stack(&["ext4_da_write_begin"], 0, 1, 1);
         assert_eq!(attribute(&s), Some(OTHER_KERNEL));
     }
 

@@ -131,14 +131,12 @@ impl AgentClient {
         })
     }
 
-    fn post(&self, path: &str, body: &serde_json::Value) -> Result<SessionView, CollectError> {
-        let mut request = self.agent.post(format!("{}{path}", self.url));
-        if let Some(token) = &self.token {
-            request = request.header("Authorization", &format!("Bearer {token}"));
-        }
-        let mut response = request
-            .send_json(body)
-            .map_err(|e| error_text(&self.url, &e))?;
+    /// The body of a successful response, or the agent's error.
+    fn text(
+        &self,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<String, CollectError> {
+        let mut response = response.map_err(|e| error_text(&self.url, &e))?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -154,10 +152,47 @@ impl AgentClient {
                 detail: format!("{status}: {detail}"),
             });
         }
-        serde_json::from_str(&text).map_err(|e| CollectError::Agent {
+        Ok(text)
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, text: &str) -> Result<T, CollectError> {
+        serde_json::from_str(text).map_err(|e| CollectError::Agent {
             url: self.url.clone(),
             detail: format!("unexpected response: {e}"),
         })
+    }
+
+    fn post(&self, path: &str, body: &serde_json::Value) -> Result<SessionView, CollectError> {
+        let mut request = self.agent.post(format!("{}{path}", self.url));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let text = self.text(request.send_json(body))?;
+        self.json(&text)
+    }
+
+    fn get(&self, path: &str) -> Result<String, CollectError> {
+        let mut request = self.agent.get(format!("{}{path}", self.url));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        self.text(request.call())
+    }
+
+    /// A stopped session's breakdown with its sampled stacks (from its folded stacks).
+    pub fn session_with_stacks(&self, id: u64) -> Result<Breakdown, CollectError> {
+        let view: SessionView = self.json(&self.get(&format!("/api/v1/sessions/{id}"))?)?;
+        let mut breakdown = view.breakdown.ok_or_else(|| CollectError::Agent {
+            url: self.url.clone(),
+            detail: format!(
+                "session {id} has no breakdown ({})",
+                view.error
+                    .unwrap_or_else(|| format!("{:?}", view.state).to_lowercase())
+            ),
+        })?;
+        let folded = self.get(&format!("/api/v1/sessions/{id}/folded"))?;
+        breakdown.stacks = Some(crate::flame::parse_folded(&folded));
+        Ok(breakdown)
     }
 
     /// Opens a session (open until stopped).

@@ -45,6 +45,16 @@ pub const OTHER: &str = "other";
 pub const SELF_COST: &str = "other.cnitrace";
 pub const OTHER_USER: &str = "other.user";
 pub const OTHER_KERNEL: &str = "other.kernel";
+pub const OTHER_TCP: &str = "other.tcp";
+pub const OTHER_UDP: &str = "other.udp";
+pub const OTHER_IP: &str = "other.ip";
+pub const OTHER_NETDEV: &str = "other.netdev";
+pub const OTHER_COPY: &str = "other.copy";
+pub const OTHER_MEMORY: &str = "other.memory";
+pub const OTHER_LOCKS: &str = "other.locks";
+pub const OTHER_IRQ: &str = "other.irq";
+pub const OTHER_SCHED: &str = "other.sched";
+pub const OTHER_SYSCALL: &str = "other.syscall";
 
 /// The top-level components, in the order they are reported.
 pub const COMPONENTS: &[Component] = &[
@@ -130,8 +140,12 @@ pub const COMPONENTS: &[Component] = &[
     },
 ];
 
-/// The colour of a component, or of `other` for anything not in the taxonomy.
+/// The colour of a component, or of `other` for anything not in the taxonomy. The host's
+/// groups (`other.tcp`, ...) have their own shades.
 pub fn colour(name: &str) -> &'static str {
+    if let Some(&(_, _, shade)) = HOST_GROUPS.iter().find(|(group, _, _)| *group == name) {
+        return shade;
+    }
     let base = name.split('.').next().unwrap_or(name);
     COMPONENTS
         .iter()
@@ -265,6 +279,290 @@ const RULES: &[(Pattern, &str)] = &[
     ),
 ];
 
+/// The host's own work, in named groups: sub-components of `other`, for stacks with no
+/// datapath frame at all (the endpoints' TCP/IP stacks, copies, scheduling, ...). As with
+/// [`RULES`], the innermost match decides, and specific rules come first.
+const HOST_RULES: &[(Pattern, &str)] = &[
+    // Copies between user and kernel buffers (socket payload).
+    (Pattern::Prefix("copy_user_"), OTHER_COPY),
+    (Pattern::Prefix("_copy_to_"), OTHER_COPY),
+    (Pattern::Prefix("_copy_from_"), OTHER_COPY),
+    (Pattern::Prefix("copy_page_to_iter"), OTHER_COPY),
+    (Pattern::Prefix("copy_page_from_iter"), OTHER_COPY),
+    (Pattern::Prefix("rep_movs_"), OTHER_COPY),
+    (Pattern::Prefix("rep_stos_"), OTHER_COPY),
+    (Pattern::Exact("memcpy"), OTHER_COPY),
+    (Pattern::Exact("__memcpy"), OTHER_COPY),
+    (Pattern::Exact("memmove"), OTHER_COPY),
+    (Pattern::Exact("memset"), OTHER_COPY),
+    (Pattern::Exact("__memset"), OTHER_COPY),
+    (Pattern::Prefix("skb_copy_datagram"), OTHER_COPY),
+    (Pattern::Prefix("__skb_datagram_iter"), OTHER_COPY),
+    (Pattern::Exact("simple_copy_to_iter"), OTHER_COPY),
+    (Pattern::Prefix("skb_do_copy_data"), OTHER_COPY),
+    (Pattern::Prefix("csum_and_copy"), OTHER_COPY),
+    // skbs and the memory under them.
+    (Pattern::Prefix("__alloc_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("alloc_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("__napi_alloc_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("napi_alloc_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("napi_skb_cache"), OTHER_MEMORY),
+    (Pattern::Prefix("kfree_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("__kfree_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("consume_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("napi_consume_skb"), OTHER_MEMORY),
+    (Pattern::Prefix("skb_release_"), OTHER_MEMORY),
+    (Pattern::Prefix("skb_free_"), OTHER_MEMORY),
+    (Pattern::Prefix("skb_attempt_defer_free"), OTHER_MEMORY),
+    (Pattern::Prefix("skb_clone"), OTHER_MEMORY),
+    (Pattern::Prefix("__skb_clone"), OTHER_MEMORY),
+    (Pattern::Prefix("kmem_cache_"), OTHER_MEMORY),
+    (Pattern::Prefix("__kmem_cache_"), OTHER_MEMORY),
+    (Pattern::Prefix("kmalloc"), OTHER_MEMORY),
+    (Pattern::Prefix("__kmalloc"), OTHER_MEMORY),
+    (Pattern::Prefix("kfree"), OTHER_MEMORY),
+    (Pattern::Prefix("__slab_"), OTHER_MEMORY),
+    (Pattern::Prefix("___slab_"), OTHER_MEMORY),
+    (Pattern::Prefix("slab_"), OTHER_MEMORY),
+    (Pattern::Prefix("page_frag_"), OTHER_MEMORY),
+    (Pattern::Prefix("__page_frag_"), OTHER_MEMORY),
+    (Pattern::Prefix("skb_page_frag_refill"), OTHER_MEMORY),
+    (Pattern::Prefix("sk_page_frag_refill"), OTHER_MEMORY),
+    (Pattern::Prefix("alloc_pages"), OTHER_MEMORY),
+    (Pattern::Prefix("__alloc_pages"), OTHER_MEMORY),
+    (Pattern::Prefix("__alloc_frozen_pages"), OTHER_MEMORY),
+    (Pattern::Prefix("get_page_from_freelist"), OTHER_MEMORY),
+    (Pattern::Prefix("rmqueue"), OTHER_MEMORY),
+    (Pattern::Prefix("__rmqueue"), OTHER_MEMORY),
+    (Pattern::Prefix("free_unref_"), OTHER_MEMORY),
+    (Pattern::Prefix("__free_pages"), OTHER_MEMORY),
+    (Pattern::Prefix("free_frozen_pages"), OTHER_MEMORY),
+    (Pattern::Prefix("__folio_put"), OTHER_MEMORY),
+    (Pattern::Prefix("put_page"), OTHER_MEMORY),
+    (Pattern::Prefix("mem_cgroup_"), OTHER_MEMORY),
+    (Pattern::Prefix("__mem_cgroup_"), OTHER_MEMORY),
+    (Pattern::Prefix("memcg_"), OTHER_MEMORY),
+    (Pattern::Prefix("obj_cgroup_"), OTHER_MEMORY),
+    (Pattern::Prefix("refill_obj_stock"), OTHER_MEMORY),
+    (Pattern::Prefix("__sk_mem_"), OTHER_MEMORY),
+    (Pattern::Prefix("sk_mem_"), OTHER_MEMORY),
+    // Locks.
+    (Pattern::Prefix("_raw_spin_"), OTHER_LOCKS),
+    (Pattern::Prefix("raw_spin_"), OTHER_LOCKS),
+    (Pattern::Prefix("queued_spin_"), OTHER_LOCKS),
+    (Pattern::Prefix("native_queued_spin"), OTHER_LOCKS),
+    (Pattern::Prefix("__pv_queued_spin"), OTHER_LOCKS),
+    (Pattern::Prefix("_raw_read_"), OTHER_LOCKS),
+    (Pattern::Prefix("_raw_write_"), OTHER_LOCKS),
+    (Pattern::Prefix("mutex_"), OTHER_LOCKS),
+    (Pattern::Prefix("__mutex_"), OTHER_LOCKS),
+    (Pattern::Prefix("lock_sock"), OTHER_LOCKS),
+    (Pattern::Prefix("__lock_sock"), OTHER_LOCKS),
+    (Pattern::Prefix("release_sock"), OTHER_LOCKS),
+    (Pattern::Prefix("__release_sock"), OTHER_LOCKS),
+    // The endpoints' transport and IP layers.
+    (Pattern::Prefix("tcp"), OTHER_TCP),
+    (Pattern::Prefix("__tcp"), OTHER_TCP),
+    (Pattern::Prefix("inet_csk_"), OTHER_TCP),
+    (Pattern::Prefix("__inet_lookup"), OTHER_TCP),
+    (Pattern::Prefix("sk_stream_"), OTHER_TCP),
+    (Pattern::Prefix("udp"), OTHER_UDP),
+    (Pattern::Prefix("__udp"), OTHER_UDP),
+    (Pattern::Prefix("ip_rcv"), OTHER_IP),
+    (Pattern::Prefix("ip_list_rcv"), OTHER_IP),
+    (Pattern::Prefix("ip_sublist_rcv"), OTHER_IP),
+    (Pattern::Prefix("ip_local_"), OTHER_IP),
+    (Pattern::Prefix("__ip_local_"), OTHER_IP),
+    (Pattern::Prefix("ip_protocol_deliver"), OTHER_IP),
+    (Pattern::Prefix("ip_output"), OTHER_IP),
+    (Pattern::Prefix("ip_finish_output"), OTHER_IP),
+    (Pattern::Prefix("__ip_finish_output"), OTHER_IP),
+    (Pattern::Prefix("ip_queue_xmit"), OTHER_IP),
+    (Pattern::Prefix("__ip_queue_xmit"), OTHER_IP),
+    (Pattern::Prefix("inet_gro_"), OTHER_IP),
+    (Pattern::Prefix("raw_local_deliver"), OTHER_IP),
+    (Pattern::Prefix("neigh_"), OTHER_IP),
+    (Pattern::Prefix("__neigh_"), OTHER_IP),
+    (Pattern::Prefix("dst_"), OTHER_IP),
+    // The device layer: receive, GRO, backlog, queueing disciplines, transmit.
+    (Pattern::Prefix("netif_"), OTHER_NETDEV),
+    (Pattern::Prefix("__netif_"), OTHER_NETDEV),
+    (Pattern::Prefix("netdev_"), OTHER_NETDEV),
+    (Pattern::Prefix("napi_"), OTHER_NETDEV),
+    (Pattern::Prefix("__napi_"), OTHER_NETDEV),
+    (Pattern::Prefix("gro_"), OTHER_NETDEV),
+    (Pattern::Prefix("dev_"), OTHER_NETDEV),
+    (Pattern::Prefix("__dev_"), OTHER_NETDEV),
+    (Pattern::Prefix("enqueue_to_backlog"), OTHER_NETDEV),
+    (Pattern::Prefix("process_backlog"), OTHER_NETDEV),
+    (Pattern::Prefix("sch_direct_xmit"), OTHER_NETDEV),
+    (Pattern::Prefix("__qdisc_"), OTHER_NETDEV),
+    (Pattern::Prefix("qdisc_"), OTHER_NETDEV),
+    (Pattern::Prefix("pfifo_"), OTHER_NETDEV),
+    (Pattern::Prefix("fq_codel_"), OTHER_NETDEV),
+    (Pattern::Prefix("validate_xmit_"), OTHER_NETDEV),
+    (Pattern::Prefix("eth_type_trans"), OTHER_NETDEV),
+    (Pattern::Prefix("skb_"), OTHER_NETDEV),
+    (Pattern::Prefix("__skb_"), OTHER_NETDEV),
+    (Pattern::Prefix("loopback_"), OTHER_NETDEV),
+    // Interrupt and softirq machinery.
+    (Pattern::Prefix("asm_"), OTHER_IRQ),
+    (Pattern::Prefix("sysvec_"), OTHER_IRQ),
+    (Pattern::Prefix("__sysvec_"), OTHER_IRQ),
+    (Pattern::Prefix("common_interrupt"), OTHER_IRQ),
+    (Pattern::Prefix("__common_interrupt"), OTHER_IRQ),
+    (Pattern::Prefix("irq_"), OTHER_IRQ),
+    (Pattern::Prefix("__irq_"), OTHER_IRQ),
+    (Pattern::Prefix("irqentry_"), OTHER_IRQ),
+    (Pattern::Prefix("handle_softirqs"), OTHER_IRQ),
+    (Pattern::Prefix("__do_softirq"), OTHER_IRQ),
+    (Pattern::Prefix("do_softirq"), OTHER_IRQ),
+    (Pattern::Prefix("net_rx_action"), OTHER_IRQ),
+    (Pattern::Prefix("net_tx_action"), OTHER_IRQ),
+    (Pattern::Prefix("__local_bh_enable"), OTHER_IRQ),
+    (Pattern::Prefix("local_bh_enable"), OTHER_IRQ),
+    (Pattern::Prefix("raise_softirq"), OTHER_IRQ),
+    (Pattern::Prefix("__raise_softirq"), OTHER_IRQ),
+    (Pattern::Prefix("handle_edge_irq"), OTHER_IRQ),
+    (Pattern::Prefix("handle_irq_event"), OTHER_IRQ),
+    (Pattern::Prefix("__handle_irq_event"), OTHER_IRQ),
+    (Pattern::Prefix("generic_smp_call"), OTHER_IRQ),
+    (Pattern::Prefix("__flush_smp_call"), OTHER_IRQ),
+    (Pattern::Prefix("flush_smp_call"), OTHER_IRQ),
+    // The scheduler, wake-ups, timers and the idle loop's entry and exit.
+    (Pattern::Prefix("schedule"), OTHER_SCHED),
+    (Pattern::Prefix("__schedule"), OTHER_SCHED),
+    (Pattern::Prefix("pick_next_"), OTHER_SCHED),
+    (Pattern::Prefix("__pick_next_"), OTHER_SCHED),
+    (Pattern::Prefix("enqueue_"), OTHER_SCHED),
+    (Pattern::Prefix("dequeue_"), OTHER_SCHED),
+    (Pattern::Prefix("try_to_wake_up"), OTHER_SCHED),
+    (Pattern::Prefix("ttwu_"), OTHER_SCHED),
+    (Pattern::Prefix("wake_up"), OTHER_SCHED),
+    (Pattern::Prefix("__wake_up"), OTHER_SCHED),
+    (Pattern::Prefix("update_curr"), OTHER_SCHED),
+    (Pattern::Prefix("update_load_avg"), OTHER_SCHED),
+    (Pattern::Prefix("update_cfs"), OTHER_SCHED),
+    (Pattern::Prefix("finish_task_switch"), OTHER_SCHED),
+    (Pattern::Prefix("__switch_to"), OTHER_SCHED),
+    (Pattern::Prefix("switch_mm"), OTHER_SCHED),
+    (Pattern::Prefix("select_task_rq"), OTHER_SCHED),
+    (Pattern::Prefix("check_preempt"), OTHER_SCHED),
+    (Pattern::Prefix("resched_"), OTHER_SCHED),
+    (Pattern::Prefix("sched_"), OTHER_SCHED),
+    (Pattern::Prefix("native_sched_clock"), OTHER_SCHED),
+    (Pattern::Prefix("psi_"), OTHER_SCHED),
+    (Pattern::Prefix("account_"), OTHER_SCHED),
+    (Pattern::Prefix("hrtimer_"), OTHER_SCHED),
+    (Pattern::Prefix("__hrtimer_"), OTHER_SCHED),
+    (Pattern::Prefix("tick_"), OTHER_SCHED),
+    (Pattern::Prefix("ktime_get"), OTHER_SCHED),
+    (Pattern::Prefix("rcu_"), OTHER_SCHED),
+    (Pattern::Prefix("__rcu_"), OTHER_SCHED),
+    (Pattern::Prefix("do_idle"), OTHER_SCHED),
+    (Pattern::Prefix("cpuidle_"), OTHER_SCHED),
+    (Pattern::Prefix("default_idle"), OTHER_SCHED),
+    (Pattern::Prefix("arch_cpu_idle"), OTHER_SCHED),
+    (Pattern::Prefix("cpu_startup_entry"), OTHER_SCHED),
+    (Pattern::Prefix("native_safe_halt"), OTHER_SCHED),
+    (Pattern::Prefix("pv_native_safe_halt"), OTHER_SCHED),
+    (Pattern::Prefix("sk_wait_data"), OTHER_SCHED),
+    (Pattern::Prefix("wait_woken"), OTHER_SCHED),
+    (Pattern::Prefix("woken_wake_function"), OTHER_SCHED),
+    (Pattern::Prefix("autoremove_wake_function"), OTHER_SCHED),
+    (Pattern::Prefix("prepare_to_wait"), OTHER_SCHED),
+    (Pattern::Prefix("finish_wait"), OTHER_SCHED),
+    // System calls, the socket layer, files and security hooks.
+    (Pattern::Prefix("entry_SYSCALL"), OTHER_SYSCALL),
+    (Pattern::Prefix("do_syscall"), OTHER_SYSCALL),
+    (Pattern::Prefix("syscall_"), OTHER_SYSCALL),
+    (Pattern::Prefix("x64_sys_call"), OTHER_SYSCALL),
+    (Pattern::Prefix("__x64_sys_"), OTHER_SYSCALL),
+    (Pattern::Prefix("__sys_"), OTHER_SYSCALL),
+    (Pattern::Prefix("ksys_"), OTHER_SYSCALL),
+    (Pattern::Prefix("exit_to_user_mode"), OTHER_SYSCALL),
+    (Pattern::Prefix("vfs_"), OTHER_SYSCALL),
+    (Pattern::Prefix("sock_"), OTHER_SYSCALL),
+    (Pattern::Prefix("__sock_"), OTHER_SYSCALL),
+    (Pattern::Prefix("inet_sendmsg"), OTHER_SYSCALL),
+    (Pattern::Prefix("inet_recvmsg"), OTHER_SYSCALL),
+    (Pattern::Prefix("security_"), OTHER_SYSCALL),
+    (Pattern::Prefix("apparmor_"), OTHER_SYSCALL),
+    (Pattern::Prefix("selinux_"), OTHER_SYSCALL),
+    (Pattern::Prefix("fdget"), OTHER_SYSCALL),
+    (Pattern::Prefix("__fdget"), OTHER_SYSCALL),
+    (Pattern::Prefix("fput"), OTHER_SYSCALL),
+    (Pattern::Prefix("__fget"), OTHER_SYSCALL),
+    (Pattern::Prefix("do_epoll_"), OTHER_SYSCALL),
+    (Pattern::Prefix("ep_"), OTHER_SYSCALL),
+    (Pattern::Prefix("do_select"), OTHER_SYSCALL),
+    (Pattern::Prefix("do_sys_poll"), OTHER_SYSCALL),
+];
+
+/// The named groups of the host's own work (sub-components of `other`), with what they hold
+/// and their shade in flame graphs.
+pub const HOST_GROUPS: &[(&str, &str, &str)] = &[
+    (
+        OTHER_TCP,
+        "the endpoints' TCP (send, receive, acknowledgements, timers)",
+        "#a0cbe8",
+    ),
+    (OTHER_UDP, "the endpoints' UDP", "#8cd17d"),
+    (
+        OTHER_IP,
+        "IP receive, local delivery and output, neighbours, routes of local traffic",
+        "#ffbe7d",
+    ),
+    (
+        OTHER_NETDEV,
+        "the device layer: GRO, backlog, queueing disciplines, transmit",
+        "#86bcb6",
+    ),
+    (
+        OTHER_COPY,
+        "copies of payload between user and kernel buffers",
+        "#f1ce63",
+    ),
+    (
+        OTHER_MEMORY,
+        "allocating and freeing skbs, pages and slab objects",
+        "#d4a6c8",
+    ),
+    (
+        OTHER_LOCKS,
+        "spinlocks, mutexes and socket locks",
+        "#ff9d9a",
+    ),
+    (OTHER_IRQ, "interrupt and softirq machinery", "#d7b5a6"),
+    (
+        OTHER_SCHED,
+        "the scheduler, wake-ups, timers and idle entry",
+        "#c9c9c9",
+    ),
+    (
+        OTHER_SYSCALL,
+        "system call entry, the socket and file layers, security hooks",
+        "#b6992d",
+    ),
+    (OTHER_USER, "user space", "#79706e"),
+    (SELF_COST, "cnitrace's own programs", "#9d7660"),
+    (
+        OTHER_KERNEL,
+        "kernel work in none of the groups above, and lost stacks",
+        "#bab0ac",
+    ),
+];
+
+/// The group of the host's own work a kernel function belongs to, for stacks without any
+/// datapath frame.
+pub fn classify_host(symbol: &str) -> Option<&'static str> {
+    let name = base_name(symbol);
+    HOST_RULES
+        .iter()
+        .find(|(pattern, _)| pattern.matches(name))
+        .map(|&(_, group)| group)
+}
+
 /// Functions that show a sample taken on the idle task was really interrupt or softirq work.
 const INTERRUPT_FRAMES: &[Pattern] = &[
     Pattern::Prefix("asm_sysvec_"),
@@ -320,7 +618,7 @@ pub fn top_level(name: &str) -> &str {
 /// Every dotted name the rules can produce, plus the `other.*` ones (for tests and docs).
 pub fn all_subcomponents() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = RULES.iter().map(|&(_, c)| c).collect();
-    names.extend([SELF_COST, OTHER_USER, OTHER_KERNEL]);
+    names.extend(HOST_GROUPS.iter().map(|&(group, _, _)| group));
     names.sort_unstable();
     names.dedup();
     names
@@ -430,6 +728,36 @@ mod tests {
         assert_eq!(unavailable_reason(ipip, |s| s == "ipip_rcv"), None);
         let other = COMPONENTS.iter().find(|c| c.name == OTHER).unwrap();
         assert_eq!(unavailable_reason(other, |_| false), None);
+    }
+
+    #[test]
+    fn groups_the_hosts_own_work() {
+        let cases = [
+            ("tcp_sendmsg_locked", Some(OTHER_TCP)),
+            ("tcp_v4_rcv", Some(OTHER_TCP)),
+            ("copy_user_enhanced_fast_string", Some(OTHER_COPY)),
+            ("skb_copy_datagram_iter", Some(OTHER_COPY)),
+            ("__alloc_skb", Some(OTHER_MEMORY)),
+            ("skb_release_data", Some(OTHER_MEMORY)),
+            ("_raw_spin_lock_bh", Some(OTHER_LOCKS)),
+            ("ip_finish_output2", Some(OTHER_IP)),
+            ("__netif_receive_skb_core.constprop.0", Some(OTHER_NETDEV)),
+            ("__dev_queue_xmit", Some(OTHER_NETDEV)),
+            ("net_rx_action", Some(OTHER_IRQ)),
+            ("__schedule", Some(OTHER_SCHED)),
+            ("entry_SYSCALL_64_after_hwframe", Some(OTHER_SYSCALL)),
+            ("ext4_file_write_iter", None),
+        ];
+        for (symbol, expected) in cases {
+            assert_eq!(classify_host(symbol), expected, "{symbol}");
+        }
+        // Every group the rules name is described and coloured, and under `other`.
+        for &(_, group) in HOST_RULES {
+            assert!(HOST_GROUPS.iter().any(|&(g, _, _)| g == group), "{group}");
+            assert_eq!(top_level(group), OTHER);
+        }
+        assert_ne!(colour(OTHER_TCP), colour(OTHER));
+        assert_eq!(colour("netfilter.rules"), colour("netfilter"));
     }
 
     #[test]

@@ -83,6 +83,24 @@ pub struct Breakdown {
     /// and rules packets walked.
     pub netfilter: NetfilterSection,
     pub quality: Quality,
+    /// Every distinct sampled stack of the window (idle excluded), costliest first: what
+    /// flame graphs and pprof profiles are drawn from. Present only where asked for
+    /// (`profile --stacks`, the agent's flame graph endpoints); never with the tracing
+    /// backend, which samples no stacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stacks: Option<Vec<StackCost>>,
+}
+
+/// One distinct sampled stack and the cycles it stands for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StackCost {
+    /// Function names, outermost first. User-mode samples are `[user space]`, samples
+    /// whose kernel stack was lost `[stack lost]`.
+    pub frames: Vec<String>,
+    /// The dotted (sub-)component the stack is attributed to (innermost component wins).
+    pub component: String,
+    pub samples: u64,
+    pub cycles: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: kernel hooks -> per-CPU aggregates in BPF maps ([`probe`]) -> snapshots
 //! ([`snapshot`]) -> a window ([`window`], the one path every caller takes) -> a pure breakdown
-//! ([`breakdown`]) filling the public contract ([`contract`]) -> renderers ([`render`], the
+//! ([`breakdown`]) filling the public contract ([`contract`]) -> renderers ([`render`], [`flame`], the
 //! server). Everything above [`probe`] runs without privileges on recorded or synthetic data.
 
 pub mod agent;
@@ -12,6 +12,7 @@ pub mod components;
 pub mod contract;
 pub mod doctor;
 pub mod error;
+pub mod flame;
 pub mod kallsyms;
 pub mod lab;
 pub mod netfilter;

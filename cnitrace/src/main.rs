@@ -32,6 +32,9 @@ enum Command {
     /// One window across several agents (e.g. sender and receiver), optionally around a
     /// benchmark command run here: per-node columns and their sum.
     Collect(cli::collect::CollectArgs),
+    /// What changed per packet between two windows (breakdown files or an agent's sessions):
+    /// components, sub-components, innermost functions, and a differential flame graph.
+    Diff(cli::diff::DiffArgs),
     /// Apply cnitrace's taxonomy to a perf recording: reads `perf script -F
     /// comm,pid,tid,cpu,period,event,ip,sym,dso` output (from `perf record -a -g -e cpu-clock`).
     ImportPerf(cli::import_perf::ImportPerfArgs),
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
             Command::Netfilter(args) => cli::profile::run_netfilter(args).await,
             Command::Agent(args) => cli::agent::run(args).await,
             Command::Collect(args) => cli::collect::run(args).await,
+            Command::Diff(args) => cli::diff::run(args).await,
             Command::Doctor {
                 format,
                 repair: false,

@@ -53,9 +53,22 @@ impl Snapshot {
     /// `self - earlier`, keeping only entries that changed. Counters only grow, so a key absent
     /// from `earlier` started at zero.
     pub fn delta(&self, earlier: &Snapshot) -> Delta {
-        let mut samples: Vec<(SampleKey, SampleValue)> = self
-            .samples
-            .iter()
+        self.delta_with_retired(earlier, std::iter::empty())
+    }
+
+    /// [`Snapshot::delta`] where sample keys left the kernel map between the two snapshots:
+    /// `retired` holds the final values of the keys of the epochs retired after `earlier` was
+    /// taken, so their growth up to the retirement still counts (also for keys born after
+    /// `earlier`).
+    pub fn delta_with_retired<'a>(
+        &'a self,
+        earlier: &Snapshot,
+        retired: impl Iterator<Item = (&'a SampleKey, SampleValue)>,
+    ) -> Delta {
+        let live = self.samples.iter().map(|(key, now)| (key, *now));
+        let gone = retired.filter(|(key, _)| !self.samples.contains_key(*key));
+        let mut samples: Vec<(SampleKey, SampleValue)> = live
+            .chain(gone)
             .filter_map(|(key, now)| {
                 let before = earlier.samples.get(key).copied().unwrap_or_default();
                 let diff = now.since(&before);
@@ -184,5 +197,36 @@ mod tests {
         assert_eq!(d.ifaces[&0].tx_skbs, 3);
         assert_eq!(d.ifaces[&0].name_bytes(), b"veth0");
         assert_eq!(d.faults.stack_lost, 3);
+    }
+
+    #[test]
+    fn retired_keys_count_up_to_their_retirement() {
+        let a = snapshot(&[(1, 10, 100), (2, 5, 50)], &[], 0);
+        let b = snapshot(&[(3, 4, 40)], &[], 0);
+        // Key 1 left the map with a final count of 12, key 2 unchanged, and key 4 was born
+        // and retired between the two snapshots.
+        let final_values: Vec<(SampleKey, SampleValue)> = [(1, 12, 120), (2, 5, 50), (4, 3, 30)]
+            .into_iter()
+            .map(|(id, count, period)| {
+                (
+                    SampleKey {
+                        stack_hash: id,
+                        flags: 0,
+                        epoch: 0,
+                    },
+                    SampleValue { count, period },
+                )
+            })
+            .collect();
+        let d = b.delta_with_retired(&a, final_values.iter().map(|(k, v)| (k, *v)));
+        let mut ids: Vec<(u64, u64, u64)> = d
+            .samples
+            .iter()
+            .map(|(k, v)| (k.stack_hash, v.count, v.period))
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![(1, 2, 20), (3, 4, 40), (4, 3, 30)]);
+        // Without the retired values, key 1's last growth is lost.
+        assert_eq!(b.delta(&a).samples.len(), 1);
     }
 }

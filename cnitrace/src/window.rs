@@ -27,6 +27,8 @@ pub struct WindowSpec {
     pub netfilter: netfilter::Options,
     /// Enable BPF run-time statistics for the window (exact `bpf` component).
     pub bpf_stats: bool,
+    /// Keep the window's sampled stacks in the Breakdown (for flame graphs and pprof).
+    pub stacks: bool,
 }
 
 impl WindowSpec {
@@ -53,6 +55,7 @@ pub struct OpenWindow {
     rules_required: bool,
     notes: Vec<String>,
     stats: Option<Arc<StatsGuard>>,
+    stacks: bool,
 }
 
 impl OpenWindow {
@@ -83,6 +86,7 @@ impl OpenWindow {
             rules_required,
             notes,
             stats,
+            stacks: spec.stacks,
         })
     }
 
@@ -112,7 +116,14 @@ impl OpenWindow {
             Err(e) => return Err(e),
         };
         let mode = self.stats.as_deref().map(StatsGuard::mode);
-        let mut breakdown = between(probes, &self.start, &end, &self.selection, mode)?;
+        let mut breakdown = between(
+            probes,
+            &self.start,
+            &end,
+            &self.selection,
+            mode,
+            self.stacks,
+        )?;
         drop(self.stats);
         let (chains, walk_notes) = walks.unwrap_or_default();
         notes.extend(walk_notes);
@@ -122,12 +133,14 @@ impl OpenWindow {
 }
 
 /// The Breakdown between two snapshots already taken (rolling windows, scrapes): no rulesets.
+/// With `stacks`, the sampled stacks are kept in it (none with the tracing backend).
 pub fn between(
     probes: &dyn Probes,
     start: &Snapshot,
     end: &Snapshot,
     selection: &PacketSelection,
     bpf_stats: Option<&str>,
+    stacks: bool,
 ) -> Result<Breakdown, Error> {
     let raw = probes.window(start, end, bpf_stats)?;
     let context = Context {
@@ -136,7 +149,11 @@ pub fn between(
         backend: probes.backend().name().to_owned(),
         unavailable: probes.unavailable(),
     };
-    Ok(breakdown::compute(&raw, &context, selection))
+    let mut breakdown = breakdown::compute(&raw, &context, selection);
+    if stacks && raw.trace.is_none() {
+        breakdown.stacks = Some(crate::flame::stacks_of(&raw));
+    }
+    Ok(breakdown)
 }
 
 /// The node name: NODE_NAME (the DaemonSet sets it from spec.nodeName), else the hostname.

@@ -230,6 +230,11 @@ impl Topology {
     /// Profiles `seconds` of iperf3 traffic from the client pod with `cnitrace profile`,
     /// counting packets on the client pod's interface, and returns the JSON breakdown.
     pub fn profile_traffic(&self, seconds: u32) -> Result<serde_json::Value> {
+        self.profile_traffic_with(seconds, &[])
+    }
+
+    /// [`Topology::profile_traffic`] with more `profile` arguments (`--stacks`, ...).
+    pub fn profile_traffic_with(&self, seconds: u32, extra: &[&str]) -> Result<serde_json::Value> {
         let traffic = self.start_iperf3(seconds + 3)?;
         thread::sleep(Duration::from_millis(700));
         let out = Command::new(cnitrace_bin())
@@ -241,6 +246,7 @@ impl Topology {
                 "json",
             ])
             .args(["--iface", &self.client_iface, "--netns", &self.client])
+            .args(extra)
             .output()
             .context("run cnitrace")?;
         let gbps = traffic.finish()?;

@@ -99,6 +99,63 @@ fn agent_session_round_trip_metrics_and_sigterm() {
     );
     assert_eq!(bridge.labels.get("node"), Some("node-under-test"));
 
+    // Where the session's cycles went: a flame graph and folded stacks, behind the token.
+    let (status, svg) = agent
+        .request(
+            "GET",
+            &format!("/api/v1/sessions/{id}/flamegraph.svg"),
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{svg}");
+    assert!(
+        svg.contains("<svg") && svg.contains("br_forward"),
+        "bridge frames missing"
+    );
+    let (status, folded) = agent
+        .request("GET", &format!("/api/v1/sessions/{id}/folded"), None)
+        .unwrap();
+    assert_eq!(status, 200, "{folded}");
+    assert!(folded.lines().any(|l| l.contains("nf_hook_slow")));
+    let (status, body) = agent
+        .request("GET", "/api/v1/sessions/999999/flamegraph.svg", None)
+        .unwrap();
+    assert_eq!(status, 404, "{body}");
+    let tokenless = ureq::get(format!("{}/api/v1/sessions/{id}/folded", agent.url))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap();
+    assert_eq!(tokenless.status().as_u16(), 401);
+    // `diff` reads sessions from the agent: a session against itself changes nothing.
+    let token_file =
+        std::env::temp_dir().join(format!("cnitrace-diff-token-{}", std::process::id()));
+    std::fs::write(&token_file, &agent.token).unwrap();
+    let id_text = id.to_string();
+    let out = Command::new(cnitrace_bin())
+        .args(["diff", "--agent", &agent.url, "--token-file"])
+        .arg(&token_file)
+        .args([&id_text, &id_text, "--format", "json"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&token_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!diff["functions"].as_array().unwrap().is_empty());
+    assert!(
+        diff["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["delta_cpp"].as_f64() == Some(0.0)),
+        "{diff}"
+    );
+
     let status = agent.terminate().unwrap();
     assert!(status.success(), "SIGTERM exit: {status:?}");
     drop(topo);
@@ -267,6 +324,16 @@ fn page_draws_a_real_session_in_headless_chromium() {
     assert!(
         dom.contains(&format!("Session {id} (stopped)")),
         "session title missing"
+    );
+    // The session's flame graph, fetched with the token and shown in its frame.
+    let frame = dom
+        .split("id=\"session-flame\"")
+        .nth(1)
+        .expect("flame graph frame in the DOM");
+    assert!(
+        frame.split('>').next().unwrap().contains("src=\"blob:"),
+        "the flame graph was not loaded: {}",
+        dom.split("id=\"session-flame-note\"").nth(1).unwrap_or("")
     );
 }
 

@@ -186,3 +186,219 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// The largest datapath component's share.
+fn from_breakdown_share(b: &Value) -> f64 {
+    b["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] != "other")
+        .map(|c| c["share"].as_f64().unwrap())
+        .fold(0.0, f64::max)
+}
+
+fn stack_share(b: &Value, component: &str) -> f64 {
+    let stacks = b["stacks"].as_array().expect("stacks in the JSON");
+    let cycles = |filter: &dyn Fn(&Value) -> bool| -> u64 {
+        stacks
+            .iter()
+            .filter(|s| filter(s))
+            .map(|s| s["cycles"].as_u64().unwrap())
+            .sum()
+    };
+    let part = cycles(&|s| {
+        s["component"]
+            .as_str()
+            .is_some_and(|c| c.split('.').next() == Some(component))
+    });
+    part as f64 / cycles(&|_| true) as f64
+}
+
+fn cnitrace_ok(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(cnitrace_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "cnitrace {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The rule evaluation function of this iptables (nft-based or legacy).
+fn is_rule_function(name: &str) -> bool {
+    name == "nft_do_chain" || name == "ipt_do_table"
+}
+
+#[test]
+fn flame_graph_pprof_and_diff_of_a_bridged_pair_with_rules() {
+    if !privileged("flame_graph_pprof_and_diff_of_a_bridged_pair_with_rules") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    remove_stale();
+    let dir = std::env::temp_dir().join(format!("cnitrace-flame-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+
+    // 1000 rules: JSON with stacks and the flame graph from one window.
+    let topo = Topology::new(Shape::Bridged { rules: 1000 }).expect("topology");
+    let svg_path = path("rules-1000.svg");
+    let with_rules = topo
+        .profile_traffic_with(3, &["--stacks", "--flamegraph", &svg_path])
+        .expect("profile");
+    let others: Vec<(String, f64)> = with_rules["subcomponents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("other."))
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["share"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    eprintln!("the host's own work: {others:?}");
+    // The host's work is split into named groups: the unnamed remainder is not its bulk.
+    let unnamed = others
+        .iter()
+        .find(|(name, _)| name == "other.kernel")
+        .map_or(0.0, |(_, s)| *s);
+    let largest_named = others
+        .iter()
+        .filter(|(name, _)| name != "other.kernel")
+        .map(|(_, s)| *s)
+        .fold(0.0, f64::max)
+        .max(from_breakdown_share(&with_rules));
+    assert!(
+        unnamed <= largest_named,
+        "other.kernel {unnamed} is larger than every named group ({largest_named})"
+    );
+    // The stacks carry the breakdown's netfilter share (same samples, same rounding).
+    let from_stacks = stack_share(&with_rules, "netfilter");
+    let from_breakdown = share(&with_rules, "netfilter");
+    eprintln!("netfilter share: stacks {from_stacks:.4}, breakdown {from_breakdown:.4}");
+    assert!(from_breakdown > 0.01, "netfilter share {from_breakdown}");
+    assert!(
+        (from_stacks - from_breakdown).abs() < 0.01,
+        "stacks {from_stacks} vs breakdown {from_breakdown}"
+    );
+    let svg = std::fs::read_to_string(&svg_path).expect("flame graph written");
+    assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains("nft_do_chain") || svg.contains("ipt_do_table"),
+        "rule evaluation missing from the flame graph"
+    );
+    // Well-formed XML, per the XML parser of the system's Python.
+    let parsed = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.dom.minidom; xml.dom.minidom.parse(sys.argv[1])",
+            &svg_path,
+        ])
+        .status()
+        .unwrap();
+    assert!(parsed.success(), "the SVG is not well-formed XML");
+    std::fs::write(path("rules-1000.json"), with_rules.to_string()).unwrap();
+
+    // Folded stacks and a pprof profile read by go tool pprof.
+    let traffic = topo.start_iperf3(6).expect("iperf3");
+    thread::sleep(Duration::from_millis(700));
+    let window = [
+        "--duration",
+        "2",
+        "--iface",
+        &topo.client_iface,
+        "--netns",
+        &topo.client,
+    ];
+    let folded = String::from_utf8(cnitrace_ok(
+        &[&["profile", "--format", "folded"][..], &window[..]].concat(),
+    ))
+    .unwrap();
+    let pprof = cnitrace_ok(&[&["profile", "--format", "pprof"][..], &window[..]].concat());
+    traffic.finish().expect("iperf3");
+    for line in folded.lines() {
+        let (frames, cycles) = line.rsplit_once(' ').expect("`frames cycles`");
+        assert!(
+            !frames.is_empty() && cycles.parse::<u64>().is_ok(),
+            "{line}"
+        );
+    }
+    assert!(folded.lines().any(|l| l.contains("nf_hook_slow")));
+    std::fs::write(path("profile.pb.gz"), &pprof).unwrap();
+    let top = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-nodecount=15",
+            &path("profile.pb.gz"),
+        ])
+        .env("HOME", &dir)
+        .output()
+        .expect("go tool pprof (golang-go, installed by the bootstrap)");
+    let top_text = String::from_utf8_lossy(&top.stdout);
+    eprintln!("{top_text}{}", String::from_utf8_lossy(&top.stderr));
+    assert!(top.status.success(), "go tool pprof failed");
+    assert!(
+        top_text
+            .lines()
+            .any(|l| l.split_whitespace().last().is_some_and(is_rule_function)),
+        "rule evaluation not among pprof's top entries"
+    );
+    drop(topo);
+
+    // No rules: the diff shows rule evaluation growing, led by the rule function.
+    let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
+    let without = topo
+        .profile_traffic_with(3, &["--stacks"])
+        .expect("profile");
+    drop(topo);
+    std::fs::write(path("rules-0.json"), without.to_string()).unwrap();
+    let diff_svg = path("diff.svg");
+    let diff: Value = serde_json::from_slice(&cnitrace_ok(&[
+        "diff",
+        &path("rules-0.json"),
+        &path("rules-1000.json"),
+        "--flamegraph",
+        &diff_svg,
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let rules = diff["subcomponents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "netfilter.rules")
+        .expect("netfilter.rules in the diff");
+    assert!(rules["delta_cpp"].as_f64().unwrap() > 0.0, "{rules}");
+    let first = &diff["functions"][0];
+    assert!(
+        is_rule_function(first["name"].as_str().unwrap()),
+        "largest growth: {first}"
+    );
+    assert!(
+        std::fs::read_to_string(&diff_svg)
+            .unwrap()
+            .contains("</svg>")
+    );
+    // The same window against itself: nothing changed.
+    let same: Value = serde_json::from_slice(&cnitrace_ok(&[
+        "diff",
+        &path("rules-1000.json"),
+        &path("rules-1000.json"),
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    for list in ["components", "subcomponents", "functions"] {
+        for entry in same[list].as_array().unwrap() {
+            assert_eq!(entry["delta_cpp"].as_f64(), Some(0.0), "{entry}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_nothing_left_attached();
+}

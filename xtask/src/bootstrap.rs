@@ -28,6 +28,8 @@ const TEST_PACKAGES: &[&str] = &[
     "chromium",
     // Certificates for the agent's TLS test.
     "openssl",
+    // `go tool pprof` reads the pprof profiles cnitrace writes (the format's own reader).
+    "golang-go",
     // A virtualenv for kubernetes-validate (offline manifest validation).
     "python3-venv",
     // The paper's method, as the benchmarks' reference, and GNU time for its costs.

@@ -67,6 +67,9 @@ pub struct LabSweepArgs {
     pub frequency: u64,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Write a flame graph of each rule count's window into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub flamegraphs: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -91,9 +94,12 @@ pub struct LabBenchArgs {
     pub attach: AttachMode,
     #[arg(long, value_enum, default_value_t = LabFormat::Table)]
     pub format: LabFormat,
-    /// Also write the stacked-bar chart (figs. 9/11 style) as SVG to this file.
+    /// Also write the stacked-bar chart as SVG to this file.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
+    /// Write a flame graph of each model, scenario and repeat into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub flamegraphs: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -174,6 +180,7 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                     frequency_hz: args.frequency,
                     ..ProbeConfig::default()
                 },
+                flamegraphs: args.flamegraphs,
             };
             sweep::validate(&options)?;
             cnitrace::probe::privileges::check()?;
@@ -226,6 +233,7 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 duration_s: args.duration,
                 repeats: args.repeat,
                 backend: Backend::requested(args.backend, args.attach)?,
+                flamegraphs: args.flamegraphs,
                 sampler: ProbeConfig {
                     frequency_hz: args.frequency,
                     ..ProbeConfig::default()

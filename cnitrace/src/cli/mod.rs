@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod collect;
+pub mod diff;
 pub mod import_perf;
 pub mod lab;
 pub mod profile;

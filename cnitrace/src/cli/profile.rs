@@ -1,10 +1,10 @@
 //! `cnitrace profile` and `cnitrace netfilter`: one window from the command line.
 
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write as _};
 
 use cnitrace::{
-    contract::PacketUnit,
-    netfilter,
+    contract::{Breakdown, PacketUnit},
+    flame, netfilter,
     probe::{AttachMode, Backend, BackendKind},
     profile::{self, Ending, ProfileOptions},
     render,
@@ -44,8 +44,27 @@ pub struct ProfileArgs {
     /// Do not read the iptables/nftables rulesets around the window.
     #[arg(long, conflicts_with = "count_hook_entries")]
     pub no_ruleset: bool,
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
+    /// table and json: the breakdown; folded: the sampled stacks as `outer;...;inner cycles`
+    /// lines (flamegraph.pl, inferno, speedscope); pprof: a gzipped pprof profile (go tool
+    /// pprof, Pyroscope, Parca) to stdout.
+    #[arg(long, value_enum, default_value_t = ProfileFormat::Table)]
+    pub format: ProfileFormat,
+    /// Include the sampled stacks in the JSON (input of `cnitrace diff`).
+    #[arg(long)]
+    pub stacks: bool,
+    /// Also write an interactive SVG flame graph of the window here, frames coloured by
+    /// component.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<std::path::PathBuf>,
+}
+
+/// What `profile` prints.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileFormat {
+    Table,
+    Json,
+    Folded,
+    Pprof,
 }
 
 #[derive(clap::Args)]
@@ -64,20 +83,29 @@ pub enum Report {
 }
 
 pub async fn run(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
+    if args.format == ProfileFormat::Pprof && std::io::stdout().is_terminal() {
+        anyhow::bail!(
+            "--format pprof writes a binary profile: redirect stdout to a file (> profile.pb.gz)"
+        );
+    }
+    let wants_stacks = args.stacks
+        || args.flamegraph.is_some()
+        || matches!(args.format, ProfileFormat::Folded | ProfileFormat::Pprof);
     let options = ProfileOptions {
         duration_s: args.duration,
         backend: Backend::requested(args.backend, args.attach)?,
         sampler: args.probes.config(),
         window: WindowSpec {
-            ifaces: args.ifaces,
+            ifaces: args.ifaces.clone(),
             unit: args.packet_unit,
             netfilter: netfilter::Options {
                 read_rules: !args.no_ruleset,
                 count_entries: args.count_hook_entries,
                 namespaces: args.netns.clone(),
             },
-            netns: args.netns,
+            netns: args.netns.clone(),
             bpf_stats: true,
+            stacks: wants_stacks,
         },
     };
     let tty = std::io::stderr().is_terminal();
@@ -104,10 +132,38 @@ pub async fn run(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
             breakdown.window.duration_s
         );
     }
-    super::print(args.format, &breakdown, |b| match report {
-        Report::Breakdown => render::table(b),
-        Report::Netfilter => render::netfilter_report(b),
-    })
+    output(&args, &breakdown, report)
+}
+
+/// Prints the window as asked and writes the flame graph; a window without stacks (tracing
+/// backend) is still printed as a table or JSON, then reported as the error it is.
+fn output(args: &ProfileArgs, breakdown: &Breakdown, report: Report) -> anyhow::Result<()> {
+    if let Some(path) = &args.flamegraph {
+        let svg = flame::flamegraph_svg(breakdown);
+        match svg {
+            Ok(svg) => std::fs::write(path, svg)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+            Err(e) => eprintln!("cnitrace: no flame graph written: {e}"),
+        }
+    }
+    match args.format {
+        ProfileFormat::Folded => print!("{}", flame::folded(breakdown)?),
+        ProfileFormat::Pprof => std::io::stdout().write_all(&flame::pprof_gz(breakdown)?)?,
+        ProfileFormat::Json if !args.stacks => {
+            let mut without = breakdown.clone();
+            without.stacks = None;
+            super::print(Format::Json, &without, |_| String::new())?;
+        }
+        ProfileFormat::Json => super::print(Format::Json, breakdown, |_| String::new())?,
+        ProfileFormat::Table => print!(
+            "{}",
+            match report {
+                Report::Breakdown => render::table(breakdown),
+                Report::Netfilter => render::netfilter_report(breakdown),
+            }
+        ),
+    }
+    Ok(())
 }
 
 /// `cnitrace netfilter`: the profile with rulesets read and hook entries counted unless

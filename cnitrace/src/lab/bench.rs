@@ -12,7 +12,7 @@ use super::{
     traffic,
 };
 use crate::{
-    components::COMPONENTS,
+    components::{COMPONENTS, Component, OTHER},
     contract::{Breakdown, PacketUnit},
     error::Error,
     netfilter,
@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub sampler: ProbeConfig,
     /// `None`: auto.
     pub backend: Option<Backend>,
+    /// A directory for a flame graph per model, scenario and repeat.
+    pub flamegraphs: Option<std::path::PathBuf>,
 }
 
 /// A mean with the half-width of its 95% confidence interval (`null` for one run).
@@ -181,7 +183,7 @@ async fn bench_model(
                 options.repeats
             );
             progress(&format!("{label}: stream"), true);
-            let run = one_run(lab, scenario, options).await?;
+            let run = one_run(lab, scenario, options, repeat).await?;
             progress(
                 &format!(
                     "{label}: {:.2} Gbit/s, {} CPP, RTT {:.1} us",
@@ -201,7 +203,12 @@ async fn bench_model(
     Ok(entries)
 }
 
-async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Result<Run, Error> {
+async fn one_run(
+    lab: &Lab,
+    scenario: Scenario,
+    options: &BenchOptions,
+    repeat: u32,
+) -> Result<Run, Error> {
     let server = lab.server(scenario);
     let profile_options = stream_profile(
         lab,
@@ -210,7 +217,15 @@ async fn one_run(lab: &Lab, scenario: Scenario, options: &BenchOptions) -> Resul
         options.backend,
         false,
     );
-    let (breakdown, throughput_gbps) = profiled_stream(lab, server, &profile_options).await?;
+    let flamegraph = options.flamegraphs.as_ref().map(|dir| {
+        dir.join(format!(
+            "{}-{}-{repeat}.svg",
+            lab.model.name(),
+            scenario.name()
+        ))
+    });
+    let (breakdown, throughput_gbps) =
+        profiled_stream(lab, server, &profile_options, flamegraph.as_deref()).await?;
     let (client_ns, server_ns, ip) = (lab.client().netns.clone(), server.netns.clone(), server.ip);
     let rr_seconds = (options.duration_s / 2.0).clamp(1.0, 5.0);
     let rr = tokio::task::spawn_blocking(move || {
@@ -253,19 +268,36 @@ pub(crate) fn stream_profile(
                 namespaces: vec![lab.host_netns(1), lab.host_netns(2)],
             },
             bpf_stats: true,
+            stacks: false,
         },
     }
+}
+
+/// Writes a window's flame graph, creating its directory.
+pub(crate) fn write_flamegraph(path: &std::path::Path, breakdown: &Breakdown) -> Result<(), Error> {
+    let svg = crate::flame::flamegraph_svg(breakdown)
+        .map_err(|e| Error::InvalidArgument(format!("flame graph {}: {e}", path.display())))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    }
+    std::fs::write(path, svg).map_err(|e| Error::io(format!("write {}", path.display()), e))
 }
 
 /// An iperf3 stream from the client pod to `server`, profiled. Probes start and the window
 /// opens (rulesets read) before the stream: on a slow VM either can take longer than the
 /// stream lasts. The window's counters start once the stream has warmed up. Returns the
-/// breakdown and the stream's throughput in Gbit/s.
+/// breakdown and the stream's throughput in Gbit/s. With `flamegraph`, the window's flame
+/// graph is written there (the breakdown returned carries no stacks either way).
 pub(crate) async fn profiled_stream(
     lab: &Lab,
     server: &Pod,
     profile_options: &ProfileOptions,
+    flamegraph: Option<&std::path::Path>,
 ) -> Result<(Breakdown, f64), Error> {
+    let mut profile_options = profile_options.clone();
+    profile_options.window.stacks = flamegraph.is_some();
+    let profile_options = &profile_options;
     profile::validate(profile_options)?;
     let probes = profile::start_probes(profile_options)?;
     let mut window = OpenWindow::open(&probes, &profile_options.window)?;
@@ -275,8 +307,12 @@ pub(crate) async fn profiled_stream(
     tokio::time::sleep(Duration::from_millis(500)).await;
     window.restart(&probes)?;
     tokio::time::sleep(Duration::from_secs_f64(profile_options.duration_s)).await;
-    let breakdown = window.close(&probes)?;
+    let mut breakdown = window.close(&probes)?;
     drop(probes);
+    if let Some(path) = flamegraph {
+        write_flamegraph(path, &breakdown)?;
+        breakdown.stacks = None;
+    }
     let throughput_gbps = tokio::task::spawn_blocking(move || stream.finish())
         .await
         .map_err(|e| Error::InvalidArgument(format!("stream task: {e}")))??;
@@ -386,15 +422,14 @@ pub fn markdown(entries: &[BenchEntry]) -> String {
     out
 }
 
-/// A stacked bar per model and scenario: cycles per packet split by component.
+/// Two panels of stacked bars per model and scenario: all busy cycles per packet by
+/// component, then the datapath components alone on their own scale (the endpoints' own
+/// work, `other`, is most of every bar and would flatten them).
 pub fn svg(entries: &[BenchEntry]) -> String {
     let bars: Vec<&BenchEntry> = entries.iter().filter(|e| e.unavailable.is_none()).collect();
-    let max = bars
-        .iter()
-        .filter_map(|e| e.total_cpp.map(|t| t.mean))
-        .fold(1.0_f64, f64::max);
-    let (bar_width, gap, left, top, plot_height) = (42.0, 26.0, 70.0, 30.0, 320.0);
-    let width = left + bars.len() as f64 * (bar_width + gap) + 170.0;
+    let (bar_width, gap, top, plot_height, axis) = (42.0, 26.0, 50.0, 320.0, 60.0);
+    let panel_width = bars.len() as f64 * (bar_width + gap);
+    let width = 2.0 * (axis + panel_width) + 40.0 + 170.0;
     let height = top + plot_height + 90.0;
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
@@ -402,48 +437,72 @@ pub fn svg(entries: &[BenchEntry]) -> String {
     );
     let _ = writeln!(
         out,
-        "<text x=\"{left}\" y=\"18\" font-size=\"13\">Cycles per packet by component (cnitrace lab bench)</text>"
+        "<text x=\"{axis}\" y=\"18\" font-size=\"13\">Cycles per packet by component (cnitrace lab bench)</text>"
     );
-    // Axis with four ticks.
-    for tick in 0..=4 {
-        let value = max * f64::from(tick) / 4.0;
-        let y = top + plot_height - plot_height * f64::from(tick) / 4.0;
+    let datapath: Vec<&Component> = COMPONENTS.iter().filter(|c| c.name != OTHER).collect();
+    let all: Vec<&Component> = COMPONENTS.iter().collect();
+    let panels = [
+        (axis, "all busy cycles", all),
+        (
+            2.0 * axis + panel_width + 40.0,
+            "datapath components only (own scale)",
+            datapath,
+        ),
+    ];
+    for (left, title, components) in &panels {
+        let max = bars
+            .iter()
+            .map(|e| {
+                components
+                    .iter()
+                    .map(|c| component_cpp(e, c.name).map_or(0.0, |c| c.mean))
+                    .sum::<f64>()
+            })
+            .fold(1.0_f64, f64::max);
         let _ = writeln!(
             out,
-            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.0}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{value:.0}</text>",
-            width - 170.0,
-            left - 6.0,
-            y + 4.0
+            "<text x=\"{left:.0}\" y=\"38\" fill=\"#555\">{title}</text>"
         );
-    }
-    for (index, entry) in bars.iter().enumerate() {
-        let x = left + gap / 2.0 + index as f64 * (bar_width + gap);
-        let mut y = top + plot_height;
-        for component in COMPONENTS {
-            let (name, colour) = (component.name, component.colour);
-            let cpp = component_cpp(entry, name).map_or(0.0, |c| c.mean);
-            let h = plot_height * cpp / max;
-            if h > 0.0 {
-                y -= h;
-                let _ = writeln!(
-                    out,
-                    "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_width}\" height=\"{h:.1}\" fill=\"{colour}\"><title>{} {} {name}: {cpp:.0} CPP</title></rect>",
-                    entry.model, entry.scenario
-                );
-            }
+        for tick in 0..=4 {
+            let value = max * f64::from(tick) / 4.0;
+            let y = top + plot_height - plot_height * f64::from(tick) / 4.0;
+            let _ = writeln!(
+                out,
+                "<line x1=\"{left:.0}\" y1=\"{y:.1}\" x2=\"{:.0}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
+                 <text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{value:.0}</text>",
+                left + panel_width,
+                left - 6.0,
+                y + 4.0
+            );
         }
-        let label_y = top + plot_height + 14.0;
-        let _ = writeln!(
-            out,
-            "<text x=\"{:.1}\" y=\"{label_y:.1}\" text-anchor=\"middle\">{}</text>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
-            x + bar_width / 2.0,
-            entry.model,
-            x + bar_width / 2.0,
-            label_y + 13.0,
-            entry.scenario
-        );
+        for (index, entry) in bars.iter().enumerate() {
+            let x = left + gap / 2.0 + index as f64 * (bar_width + gap);
+            let mut y = top + plot_height;
+            for component in components {
+                let (name, colour) = (component.name, component.colour);
+                let cpp = component_cpp(entry, name).map_or(0.0, |c| c.mean);
+                let h = plot_height * cpp / max;
+                if h > 0.0 {
+                    y -= h;
+                    let _ = writeln!(
+                        out,
+                        "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_width}\" height=\"{h:.1}\" fill=\"{colour}\"><title>{} {} {name}: {cpp:.0} CPP</title></rect>",
+                        entry.model, entry.scenario
+                    );
+                }
+            }
+            let label_y = top + plot_height + 14.0;
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{label_y:.1}\" text-anchor=\"middle\">{}</text>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+                x + bar_width / 2.0,
+                entry.model,
+                x + bar_width / 2.0,
+                label_y + 13.0,
+                entry.scenario
+            );
+        }
     }
     let legend_x = width - 150.0;
     for (index, component) in COMPONENTS.iter().rev().enumerate() {
@@ -459,7 +518,7 @@ pub fn svg(entries: &[BenchEntry]) -> String {
     }
     let _ = writeln!(
         out,
-        "<text x=\"{left}\" y=\"{:.0}\" fill=\"#555\">CPP = busy cycles / packets sent by the client pod (eq. 1 of paper 000)</text>",
+        "<text x=\"{axis}\" y=\"{:.0}\" fill=\"#555\">CPP = busy cycles of all CPUs / packets sent by the client pod</text>",
         height - 12.0
     );
     out.push_str("</svg>\n");
@@ -520,10 +579,11 @@ mod tests {
         );
         assert!(md.contains("calico-ipip | inter | unavailable"));
         let chart = svg(&entries);
+        // Bridge and other in the first panel, bridge alone in the second.
         assert_eq!(
             chart.matches("<title>flannel").count(),
-            2,
-            "bridge and other"
+            3,
+            "bridge and other, then bridge"
         );
         assert_eq!(
             chart.matches("<title>calico-np").count(),

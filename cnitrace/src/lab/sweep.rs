@@ -22,6 +22,8 @@ pub struct SweepOptions {
     pub scenario: Scenario,
     pub duration_s: f64,
     pub sampler: ProbeConfig,
+    /// A directory for a flame graph per rule count.
+    pub flamegraphs: Option<std::path::PathBuf>,
 }
 
 /// Least-squares line y = slope x + intercept, and its coefficient of determination.
@@ -215,8 +217,13 @@ async fn sweep(
         progress(&format!("{rules} rules: stream"), true);
         let profile_options =
             super::bench::stream_profile(lab, options.duration_s, &options.sampler, None, true);
+        let flamegraph = options
+            .flamegraphs
+            .as_ref()
+            .map(|dir| dir.join(format!("rules-{rules}.svg")));
         let (breakdown, throughput_gbps) =
-            super::bench::profiled_stream(lab, &server, &profile_options).await?;
+            super::bench::profiled_stream(lab, &server, &profile_options, flamegraph.as_deref())
+                .await?;
         let hook = breakdown
             .netfilter
             .hooks
@@ -367,6 +374,7 @@ mod tests {
             scenario: Scenario::Intra,
             duration_s: 2.0,
             sampler: ProbeConfig::default(),
+            flamegraphs: None,
         };
         assert!(validate(&o).unwrap_err().to_string().contains("two counts"));
         o.rules = vec![0, MAX_RULES + 1];

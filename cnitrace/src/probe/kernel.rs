@@ -271,9 +271,19 @@ impl KernelProbes {
         kallsyms: &Kallsyms,
         bpf_stats_mode: Option<&str>,
     ) -> Result<RawWindow, Error> {
-        let delta = end.delta(start);
+        let epochs = self
+            .epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let delta = end.delta_with_retired(start, epochs.retired_after(start.mono));
         let ifaces_for_names: Vec<IfaceCounters> = end.ifaces.values().copied().collect();
         let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&self.ebpf, map::STACKS)?;
+        let symbolize = |ips: &[u64]| -> Vec<String> {
+            ips.iter()
+                .take_while(|&&ip| ip != 0)
+                .map(|&ip| kallsyms.resolve(ip).unwrap_or("[unknown]").to_owned())
+                .collect()
+        };
         let mut frames_by_hash: HashMap<u64, Vec<String>> = HashMap::new();
         let mut samples = Vec::with_capacity(delta.samples.len());
         for (key, value) in delta.samples {
@@ -283,13 +293,12 @@ impl KernelProbes {
                 frames_by_hash
                     .entry(key.stack_hash)
                     .or_insert_with(|| match stacks.get(&key.stack_hash, 0) {
-                        Ok(stack) => stack
-                            .ips
-                            .iter()
-                            .take_while(|&&ip| ip != 0)
-                            .map(|&ip| kallsyms.resolve(ip).unwrap_or("[unknown]").to_owned())
-                            .collect(),
-                        Err(_) => Vec::new(),
+                        Ok(stack) => symbolize(&stack.ips),
+                        // A retired epoch's stack, moved out of the kernel map.
+                        Err(_) => epochs
+                            .retired_stack(key.stack_hash)
+                            .map(|ips| symbolize(&ips))
+                            .unwrap_or_default(),
                     })
                     .clone()
             };
@@ -438,8 +447,67 @@ fn cpu_ticks() -> Result<CpuTicks, Error> {
 #[derive(Debug, Default)]
 struct Epochs {
     current: u32,
-    /// A retired epoch and when it was retired.
+    /// A retired epoch whose keys are still in the kernel map, and when it was retired.
     retired: Option<(u32, std::time::Instant)>,
+    /// Epochs moved out of the kernel map, oldest first, kept while a window measures from
+    /// before their retirement.
+    moved: Vec<RetiredEpoch>,
+    /// Every stack the moved epochs hold, once: the same code path recurs in each epoch
+    /// under a different hash.
+    frames: std::collections::HashSet<std::sync::Arc<[u64]>>,
+}
+
+/// The final values and stacks of a retired epoch's keys, deleted from the kernel map.
+#[derive(Debug)]
+struct RetiredEpoch {
+    retired_at: std::time::Instant,
+    samples: HashMap<SampleKey, SampleValue>,
+    stacks: HashMap<u64, std::sync::Arc<[u64]>>,
+}
+
+impl Epochs {
+    /// The final values of the keys of epochs retired after `instant`.
+    fn retired_after(
+        &self,
+        instant: std::time::Instant,
+    ) -> impl Iterator<Item = (&SampleKey, SampleValue)> {
+        self.moved
+            .iter()
+            .filter(move |epoch| epoch.retired_at > instant)
+            .flat_map(|epoch| epoch.samples.iter().map(|(key, value)| (key, *value)))
+    }
+
+    fn retired_stack(&self, hash: u64) -> Option<std::sync::Arc<[u64]>> {
+        self.moved
+            .iter()
+            .find_map(|epoch| epoch.stacks.get(&hash).cloned())
+    }
+
+    /// Forgets the moved epochs no window needs any more: those retired before the oldest
+    /// baseline was taken (all of them when nothing is held).
+    fn forget_moved(&mut self, oldest_baseline: Option<std::time::Instant>) -> usize {
+        let before = self.moved.len();
+        self.moved
+            .retain(|epoch| oldest_baseline.is_some_and(|oldest| oldest < epoch.retired_at));
+        if self.moved.len() < before {
+            self.frames
+                .retain(|frames| std::sync::Arc::strong_count(frames) > 1);
+        }
+        before - self.moved.len()
+    }
+
+    fn intern(&mut self, frames: &[u64]) -> std::sync::Arc<[u64]> {
+        if let Some(known) = self.frames.get(frames) {
+            return std::sync::Arc::clone(known);
+        }
+        let frames: std::sync::Arc<[u64]> = frames.into();
+        self.frames.insert(std::sync::Arc::clone(&frames));
+        frames
+    }
+
+    fn keys_held(&self) -> usize {
+        self.moved.iter().map(|epoch| epoch.samples.len()).sum()
+    }
 }
 
 // bpf(2) map commands and the offsets of their bpf_attr fields (include/uapi/linux/bpf.h).
@@ -512,35 +580,57 @@ impl KernelProbes {
             map_data(&self.ebpf, map::SAMPLES)?,
             map_data(&self.ebpf, map::STACKS)?,
         );
-        if let Some((retired, at)) = epochs.retired {
-            // Windows that began before the retirement still measure the retired keys'
-            // growth up to it; once none is left, the keys are frozen in every baseline.
-            if oldest_baseline.is_some_and(|oldest| oldest < at) {
-                return Ok(done);
-            }
+        epochs.forget_moved(oldest_baseline);
+        if let Some((retired, at)) = epochs.retired.take() {
+            // Retired on the previous call: programs that read the old epoch have long
+            // finished, so the keys are frozen. They leave the kernel map now, whatever
+            // window is open, and their final values stay here for windows that measure
+            // from before the retirement (a 5-minute rolling window must not hold the map
+            // full for 5 minutes).
+            let mut moved = RetiredEpoch {
+                retired_at: at,
+                samples: HashMap::new(),
+                stacks: HashMap::new(),
+            };
             let old_keys: Vec<SampleKey> = samples
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|key| key.epoch == retired)
                 .collect();
-            let mut old_stacks = std::collections::HashSet::new();
-            for key in &old_keys {
-                if map_elem(BPF_MAP_DELETE_ELEM, samples_data, bytes_of(key), None).is_ok() {
+            for key in old_keys {
+                let Ok(per_cpu) = samples.get(&key, 0) else {
+                    continue;
+                };
+                let total = per_cpu
+                    .iter()
+                    .fold(SampleValue::default(), |acc, v| acc.plus(v));
+                if key.stack_hash != 0
+                    && !moved.stacks.contains_key(&key.stack_hash)
+                    && let Ok(stack) = stacks.get(&key.stack_hash, 0)
+                {
+                    let depth = stack.ips.iter().take_while(|&&ip| ip != 0).count();
+                    let frames = epochs.intern(&stack.ips[..depth]);
+                    moved.stacks.insert(key.stack_hash, frames);
+                }
+                if map_elem(BPF_MAP_DELETE_ELEM, samples_data, bytes_of(&key), None).is_ok() {
                     done.keys_deleted += 1;
                 }
-                if key.stack_hash != 0 {
-                    old_stacks.insert(key.stack_hash);
-                }
+                moved.samples.insert(key, total);
             }
             // The epoch is mixed into the stack hash, so these stacks belong to no live key.
-            for hash in old_stacks {
-                if map_elem(BPF_MAP_DELETE_ELEM, stacks_data, bytes_of(&hash), None).is_ok() {
+            for hash in moved.stacks.keys() {
+                if map_elem(BPF_MAP_DELETE_ELEM, stacks_data, bytes_of(hash), None).is_ok() {
                     done.stacks_deleted += 1;
                 }
             }
-            epochs.retired = None;
+            // Nothing measures from before the retirement: the values are not needed.
+            if oldest_baseline.is_some_and(|oldest| oldest < at) {
+                epochs.moved.push(moved);
+            }
+            done.keys_held = epochs.keys_held();
             return Ok(done);
         }
+        done.keys_held = epochs.keys_held();
         let keys = samples.keys().count();
         let stored = stacks.keys().count();
         if keys.max(stored) <= advance_at {

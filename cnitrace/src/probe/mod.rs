@@ -37,10 +37,11 @@ pub trait Probes: Send + Sync + 'static {
     fn unavailable(&self) -> Vec<Unavailable>;
     /// The backend these probes implement (fixed once attached).
     fn backend(&self) -> Backend;
-    /// Keeps the kernel maps from filling for good: retires the sample keys and stacks of an
-    /// old epoch once more than `advance_at` keys or stacks exist, and deletes a retired
-    /// epoch once `oldest_baseline` (the oldest snapshot any open window or the ring still
-    /// measures from) was taken after it was retired. Called once a second by the agent.
+    /// Keeps the kernel maps from filling: retires the sample keys and stacks of the current
+    /// epoch once more than `advance_at` keys or stacks exist, and on the next call moves the
+    /// retired keys out of the kernel map, keeping their final values (and stacks) in user
+    /// space while `oldest_baseline` (the oldest snapshot any open window or the ring still
+    /// measures from) was taken before the retirement. Called once a second by the agent.
     fn maintain(
         &self,
         _oldest_baseline: Option<std::time::Instant>,
@@ -64,8 +65,11 @@ pub struct Maintenance {
     pub epoch: u32,
     /// An epoch was retired by this call.
     pub advanced: bool,
+    /// Keys and stacks deleted from the kernel maps by this call.
     pub keys_deleted: usize,
     pub stacks_deleted: usize,
+    /// Final values of deleted keys still kept in user space for open windows.
+    pub keys_held: usize,
 }
 
 /// How cycles are attributed to components: stack sampling, or entry/exit probes on each

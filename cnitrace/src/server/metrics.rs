@@ -133,7 +133,14 @@ impl Metrics {
         let now = probes.snapshot()?;
         let previous = last.replace(now.clone());
         if let Some(previous) = previous {
-            let b = window::between(probes, &previous, &now, &PacketSelection::default(), None)?;
+            let b = window::between(
+                probes,
+                &previous,
+                &now,
+                &PacketSelection::default(),
+                None,
+                false,
+            )?;
             let node = NodeLabels {
                 node: b.node.clone(),
             };

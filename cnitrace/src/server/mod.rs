@@ -252,18 +252,180 @@ async fn rolling(
     State(state): State<Arc<AppState>>,
     Query(query): Query<WindowQuery>,
 ) -> Result<Json<Breakdown>, ApiError> {
-    let seconds = match query.window.as_deref() {
-        None => 10,
-        Some(raw) => raw.parse().map_err(|_| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("window=`{raw}` is not a number of seconds"),
-            )
-        })?,
-    };
+    let seconds = query.seconds()?;
     Ok(Json(
-        blocking(&state, move |s| s.agent.rolling(seconds)).await?,
+        blocking(&state, move |s| s.agent.rolling(seconds, false)).await?,
     ))
+}
+
+impl WindowQuery {
+    fn seconds(&self) -> Result<u64, ApiError> {
+        match self.window.as_deref() {
+            None => Ok(10),
+            Some(raw) => raw.parse().map_err(|_| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("window=`{raw}` is not a number of seconds"),
+                )
+            }),
+        }
+    }
+}
+
+/// What a window's stacks are served as.
+#[derive(Clone, Copy)]
+enum Artefact {
+    FlameGraph,
+    Pprof,
+    Folded,
+}
+
+impl From<crate::flame::FlameError> for ApiError {
+    fn from(e: crate::flame::FlameError) -> Self {
+        let status = match e {
+            crate::flame::FlameError::NoStacks | crate::flame::FlameError::Empty => {
+                StatusCode::CONFLICT
+            }
+            crate::flame::FlameError::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// Renders a breakdown's stacks (off the async workers: a flame graph of thousands of
+/// stacks takes tens of milliseconds).
+async fn artefact(
+    state: &Arc<AppState>,
+    kind: Artefact,
+    breakdown: impl FnOnce(&AppState) -> Result<Breakdown, AgentError> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let rendered = blocking(state, move |s| {
+        let b = breakdown(s)?;
+        Ok(match kind {
+            Artefact::FlameGraph => crate::flame::flamegraph_svg(&b),
+            Artefact::Pprof => crate::flame::pprof_gz(&b),
+            Artefact::Folded => crate::flame::folded(&b).map(String::into_bytes),
+        })
+    })
+    .await??;
+    let content_type = match kind {
+        Artefact::FlameGraph => "image/svg+xml",
+        Artefact::Pprof => "application/octet-stream",
+        Artefact::Folded => "text/plain; charset=utf-8",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], rendered).into_response())
+}
+
+async fn session_artefact(
+    state: &Arc<AppState>,
+    id: &str,
+    kind: Artefact,
+) -> Result<Response, ApiError> {
+    let id = parse_id(id)?;
+    artefact(state, kind, move |s| s.agent.session_with_stacks(id)).await
+}
+
+async fn rolling_artefact(
+    state: &Arc<AppState>,
+    query: &WindowQuery,
+    kind: Artefact,
+) -> Result<Response, ApiError> {
+    let seconds = query.seconds()?;
+    artefact(state, kind, move |s| s.agent.rolling(seconds, true)).await
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/sessions/{id}/flamegraph.svg",
+    params(("id" = u64, Path, description = "session id")),
+    responses(
+        (status = 200, description = "interactive SVG flame graph, frames coloured by component", content_type = "image/svg+xml"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "running, failed, or no stacks (tracing backend)"),
+        (status = 503, body = ErrorBody)
+    )
+)]
+async fn session_flamegraph(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    session_artefact(&state, &id, Artefact::FlameGraph).await
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/sessions/{id}/profile.pb.gz",
+    params(("id" = u64, Path, description = "session id")),
+    responses(
+        (status = 200, description = "gzipped pprof profile: samples, cycles, millicycles per packet", content_type = "application/octet-stream"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)
+    )
+)]
+async fn session_pprof(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    session_artefact(&state, &id, Artefact::Pprof).await
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/sessions/{id}/folded",
+    params(("id" = u64, Path, description = "session id")),
+    responses(
+        (status = 200, description = "folded stacks, `outer;...;inner cycles` per line", content_type = "text/plain"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)
+    )
+)]
+async fn session_folded(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    session_artefact(&state, &id, Artefact::Folded).await
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/flamegraph.svg", params(WindowQuery),
+    responses(
+        (status = 200, description = "flame graph of the rolling window", content_type = "image/svg+xml"),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)
+    )
+)]
+async fn rolling_flamegraph(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<WindowQuery>,
+) -> Result<Response, ApiError> {
+    rolling_artefact(&state, &query, Artefact::FlameGraph).await
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/profile.pb.gz", params(WindowQuery),
+    responses(
+        (status = 200, description = "gzipped pprof profile of the rolling window", content_type = "application/octet-stream"),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)
+    )
+)]
+async fn rolling_pprof(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<WindowQuery>,
+) -> Result<Response, ApiError> {
+    rolling_artefact(&state, &query, Artefact::Pprof).await
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/folded", params(WindowQuery),
+    responses(
+        (status = 200, description = "folded stacks of the rolling window", content_type = "text/plain"),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)
+    )
+)]
+async fn rolling_folded(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<WindowQuery>,
+) -> Result<Response, ApiError> {
+    rolling_artefact(&state, &query, Artefact::Folded).await
 }
 
 #[utoipa::path(
@@ -301,7 +463,13 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Result<Response,
         list_sessions,
         get_session,
         stop_session,
+        session_flamegraph,
+        session_pprof,
+        session_folded,
         rolling,
+        rolling_flamegraph,
+        rolling_pprof,
+        rolling_folded,
         metrics_handler
     ),
     components(schemas(ErrorBody, SessionRequest, SessionView, Breakdown, NodeReport))
@@ -464,7 +632,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions", post(start_session).get(list_sessions))
         .route("/api/v1/sessions/{id}", get(get_session))
         .route("/api/v1/sessions/{id}/stop", post(stop_session))
+        .route(
+            "/api/v1/sessions/{id}/flamegraph.svg",
+            get(session_flamegraph),
+        )
+        .route("/api/v1/sessions/{id}/profile.pb.gz", get(session_pprof))
+        .route("/api/v1/sessions/{id}/folded", get(session_folded))
         .route("/api/v1/breakdown", get(rolling))
+        .route("/api/v1/flamegraph.svg", get(rolling_flamegraph))
+        .route("/api/v1/profile.pb.gz", get(rolling_pprof))
+        .route("/api/v1/folded", get(rolling_folded))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

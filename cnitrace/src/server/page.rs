@@ -1,5 +1,5 @@
-//! The page at `/`: the live breakdown as a stacked bar per component (like figs. 9 and 11 of
-//! the paper), the sessions, and a session's breakdown. Self-contained: no external resources.
+//! The page at `/`: the live breakdown as a stacked bar per component, the sessions, and a
+//! session's breakdown with its flame graph. Self-contained: no external resources.
 
 /// The page with the taxonomy's colours filled in (the same as the lab's SVG charts).
 pub fn index() -> String {
@@ -32,6 +32,8 @@ td:first-child,th:first-child{text-align:left} .muted{color:#777} button{margin-
 <table id="sessions"><tr><th>id</th><th>state</th><th>started</th><th></th></tr></table>
 <h2 id="session-title"></h2>
 <div id="session-bar" class="bar" style="display:none"></div><div id="session-legend" class="legend"></div><div id="session-table"></div>
+<p id="session-flame-note" class="muted"></p>
+<iframe id="session-flame" title="flame graph" style="display:none;width:100%;max-width:1200px;height:520px;border:1px solid #ccc"></iframe>
 <script>
 const COLORS=__COLOURS__;
 function headers(){const t=localStorage.getItem("cnitrace-token");return t?{"Authorization":"Bearer "+t}:{};}
@@ -63,7 +65,14 @@ async function refreshSessions(){try{const list=await api("/api/v1/sessions");co
 async function startSession(){await api("/api/v1/sessions",{method:"POST",body:"{}"});refreshSessions();}
 async function stopSession(id){await api("/api/v1/sessions/"+id+"/stop",{method:"POST"});refreshSessions();showSession(id);}
 async function showSession(id){const s=await api("/api/v1/sessions/"+id);document.getElementById("session-title").textContent="Session "+id+" ("+s.state+")";
- if(s.breakdown)draw(s.breakdown,"session");}
+ if(s.breakdown){draw(s.breakdown,"session");showFlame(id);}}
+// The flame graph needs the token, so it is fetched and shown from a local blob (its search
+// and zoom scripts run inside the frame).
+async function showFlame(id){const frame=document.getElementById("session-flame"),note=document.getElementById("session-flame-note");
+ const r=await fetch("/api/v1/sessions/"+id+"/flamegraph.svg",{headers:headers()});
+ if(!r.ok){frame.style.display="none";note.textContent="no flame graph: "+((await r.json()).error||r.status);return;}
+ note.textContent="Where the cycles went, stack by stack (frames in their component's colour; click to zoom, Ctrl-F to search):";
+ frame.src=URL.createObjectURL(new Blob([await r.text()],{type:"image/svg+xml"}));frame.style.display="block";}
 function refresh(){refreshLive();refreshSessions();}
 // A token in the fragment (never sent to the server) is stored for the API calls.
 const frag=new URLSearchParams(location.hash.slice(1)); if(frag.get("token")){localStorage.setItem("cnitrace-token",frag.get("token"));history.replaceState(null,"",location.pathname+location.search);}

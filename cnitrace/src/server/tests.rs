@@ -764,3 +764,71 @@ async fn window_work_is_bounded_and_health_stays_answered() {
         "{peak} snapshots at once"
     );
 }
+
+#[tokio::test]
+async fn flame_graphs_of_sessions_and_of_the_rolling_window() {
+    let (app, _) = app(Some("t"), Limits::default());
+    let token = Some("t");
+    let (_, started, _) = call(&app, Method::POST, "/api/v1/sessions", None, token).await;
+    let id = started["id"].as_u64().unwrap();
+    let svg_path = format!("/api/v1/sessions/{id}/flamegraph.svg");
+    // Running: no stacks yet.
+    let (status, body, _) = call(&app, Method::GET, &svg_path, None, token).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("running"));
+    let (status, stopped, _) = call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/sessions/{id}/stop"),
+        None,
+        token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // The stacks are served apart from the session view, which stays small.
+    assert!(stopped["breakdown"].get("stacks").is_none());
+    let (status, _, svg) = call(&app, Method::GET, &svg_path, None, token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(svg.contains("<svg") && svg.contains("br_forward"));
+    let (status, _, folded) = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/sessions/{id}/folded"),
+        None,
+        token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // One synthetic tick of 100 samples of 1 ms at 2 cycles per ns.
+    assert_eq!(folded.trim(), "br_forward 200000000");
+    let (status, _, _) = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/sessions/{id}/profile.pb.gz"),
+        None,
+        token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for (path, expected) in [
+        ("/api/v1/sessions/99/folded", StatusCode::NOT_FOUND),
+        ("/api/v1/sessions/x/folded", StatusCode::BAD_REQUEST),
+        ("/api/v1/folded?window=0", StatusCode::BAD_REQUEST),
+    ] {
+        let (status, body, _) = call(&app, Method::GET, path, None, token).await;
+        assert_eq!(status, expected, "{path}");
+        assert!(is_json_error(&body), "{path}");
+    }
+    let (status, _, _) = call(&app, Method::GET, &svg_path, None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The rolling window: no history on the first read, then a graph.
+    let (status, _, _) = call(
+        &app,
+        Method::GET,
+        "/api/v1/flamegraph.svg?window=5",
+        None,
+        token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
