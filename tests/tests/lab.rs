@@ -146,13 +146,15 @@ fn every_model_carries_traffic_and_shows_its_defining_components() {
                 "{model} {scenario}: bridge"
             );
         }
-        // Calico routes through the host IP stack; its policy costs netfilter cycles.
+        // Calico routes through the host IP stack, and its chains (and kube-proxy's) are on
+        // every node, policy or not: netfilter is paid without any policy too.
         assert!(cpp(get("calico-np", scenario), "ip_forward") > 0.0);
-        assert!(
-            cpp(get("calico-wp", scenario), "netfilter")
-                > cpp(get("calico-np", scenario), "netfilter") + 20.0,
-            "{scenario}: the policy must cost netfilter cycles"
-        );
+        for model in ["calico-np", "calico-wp"] {
+            assert!(
+                cpp(get(model, scenario), "netfilter") > 0.0,
+                "{model} {scenario}: netfilter"
+            );
+        }
         // Cilium's tc programs run on every packet and keep it out of iptables.
         assert!(
             cpp(get("cilium", scenario), "bpf") > 0.0,
@@ -356,6 +358,129 @@ fn rule_sweep_fits_a_rising_line_and_removes_its_rules() {
     );
     assert!(result["fit_cpp"]["slope"].as_f64().unwrap() > 0.0);
     assert!(result["fit_hook"]["slope"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mode() {
+    if !privileged(
+        "services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mode",
+    ) {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    let out = cnitrace(&[
+        "lab",
+        "sweep",
+        "--services",
+        "0,2000",
+        "--proxy-mode",
+        "iptables,nftables",
+        "--duration",
+        "2",
+        "--format",
+        "json",
+    ]);
+    let result = json_of(&out);
+    assert_lab_gone();
+    eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
+    let point = |mode: &str, services: u64| -> &Value {
+        result["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["mode"] == mode && p["services"] == services)
+            .unwrap_or_else(|| panic!("no point {mode} {services}"))
+    };
+    for mode in ["iptables", "nftables"] {
+        for services in [0, 2000] {
+            let p = point(mode, services);
+            assert!(
+                p["crr"]["connections"].as_u64().unwrap() > 100,
+                "{mode} {services}: too few connections: {p}"
+            );
+        }
+    }
+    // iptables: the first packet of each connection walks KUBE-SERVICES to the last Service.
+    let walked = |mode: &str, services: u64| {
+        point(mode, services)["prerouting_rules_per_connection"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{mode} {services}: no walk"))
+    };
+    assert!(
+        walked("iptables", 2000) >= 1000.0,
+        "iptables mode walks {} rules per new connection with 2000 Services",
+        walked("iptables", 2000)
+    );
+    // nftables: one map lookup, whatever the number of Services.
+    assert!(
+        walked("nftables", 2000) <= 20.0,
+        "nftables mode walks {} rules per new connection",
+        walked("nftables", 2000)
+    );
+    let cycles = |mode: &str, services: u64| {
+        point(mode, services)["netfilter_cycles_per_connection"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        cycles("iptables", 2000) > 2.0 * cycles("iptables", 0),
+        "iptables: {} cycles per connection with 2000 Services, {} without",
+        cycles("iptables", 2000),
+        cycles("iptables", 0)
+    );
+    assert!(
+        cycles("iptables", 2000) > 2.0 * cycles("nftables", 2000),
+        "2000 Services: iptables {} vs nftables {} cycles per connection",
+        cycles("iptables", 2000),
+        cycles("nftables", 2000)
+    );
+}
+
+#[test]
+fn every_node_carries_the_rules_of_its_cni_and_kube_proxy() {
+    if !privileged("every_node_carries_the_rules_of_its_cni_and_kube_proxy") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    // Rules counted on a live node of each CNI (iptables-save, every table), with a few pods;
+    // the lab's host 1 has two.
+    for (model, counted) in [
+        ("flannel", 56.0),
+        ("calico-np", 141.0),
+        ("cilium", 1.0),
+        ("kube-router", 99.0),
+    ] {
+        let out = cnitrace(&["lab", "up", model]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let host = format!("cnl-{model}-h1");
+        let save = run("ip", &["netns", "exec", &host, "iptables-save"]).unwrap();
+        let text = String::from_utf8_lossy(&save.stdout);
+        let rules = text.lines().filter(|l| l.starts_with("-A ")).count() as f64;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains(&format!("{rules} iptables rules")),
+            "lab up must print the count: {said}"
+        );
+        eprintln!("{model}: {rules} rules (counted on a live node: {counted})");
+        assert!(
+            (rules - counted).abs() <= 0.2 * counted,
+            "{model}: {rules} rules, not within 20% of {counted}"
+        );
+        assert_eq!(
+            text.contains("-A KUBE-SERVICES"),
+            model != "cilium",
+            "{model}: kube-proxy's Services (Cilium replaces kube-proxy)"
+        );
+        let down = cnitrace(&["lab", "down"]);
+        assert!(down.status.success());
+    }
+    assert_lab_gone();
 }
 
 #[test]

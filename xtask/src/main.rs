@@ -4,6 +4,7 @@
 mod bench;
 mod bench_agent;
 mod bench_fidelity;
+mod bench_flame;
 mod bench_scale;
 mod bench_soak;
 mod bootstrap;
@@ -63,6 +64,9 @@ enum Task {
     BenchScale(bench_scale::Args),
     /// The agent for a long while under sessions, scrapers, polling, veth churn and traffic.
     BenchSoak(bench_soak::Args),
+    /// Flame graphs: time and size of each artefact, the cost of keeping stacks, and the
+    /// graphs in docs/.
+    BenchFlame(bench_flame::Args),
     /// Every parser of outside text under libFuzzer (cargo-fuzz), from the seeds in fuzz/corpus.
     Fuzz(fuzz::Args),
 }
@@ -234,6 +238,7 @@ fn main() -> ExitCode {
         Task::BenchFidelity(args) => bench_fidelity::run(&args),
         Task::BenchScale(args) => bench_scale::run(&args),
         Task::BenchSoak(args) => bench_soak::run(&args),
+        Task::BenchFlame(args) => bench_flame::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {

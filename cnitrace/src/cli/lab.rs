@@ -3,7 +3,9 @@
 
 use cnitrace::{
     lab::{
-        bench, sweep,
+        bench,
+        services::{self, ProxyMode},
+        sweep,
         tc_work::Direction,
         topology::{self, Model, Scenario},
     },
@@ -37,6 +39,13 @@ pub enum LabCommand {
     Up {
         #[arg(value_enum)]
         model: Model,
+        /// ClusterIP Services to install on both hosts in kube-proxy's shape (the last one
+        /// leads to pod b's port 5300).
+        #[arg(long, default_value_t = 0)]
+        services: u32,
+        /// How the Services are implemented.
+        #[arg(long, value_enum, default_value_t = ProxyMode::Iptables)]
+        proxy_mode: ProxyMode,
     },
     /// Remove everything any lab made (namespaces named cnl-*), also after a crash.
     Down,
@@ -70,6 +79,19 @@ pub struct LabSweepArgs {
     /// Write a flame graph of each rule count's window into this directory.
     #[arg(long, value_name = "DIR")]
     pub flamegraphs: Option<std::path::PathBuf>,
+    /// Sweep Services instead of rules: numbers of ClusterIP Services, comma-separated
+    /// (connect-request-response to the last one, per --proxy-mode).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["rules", "hook"])]
+    pub services: Option<Vec<u32>>,
+    /// With --services: kube-proxy's modes to compare.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "iptables,nftables",
+        requires = "services"
+    )]
+    pub proxy_mode: Vec<ProxyMode>,
 }
 
 #[derive(clap::Args)]
@@ -169,6 +191,25 @@ pub async fn until_interrupted<T>(
 
 pub async fn run(command: LabCommand) -> anyhow::Result<()> {
     match command {
+        LabCommand::Sweep(args) if args.services.is_some() => {
+            let options = services::ServiceSweepOptions {
+                services: args.services.unwrap_or_default(),
+                modes: args.proxy_mode,
+                model: args.model,
+                scenario: args.scenario,
+                duration_s: args.duration,
+                sampler: ProbeConfig {
+                    frequency_hz: args.frequency,
+                    ..ProbeConfig::default()
+                },
+                flamegraphs: args.flamegraphs,
+            };
+            services::validate_sweep(&options)?;
+            cnitrace::probe::privileges::check()?;
+            let (bar, progress) = lab_progress();
+            let result = until_interrupted(services::sweep(&options, progress), &bar).await?;
+            super::print(args.format, &result, services::render_sweep)
+        }
         LabCommand::Sweep(args) => {
             let options = sweep::SweepOptions {
                 rules: args.rules,
@@ -189,10 +230,47 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
             super::print(args.format, &result, sweep::render)
         }
         LabCommand::TcWork { .. } => unreachable!("runs before the runtime"),
-        LabCommand::Up { model } => {
+        LabCommand::Up {
+            model,
+            services: count,
+            proxy_mode,
+        } => {
             cnitrace::probe::privileges::check()?;
             let lab = topology::up(model).await?;
+            if count > 0 {
+                let target = lab.pods[1].ip;
+                let installed = services::install(
+                    &lab,
+                    proxy_mode,
+                    count,
+                    target,
+                    cnitrace::lab::traffic::CRR_PORT,
+                );
+                match installed {
+                    Ok(i) => eprintln!(
+                        "cnitrace: {count} Services in kube-proxy's {} shape: {} rules per host                          (installed in {:.2} s); the last, {}:{}, leads to {target}:{}",
+                        proxy_mode.name(),
+                        i.rules,
+                        i.seconds,
+                        i.target,
+                        services::SERVICE_PORT,
+                        cnitrace::lab::traffic::CRR_PORT
+                    ),
+                    Err(e) => {
+                        topology::down().await?;
+                        return Err(e.into());
+                    }
+                }
+            }
             eprintln!("cnitrace: lab {} is up:", model.name());
+            for host in [1, 2] {
+                let netns = lab.host_netns(host);
+                if let Ok(rules) = cnitrace::lab::node_rules::count(&netns) {
+                    eprintln!(
+                        "  host {host} ({netns}): {rules} iptables rules (iptables-save, every table)"
+                    );
+                }
+            }
             for pod in &lab.pods {
                 eprintln!(
                     "  pod {} in netns {} (host {}), {}",

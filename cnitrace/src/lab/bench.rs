@@ -143,6 +143,12 @@ pub async fn run(
         }
         progress(&format!("{}: building the lab", model.name()), true);
         let lab = topology::up(model).await?;
+        if let Ok(rules) = super::node_rules::count(&lab.host_netns(1)) {
+            progress(
+                &format!("{}: {rules} iptables rules on host 1", model.name()),
+                false,
+            );
+        }
         let result = bench_model(&lab, options, &mut progress).await;
         let removed = topology::down().await;
         entries.extend(result?);

@@ -1,14 +1,16 @@
-//! A Calico-shaped iptables policy for the calico-wp model: the chain structure Calico
-//! programs (cali-FORWARD, host-endpoint and workload dispatch chains, per-endpoint from/to
-//! chains with the conntrack shortcut, profile and policy chains), about 17 rules on an
-//! intra-host path and about 46 across the two hosts, as in table III of paper 000.
+//! Calico's forwarding path in iptables: the chain structure Calico programs (cali-FORWARD,
+//! host-endpoint and workload dispatch chains, per-endpoint from/to chains with the conntrack
+//! shortcut, the namespace profiles) for every Calico model, and for calico-wp a policy
+//! chain on every endpoint: about 17 rules on an intra-host path and about 46 across the two
+//! hosts, as Calico's own tables show for one allow policy.
 
 use std::fmt::Write as _;
 
 use crate::{error::Error, netns};
 
-/// The `iptables-restore` input for host `host` (1 or 2) with the pods `letters` on it.
-pub fn calico_ruleset(letters: &[char]) -> String {
+/// The `iptables-restore` input for a host with the pods `letters` on it; with `policy`, an
+/// allow policy on every endpoint (calico-wp).
+pub fn calico_ruleset(letters: &[char], policy: bool) -> String {
     let mut chains = vec![
         "cali-FORWARD".to_owned(),
         "cali-from-hep-forward".to_owned(),
@@ -18,8 +20,10 @@ pub fn calico_ruleset(letters: &[char]) -> String {
         "cali-cidr-block".to_owned(),
         "cali-pro-kns.default".to_owned(),
         "cali-pri-kns.default".to_owned(),
-        "cali-pi-default.allow-bench".to_owned(),
     ];
+    if policy {
+        chains.push("cali-pi-default.allow-bench".to_owned());
+    }
     for letter in letters {
         chains.push(format!("cali-fw-cali{letter}"));
         chains.push(format!("cali-tw-cali{letter}"));
@@ -31,8 +35,6 @@ pub fn calico_ruleset(letters: &[char]) -> String {
     }
     let rules: &[&str] = &[
         "-A FORWARD -m comment --comment \"cali:wUHhoiAYhphO9Mso\" -j cali-FORWARD",
-        "-A FORWARD -m comment --comment \"kube-forward: invalid\" -m conntrack --ctstate INVALID -j DROP",
-        "-A FORWARD -m comment --comment \"kube-forward: masq mark\" -m mark --mark 0x4000/0x4000 -j ACCEPT",
         "-A cali-FORWARD -m comment --comment \"cali:vjrMJCRpqwy5oRoX\" -j MARK --set-xmark 0x0/0xe0000",
         "-A cali-FORWARD -m comment --comment \"cali:A_sPAO0mcxbT9mOV\" -m mark --mark 0x0/0x10000 -j cali-from-hep-forward",
         "-A cali-FORWARD -i cali+ -m comment --comment \"cali:8ZoYfO5HKXWbB3pk\" -j cali-from-wl-dispatch",
@@ -51,11 +53,15 @@ pub fn calico_ruleset(letters: &[char]) -> String {
         "-A cali-pro-kns.default -m mark --mark 0x10000/0x10000 -j RETURN",
         "-A cali-pri-kns.default -m comment --comment \"cali:profile\" -j MARK --set-xmark 0x10000/0x10000",
         "-A cali-pri-kns.default -m mark --mark 0x10000/0x10000 -j RETURN",
-        "-A cali-pi-default.allow-bench -p tcp -m multiport --dports 5201,5299 -j MARK --set-xmark 0x10000/0x10000",
-        "-A cali-pi-default.allow-bench -m mark --mark 0x10000/0x10000 -j RETURN",
     ];
     for rule in rules {
         let _ = writeln!(out, "{rule}");
+    }
+    if policy {
+        out.push_str(
+            "-A cali-pi-default.allow-bench -p tcp -m multiport --dports 5201,5299,5300 -j MARK --set-xmark 0x10000/0x10000\n\
+             -A cali-pi-default.allow-bench -m mark --mark 0x10000/0x10000 -j RETURN\n",
+        );
     }
     for letter in letters {
         let _ = writeln!(
@@ -75,18 +81,23 @@ pub fn calico_ruleset(letters: &[char]) -> String {
             ("tw", "cali-pri-kns.default"),
         ] {
             let chain = format!("cali-{direction}-cali{letter}");
-            for rule in [
+            let mut rules = vec![
                 "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
                 "-m conntrack --ctstate INVALID -j DROP".to_owned(),
                 "-j MARK --set-xmark 0x0/0x10000".to_owned(),
                 "-p udp -m udp --dport 4789 -j DROP".to_owned(),
                 "-p ipencap -j DROP".to_owned(),
-                "-j cali-pi-default.allow-bench".to_owned(),
-                "-m mark --mark 0x10000/0x10000 -j RETURN".to_owned(),
+            ];
+            if policy {
+                rules.push("-j cali-pi-default.allow-bench".to_owned());
+                rules.push("-m mark --mark 0x10000/0x10000 -j RETURN".to_owned());
+            }
+            rules.extend([
                 format!("-j {profile}"),
                 "-m mark --mark 0x10000/0x10000 -j RETURN".to_owned(),
                 "-m comment --comment \"Drop if no profiles matched\" -j DROP".to_owned(),
-            ] {
+            ]);
+            for rule in rules {
                 let _ = writeln!(out, "-A {chain} {rule}");
             }
         }
@@ -95,10 +106,11 @@ pub fn calico_ruleset(letters: &[char]) -> String {
     out
 }
 
-/// Installs the policy in a host namespace with one `iptables-restore`.
-pub fn install_calico_policy(host_netns: &str, host: u8) -> Result<(), Error> {
+/// Installs Calico's forwarding path (and with `policy` the allow policy) in a host
+/// namespace with one `iptables-restore`.
+pub fn install_calico_policy(host_netns: &str, host: u8, policy: bool) -> Result<(), Error> {
     let letters: &[char] = if host == 1 { &['a', 'b'] } else { &['c'] };
-    let rules = calico_ruleset(letters);
+    let rules = calico_ruleset(letters, policy);
     match netns::output_in(Some(host_netns), "iptables-restore", &[], Some(&rules))? {
         Some(out) if out.status.success() => Ok(()),
         Some(out) => Err(Error::InvalidArgument(format!(
@@ -118,7 +130,7 @@ mod tests {
 
     #[test]
     fn the_policy_parses_and_has_the_sizes_of_table_iii() {
-        let text = calico_ruleset(&['a', 'b']);
+        let text = calico_ruleset(&['a', 'b'], true);
         let tables =
             ruleset::parse_iptables_save(&text, ruleset::Backend::IptablesNft, Family::Ipv4)
                 .unwrap();
@@ -126,6 +138,12 @@ mod tests {
         assert!(
             (40..=80).contains(&rules),
             "{rules} rules on a two-pod host"
+        );
+        let without = calico_ruleset(&['a', 'b'], false);
+        assert!(!without.contains("allow-bench"));
+        assert_eq!(
+            without.lines().filter(|l| l.starts_with("-A ")).count() + 4 * 2 + 2,
+            text.lines().filter(|l| l.starts_with("-A ")).count()
         );
     }
 }

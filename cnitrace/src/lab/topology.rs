@@ -379,40 +379,49 @@ async fn build(model: Model) -> Result<Lab, Error> {
             }
         }
     }
-    match model {
-        Model::CalicoWp => {
-            for (index, host) in host_names.iter().enumerate() {
-                super::policy::install_calico_policy(host, index as u8 + 1)?;
-            }
+    if matches!(model, Model::CalicoNp | Model::CalicoWp | Model::CalicoIpip) {
+        for (index, host) in host_names.iter().enumerate() {
+            super::policy::install_calico_policy(host, index as u8 + 1, model == Model::CalicoWp)?;
         }
-        Model::Cilium => {
-            for (index, host) in hosts.iter().enumerate() {
-                let n = index as u8 + 1;
-                let mut routes = Vec::new();
-                for pod in pods.iter().filter(|p| p.host == n) {
-                    let device = model.host_veth(pod.letter);
-                    let mut macs = [0u8; 12];
-                    macs[..6].copy_from_slice(&pod_mac(pod.letter));
-                    macs[6..].copy_from_slice(&host_veth_mac(model, pod.letter));
-                    routes.push((
-                        pod.ip,
-                        LabRoute {
-                            ifindex: host.index(&device).await?,
-                            macs,
-                        },
-                        device,
-                    ));
-                }
-                let mut devices: Vec<String> = routes.iter().map(|r| r.2.clone()).collect();
-                devices.push("cilium_vxlan".to_owned());
-                super::redirect::attach(
-                    &host.name,
-                    &devices,
-                    &routes.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
-                )?;
+    }
+    // What every node of the CNI carries: kubelet's and kube-proxy's rules and the CNI's own.
+    for (index, host) in host_names.iter().enumerate() {
+        let n = index as u8 + 1;
+        let local: Vec<Ipv4Addr> = pods.iter().filter(|p| p.host == n).map(|p| p.ip).collect();
+        let rules = super::node_rules::ruleset(
+            model,
+            &format!("10.77.{n}.0/24"),
+            &local,
+            [pods[1].ip, pods[2].ip],
+        );
+        super::node_rules::install(host, &rules)?;
+    }
+    if model == Model::Cilium {
+        for (index, host) in hosts.iter().enumerate() {
+            let n = index as u8 + 1;
+            let mut routes = Vec::new();
+            for pod in pods.iter().filter(|p| p.host == n) {
+                let device = model.host_veth(pod.letter);
+                let mut macs = [0u8; 12];
+                macs[..6].copy_from_slice(&pod_mac(pod.letter));
+                macs[6..].copy_from_slice(&host_veth_mac(model, pod.letter));
+                routes.push((
+                    pod.ip,
+                    LabRoute {
+                        ifindex: host.index(&device).await?,
+                        macs,
+                    },
+                    device,
+                ));
             }
+            let mut devices: Vec<String> = routes.iter().map(|r| r.2.clone()).collect();
+            devices.push("cilium_vxlan".to_owned());
+            super::redirect::attach(
+                &host.name,
+                &devices,
+                &routes.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            )?;
         }
-        _ => {}
     }
     Ok(Lab { model, pods })
 }
