@@ -6,6 +6,7 @@ mod bench_agent;
 mod bench_fidelity;
 mod bench_flame;
 mod bench_scale;
+mod bench_services;
 mod bench_soak;
 mod bootstrap;
 mod demo;
@@ -67,6 +68,9 @@ enum Task {
     /// Flame graphs: time and size of each artefact, the cost of keeping stacks, and the
     /// graphs in docs/.
     BenchFlame(bench_flame::Args),
+    /// Services: cost per new connection and set-up latency against their number, in
+    /// kube-proxy's iptables and nftables modes.
+    BenchServices(bench_services::Args),
     /// Every parser of outside text under libFuzzer (cargo-fuzz), from the seeds in fuzz/corpus.
     Fuzz(fuzz::Args),
 }
@@ -239,6 +243,7 @@ fn main() -> ExitCode {
         Task::BenchScale(args) => bench_scale::run(&args),
         Task::BenchSoak(args) => bench_soak::run(&args),
         Task::BenchFlame(args) => bench_flame::run(&args),
+        Task::BenchServices(args) => bench_services::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {

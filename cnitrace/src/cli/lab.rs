@@ -248,7 +248,7 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 );
                 match installed {
                     Ok(i) => eprintln!(
-                        "cnitrace: {count} Services in kube-proxy's {} shape: {} rules per host                          (installed in {:.2} s); the last, {}:{}, leads to {target}:{}",
+                        "cnitrace: {count} Services in kube-proxy's {} shape: {} rules per host (installed in {:.2} s); the last, {}:{}, leads to {target}:{}",
                         proxy_mode.name(),
                         i.rules,
                         i.seconds,

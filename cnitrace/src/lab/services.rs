@@ -327,16 +327,40 @@ pub fn install(
     let mut list = super::node_rules::default_services(others);
     list.extend(services(count, others, target, port));
     let mut rules = 0;
-    for host in [lab.host_netns(1), lab.host_netns(2)] {
-        remove(&host)?;
-        let (program, args, text) = match mode {
-            ProxyMode::None => continue,
-            ProxyMode::Iptables => ("iptables-restore", vec!["--noflush"], iptables_rules(&list)),
-            ProxyMode::Nftables => ("nft", vec!["-f", "-"], nftables_rules(&list)),
-        };
+    let (program, args, text) = match mode {
+        ProxyMode::None => ("", vec![], String::new()),
+        ProxyMode::Iptables => ("iptables-restore", vec!["--noflush"], iptables_rules(&list)),
+        ProxyMode::Nftables => ("nft", vec!["-f", "-"], nftables_rules(&list)),
+    };
+    if mode != ProxyMode::None {
         rules = rule_count(mode, &text);
-        run_with_input(&host, program, &args, &text)?;
     }
+    // Both hosts at once: a large iptables-restore is CPU-bound for minutes.
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = [lab.host_netns(1), lab.host_netns(2)]
+            .into_iter()
+            .map(|host| {
+                let (args, text) = (&args, &text);
+                scope.spawn(move || -> Result<(), Error> {
+                    remove(&host)?;
+                    if mode == ProxyMode::None {
+                        return Ok(());
+                    }
+                    run_with_input(&host, program, args, text)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidArgument(
+                        "Service installer panicked".to_owned(),
+                    ))
+                })
+            })
+            .collect::<Result<Vec<()>, Error>>()
+    })?;
     Ok(Installed {
         mode,
         services: count,
@@ -387,61 +411,60 @@ pub fn remove(host: &str) -> Result<(), Error> {
         &["delete", "table", "ip", "kube-proxy"],
         None,
     )?;
-    // iptables mode: the jumps from the base chains, then every KUBE-* chain.
+    // iptables mode: the nat and filter tables written back without kube-proxy's chains and
+    // the jumps to them, in one restore that replaces just those two tables (deleting tens
+    // of thousands of chains one by one takes minutes with iptables-nft).
     let Some(saved) = netns::output_in(Some(host), "iptables-save", &[], None)? else {
         return Ok(());
     };
     let text = String::from_utf8_lossy(&saved.stdout);
-    let mut script = String::new();
-    let mut table = "";
-    let mut deletes = Vec::new();
-    let mut chains = Vec::new();
-    for line in text.lines() {
+    match without_kube_proxy(&text) {
+        Some(script) => run_with_input(host, "iptables-restore", &[], &script),
+        None => Ok(()),
+    }
+}
+
+/// The nat and filter tables of an iptables-save text without kube-proxy's chains, rules and
+/// jumps; `None` when it has none of them.
+fn without_kube_proxy(saved: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut keep = false;
+    let mut found = false;
+    for line in saved.lines() {
         if let Some(name) = line.strip_prefix('*') {
-            table = if name == "nat" || name == "filter" {
-                name
-            } else {
-                ""
-            };
+            keep = name == "nat" || name == "filter";
+        }
+        if !keep {
             continue;
         }
-        if table.is_empty() {
-            continue;
-        }
-        if let Some(chain) = line
+        let chain = line
             .strip_prefix(':')
-            .and_then(|c| c.split_whitespace().next())
-            && is_kube_proxy_chain(chain)
-        {
-            chains.push((table, chain.to_owned()));
+            .or_else(|| line.strip_prefix("-A "))
+            .and_then(|rest| rest.split_whitespace().next());
+        let target = line
+            .strip_prefix("-A ")
+            .and_then(|rule| rule.rsplit_once("-j "))
+            .and_then(|(_, t)| t.split_whitespace().next());
+        if chain.is_some_and(is_kube_proxy_chain) || target.is_some_and(is_kube_proxy_chain) {
+            found = true;
+            continue;
         }
-        if let Some(rule) = line.strip_prefix("-A ")
-            && let Some((chain, _)) = rule.split_once(' ')
-            && !is_kube_proxy_chain(chain)
-            && rule
-                .rsplit_once("-j ")
-                .is_some_and(|(_, target)| is_kube_proxy_chain(target.trim()))
-        {
-            deletes.push((table, rule.to_owned()));
-        }
+        // Counters are not written back.
+        let line = match line.strip_prefix(':') {
+            Some(decl) => {
+                let mut parts = decl.split_whitespace();
+                format!(
+                    ":{} {} [0:0]",
+                    parts.next().unwrap_or_default(),
+                    parts.next().unwrap_or("-")
+                )
+            }
+            None => line.to_owned(),
+        };
+        out.push_str(&line);
+        out.push('\n');
     }
-    if chains.is_empty() {
-        return Ok(());
-    }
-    for wanted in ["nat", "filter"] {
-        let _ = writeln!(script, "*{wanted}");
-        for (_, rule) in deletes.iter().filter(|(t, _)| *t == wanted) {
-            let _ = writeln!(script, "-D {rule}");
-        }
-        for (_, chain) in chains.iter().filter(|(t, _)| *t == wanted) {
-            let _ = writeln!(script, "-F {chain}");
-        }
-        for (_, chain) in chains.iter().filter(|(t, _)| *t == wanted) {
-            let _ = writeln!(script, "-X {chain}");
-        }
-        script.push_str("COMMIT\n");
-    }
-    run_with_input(host, "iptables-restore", &["--noflush"], &script)
+    found.then_some(out)
 }
 
 #[cfg(test)]
@@ -510,6 +533,26 @@ mod tests {
         let empty = nftables_rules(&[]);
         assert!(!empty.contains("elements"));
         assert!(rule_count(ProxyMode::Nftables, &rules) > rule_count(ProxyMode::Nftables, &empty));
+    }
+
+    #[test]
+    fn removal_keeps_everything_but_kube_proxy() {
+        let saved = "*mangle\n:PREROUTING ACCEPT [5:10]\nCOMMIT\n*nat\n:PREROUTING ACCEPT [1:2]\n\
+                     :KUBE-SERVICES - [0:0]\n:KUBE-SVC-AAAA - [0:0]\n:FLANNEL-POSTRTG - [0:0]\n\
+                     -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+                     -A POSTROUTING -j FLANNEL-POSTRTG\n-A KUBE-SERVICES -d 10.96.0.1/32 -j KUBE-SVC-AAAA\n\
+                     COMMIT\n*filter\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
+        let kept = without_kube_proxy(saved).unwrap();
+        assert!(!kept.contains("KUBE-SERVICES") && !kept.contains("KUBE-SVC"));
+        assert!(kept.contains("-A POSTROUTING -j FLANNEL-POSTRTG"));
+        // kubelet's chain stays; mangle is not rewritten; counters are dropped.
+        assert!(kept.contains("-A INPUT -j KUBE-FIREWALL"));
+        assert!(!kept.contains("mangle"));
+        assert!(kept.contains(":PREROUTING ACCEPT [0:0]"));
+        assert_eq!(
+            without_kube_proxy("*filter\n-A INPUT -j ACCEPT\nCOMMIT\n"),
+            None
+        );
     }
 
     #[test]
@@ -607,8 +650,9 @@ async fn sweep_on(
 ) -> Result<ServiceSweepResult, Error> {
     let server = lab.server(options.scenario).clone();
     let mut points = Vec::new();
-    for &mode in &options.modes {
-        for &count in &options.services {
+    // Modes alternate at every count, so a drift of the machine does not favour one.
+    for &count in &options.services {
+        for &mode in &options.modes {
             let label = format!("{} {count} Services", mode.name());
             progress(&format!("{label}: installing"), true);
             let installed = install(lab, mode, count, server.ip, super::traffic::CRR_PORT)?;

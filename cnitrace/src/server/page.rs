@@ -28,6 +28,8 @@ td:first-child,th:first-child{text-align:left} .muted{color:#777} button{margin-
 <div id="auth" style="display:none">Token: <input id="token" type="password"><button onclick="saveToken()">use</button></div>
 <h2>Live: last <span id="win">10</span> s <span id="status" class="muted"></span></h2>
 <div id="live-bar" class="bar"></div><div id="live-legend" class="legend"></div><div id="live-table"></div>
+<h2>Datapath CPP over the last minutes <span class="muted">(one point per poll; <code>other</code> left out)</span></h2>
+<svg id="series" width="900" height="180" style="max-width:100%;border:1px solid #ccc"></svg>
 <h2>Sessions <button onclick="startSession()">start</button></h2>
 <table id="sessions"><tr><th>id</th><th>state</th><th>started</th><th></th></tr></table>
 <h2 id="session-title"></h2>
@@ -51,10 +53,26 @@ function draw(b,prefix){
    s.style.width=(c.share*100)+"%";s.style.background=COLORS[c.name]||"#666";s.title=c.name+" "+fmt(c.cpp)+" CPP";
    s.textContent=c.share>0.06?c.name:"";bar.appendChild(s);
    legend.innerHTML+='<span><i class="sw" style="background:'+(COLORS[c.name]||"#666")+'"></i>'+c.name+'</span>';}
-  rows+="<tr><td>"+c.name+(c.available?"":" (unavailable)")+"</td><td>"+fmt(c.cpp)+"</td><td>"+(c.share*100).toFixed(1)+"%</td></tr>";}
+  rows+="<tr><td>"+c.name+(c.available?"":" (unavailable)")+"</td><td>"+fmt(c.cpp)+"</td><td>"+(c.share*100).toFixed(1)+"%</td></tr>";
+  for(const s of (b.subcomponents||[]).filter(s=>s.name.startsWith(c.name+".")&&s.cycles>0))
+   rows+='<tr class="muted"><td>&nbsp;&nbsp;'+s.name+"</td><td>"+fmt(s.cpp)+"</td><td>"+(s.share*100).toFixed(1)+"%</td></tr>";}
  rows+="<tr><th>total</th><th>"+fmt(b.total.cpp)+"</th><th>"+b.packets.count+" "+b.packets.unit+"s</th></tr></table>";
  document.getElementById(prefix+"-table").innerHTML=rows;}
+// The datapath components' CPP of each poll, kept here for ten minutes, as stacked areas.
+const HISTORY=[];
+function drawSeries(){const svg=document.getElementById("series"),W=900,H=180,P=30;
+ if(HISTORY.length<2){svg.innerHTML='<text x="10" y="20" fill="#777">collecting...</text>';return;}
+ const names=Object.keys(COLORS).filter(n=>n!=="other"),t0=HISTORY[0].t,t1=HISTORY[HISTORY.length-1].t;
+ const max=Math.max(1,...HISTORY.map(h=>names.reduce((s,n)=>s+(h.cpp[n]||0),0)));
+ const x=t=>P+(W-P-5)*(t-t0)/Math.max(1,t1-t0),y=v=>H-20-(H-30)*v/max;let out="",base=HISTORY.map(()=>0);
+ for(const n of names){const top=HISTORY.map((h,i)=>base[i]+(h.cpp[n]||0));if(top.every((v,i)=>v===base[i]))continue;
+  const pts=HISTORY.map((h,i)=>x(h.t)+","+y(top[i])).concat(HISTORY.map((h,i)=>x(h.t)+","+y(base[i])).reverse());
+  out+='<polygon points="'+pts.join(" ")+'" fill="'+COLORS[n]+'"><title>'+n+'</title></polygon>';base=top;}
+ out+='<text x="2" y="14" font-size="11">'+max.toFixed(0)+' CPP</text><text x="2" y="'+(H-22)+'" font-size="11">0</text>';
+ out+='<text x="'+(W-60)+'" y="'+(H-5)+'" font-size="11" fill="#777">'+Math.round((t1-t0)/1000)+' s</text>';svg.innerHTML=out;}
 async function refreshLive(){try{const b=await api("/api/v1/breakdown?window=10");draw(b,"live");
+ const cpp={};for(const c of b.components)cpp[c.name]=c.cpp||0;HISTORY.push({t:Date.now(),cpp});
+ while(HISTORY.length&&Date.now()-HISTORY[0].t>600000)HISTORY.shift();drawSeries();
  document.getElementById("node").textContent=b.node+" · "+b.kernel+" · "+b.backend;document.getElementById("status").textContent="";}
  catch(e){document.getElementById("status").textContent=e.message;}}
 async function refreshSessions(){try{const list=await api("/api/v1/sessions");const t=document.getElementById("sessions");
