@@ -1,5 +1,5 @@
 //! Pure math from a measurement window to a Breakdown: attribution of samples to components,
-//! cycles per packet (eq. 1 of the paper), shares, and the JSON types of the public contract.
+//! cycles per packet (busy cycles over packets), shares, and the JSON types of the public contract.
 
 use std::collections::HashMap;
 

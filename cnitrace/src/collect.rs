@@ -1,5 +1,5 @@
 //! `cnitrace collect`: one window across several agents (sender and receiver of an inter-host
-//! benchmark, as in fig. 11 of the paper), and the sum of their breakdowns.
+//! benchmark, as a cross-host flow needs), and the sum of their breakdowns.
 
 use std::{fmt::Write as _, time::Duration};
 

@@ -644,7 +644,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classifies_the_paper_functions() {
+    fn classifies_the_datapath_functions() {
         let cases = [
             ("br_forward", Some("bridge")),
             ("br_handle_frame_finish", Some("bridge")),

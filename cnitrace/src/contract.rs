@@ -181,7 +181,7 @@ pub struct CpuSplit {
     pub busy_cpus: f64,
     /// Throughput of the selected packets in Gbit/s.
     pub throughput_gbps: f64,
-    /// "Performance efficiency" (paper 001): throughput per busy CPU.
+    /// Performance efficiency: throughput per busy CPU.
     pub gbps_per_busy_cpu: Option<f64>,
 }
 

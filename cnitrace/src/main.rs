@@ -43,6 +43,7 @@ enum Command {
     Lab(LabCommand),
     /// Report what this node supports: backends, hooks, PMU, BTF, components, CNI.
     Doctor {
+        /// The report as a table or as JSON.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
         /// Put back what a killed cnitrace left on this node (the bpf_stats sysctl,

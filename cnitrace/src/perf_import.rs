@@ -1,4 +1,4 @@
-//! Reads `perf script` output (the paper's method: `perf record -a -g`) and turns it into a
+//! Reads `perf script` output (from `perf record -a -g`, the usual method) and turns it into a
 //! window for the same attribution and breakdown code as cnitrace's own samples, so both can be
 //! compared component by component.
 

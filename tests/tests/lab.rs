@@ -130,6 +130,10 @@ fn every_model_carries_traffic_and_shows_its_defining_components() {
             "{key:?} no round trips"
         );
         assert!(entry["breakdown"]["packets"]["count"].as_u64().unwrap() > 1000);
+        assert!(
+            entry["connections_per_s"]["mean"].as_f64().unwrap() > 100.0,
+            "{key:?}: connect-request-response"
+        );
     }
     for scenario in ["intra", "inter"] {
         // Bridges where the model has one, none in the routed models.
@@ -173,9 +177,19 @@ fn every_model_carries_traffic_and_shows_its_defining_components() {
             "{model} inter: vxlan"
         );
     }
-    assert_eq!(cpp(get("kube-router", "inter"), "vxlan"), 0.0);
-    assert_eq!(cpp(get("calico-np", "inter"), "vxlan"), 0.0);
-    assert_eq!(cpp(get("flannel", "intra"), "vxlan"), 0.0);
+    // Nothing per packet: at most a stray sample of the vxlan module's housekeeping (device
+    // notifiers run while namespaces come and go), against ~240 CPP where it encapsulates.
+    for (model, scenario) in [
+        ("kube-router", "inter"),
+        ("calico-np", "inter"),
+        ("flannel", "intra"),
+    ] {
+        assert!(
+            cpp(get(model, scenario), "vxlan") < 2.0,
+            "{model} {scenario}: vxlan {}",
+            cpp(get(model, scenario), "vxlan")
+        );
+    }
     // This kernel has no IP-in-IP: said so, not faked.
     let ipip = get("calico-ipip", "inter");
     if ipip["unavailable"].is_string() {
@@ -434,6 +448,19 @@ fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mo
         "2000 Services: iptables {} vs nftables {} cycles per connection",
         cycles("iptables", 2000),
         cycles("nftables", 2000)
+    );
+    // A stream's established packets skip the nat table: its per-packet netfilter cost
+    // does not follow the Services (within the noise of two 2 s windows).
+    let stream = |services: u64| {
+        point("iptables", services)["stream_netfilter_cpp"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        stream(2000) < 1.5 * stream(0) && stream(2000) > 0.0,
+        "stream netfilter CPP: {} with 2000 Services, {} without",
+        stream(2000),
+        stream(0)
     );
 }
 

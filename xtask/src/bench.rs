@@ -31,7 +31,7 @@ pub struct Args {
     /// Only cnitrace at each frequency (no perf, bpftrace or agent configurations).
     #[arg(long)]
     cnitrace_only: bool,
-    /// Non-matching FORWARD rules on the path (the paper's netfilter cost).
+    /// Non-matching FORWARD rules on the path (a netfilter cost to measure).
     #[arg(long, default_value_t = 100)]
     rules: usize,
 }
@@ -53,7 +53,7 @@ enum Config {
     /// The same as `Nothing`, as a second row: the A/A comparison.
     NothingAgain,
     Cnitrace(u64),
-    /// The paper's method.
+    /// perf record -a -g, the usual method.
     PerfRecord(u64),
     /// An equivalent profile probe: kernel stacks counted in a BPF map.
     Bpftrace(u64),

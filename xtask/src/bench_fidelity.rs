@@ -1,4 +1,4 @@
-//! Fidelity and cost against the paper's own method: on the same iperf3 traffic and the same
+//! Fidelity and cost against the usual method (perf record -a -g): on the same iperf3 traffic and the same
 //! window, cnitrace's component shares vs `perf record -a -g` classified by the same taxonomy
 //! (`cnitrace import-perf`), and what each costs to produce a result.
 
@@ -136,7 +136,7 @@ pub fn run(args: &Args) -> Result<()> {
         if !ours.status.success() || !perf_status.success() {
             bail!("run {run}: cnitrace {} / perf {perf_status}", ours.status);
         }
-        // The paper's post-processing: perf script, then the same taxonomy.
+        // perf's post-processing: perf script, then the same taxonomy.
         let t = Instant::now();
         let script_time = dir.join("perf-script.time");
         let script = timed(&script_time)

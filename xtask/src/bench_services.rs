@@ -1,6 +1,7 @@
 //! `cargo xtask bench-services`: what Services cost per new connection in kube-proxy's
 //! iptables and nftables modes, from 0 to 10000 Services (the release binary's
-//! `lab sweep --services`, modes alternated at every count).
+//! `lab sweep --services`, modes alternated at every count); the chart goes to
+//! docs/services.svg.
 
 use anyhow::{Result, bail};
 
@@ -33,7 +34,9 @@ pub fn run(args: &Args) -> Result<()> {
             "iptables,nftables",
             "--duration",
             &args.duration.to_string(),
+            "--svg",
         ])
+        .arg(workspace_root().join("docs/services.svg"))
         .output()?;
     if !out.status.success() {
         bail!("lab sweep: {}", String::from_utf8_lossy(&out.stderr));

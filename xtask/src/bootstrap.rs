@@ -32,7 +32,7 @@ const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     // A virtualenv for kubernetes-validate (offline manifest validation).
     "python3-venv",
-    // The paper's method, as the benchmarks' reference, and GNU time for its costs.
+    // perf record, the usual way to measure this, as the benchmarks' reference, and GNU time for its costs.
     "linux-perf",
     "time",
     // `cargo xtask vmtest`: distro kernels with kprobes and fentry under QEMU.

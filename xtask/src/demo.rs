@@ -1,4 +1,4 @@
-//! The demo: the lab's CNI models (paper 000, figs. 3-6) built from namespaces on this
+//! The demo: the lab's CNI models (bridge, routed, overlay and eBPF datapaths) built from namespaces on this
 //! machine, an iperf3 stream and a request/response run through each, cnitrace's
 //! cycles-per-packet breakdown per model (the shape of figs. 9 and 11, also as SVG), and the
 //! netfilter rule-count sweep (table III's question: what does a rule cost per packet).

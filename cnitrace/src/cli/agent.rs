@@ -43,6 +43,7 @@ pub struct AgentArgs {
     /// points (fixed for the agent's life).
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
+    /// Tracing: fentry/fexit where possible else kprobes (auto), or force one.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
     /// Most sessions running at once.

@@ -10,6 +10,7 @@ pub struct CollectArgs {
     /// (a headless Service: one agent per node).
     #[arg(required = true)]
     pub urls: Vec<String>,
+    /// A file holding the agents' bearer token.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
     /// PEM certificate(s) to trust for https:// agents (their CA, or their self-signed
@@ -19,6 +20,7 @@ pub struct CollectArgs {
     /// Window length when no command is given (Ctrl-C ends it early).
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// Per-node columns and their sum as a table, or the JSON of every breakdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// The benchmark to run while the window is open, after `--`.

@@ -19,8 +19,10 @@ pub struct DiffArgs {
     /// Read BEFORE and AFTER as stopped sessions of this agent (http(s)://HOST:PORT).
     #[arg(long)]
     pub agent: Option<String>,
+    /// A file holding the agent's bearer token.
     #[arg(long, requires = "agent")]
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM certificate(s) to trust for an https:// agent.
     #[arg(long, requires = "agent")]
     pub ca_file: Option<std::path::PathBuf>,
     /// Also write a differential flame graph here (per packet: red grew, blue shrank).
@@ -29,6 +31,7 @@ pub struct DiffArgs {
     /// Innermost functions listed in the table.
     #[arg(long, default_value_t = 10)]
     pub functions: usize,
+    /// A table of per-packet deltas, or their JSON.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

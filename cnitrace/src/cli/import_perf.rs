@@ -20,9 +20,10 @@ pub struct ImportPerfArgs {
     /// The `-F` frequency of the recording.
     #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
     pub frequency: u64,
-    /// Packets in the recording (the paper's N_packet), for CPP.
+    /// Packets sent during the recording, the denominator of CPP.
     #[arg(long, default_value_t = 0)]
     pub packets: u64,
+    /// The breakdown as a table or as JSON.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

@@ -25,18 +25,22 @@ pub enum LabCommand {
     /// Attach the project's tc program doing LOOPS iterations of work per packet to IFACE and
     /// keep it attached until interrupted (Ctrl-C / SIGTERM detach it).
     TcWork {
+        /// The interface to attach to.
         #[arg(long)]
         iface: String,
         /// Named network namespace (`ip netns`) of the interface.
         #[arg(long)]
         netns: Option<String>,
+        /// tc ingress or egress of the interface.
         #[arg(long, value_enum, default_value_t = Direction::Ingress)]
         direction: Direction,
+        /// Iterations of work per packet.
         #[arg(long, default_value_t = 1000)]
         loops: u32,
     },
     /// Build a CNI datapath model from network namespaces (two hosts, three pods).
     Up {
+        /// The model to build.
         #[arg(value_enum)]
         model: Model,
         /// ClusterIP Services to install on both hosts in kube-proxy's shape (the last one
@@ -67,13 +71,16 @@ pub struct LabSweepArgs {
     /// The lab model to sweep (built for the sweep and removed afterwards).
     #[arg(long, value_enum, default_value_t = Model::Flannel)]
     pub model: Model,
+    /// Pods on one host (intra) or across the two hosts (inter).
     #[arg(long, value_enum, default_value_t = Scenario::Intra)]
     pub scenario: Scenario,
     /// Profiled seconds per rule count.
     #[arg(long, default_value_t = 3.0)]
     pub duration: f64,
+    /// Sampling frequency per CPU, in Hz.
     #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
     pub frequency: u64,
+    /// The sweep as a table or as JSON.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Write a flame graph of each rule count's window into this directory.
@@ -83,6 +90,10 @@ pub struct LabSweepArgs {
     /// (connect-request-response to the last one, per --proxy-mode).
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["rules", "hook"])]
     pub services: Option<Vec<u32>>,
+    /// With --services: also write the chart (set-up latency and netfilter cycles per
+    /// connection against the number of Services) as SVG here.
+    #[arg(long, requires = "services")]
+    pub svg: Option<std::path::PathBuf>,
     /// With --services: kube-proxy's modes to compare.
     #[arg(
         long,
@@ -108,12 +119,16 @@ pub struct LabBenchArgs {
     /// Runs per model and scenario (mean and 95% CI over them).
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
+    /// Sampling frequency per CPU, in Hz.
     #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
     pub frequency: u64,
+    /// auto is sampling; tracing puts a probe pair on each component's entry points.
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
+    /// Tracing: fentry/fexit where possible else kprobes (auto), or force one.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
+    /// Results as a table, JSON, or a markdown table.
     #[arg(long, value_enum, default_value_t = LabFormat::Table)]
     pub format: LabFormat,
     /// Also write the stacked-bar chart as SVG to this file.
@@ -208,6 +223,11 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
             cnitrace::probe::privileges::check()?;
             let (bar, progress) = lab_progress();
             let result = until_interrupted(services::sweep(&options, progress), &bar).await?;
+            if let Some(path) = &args.svg {
+                std::fs::write(path, services::svg(&result))
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                eprintln!("cnitrace: chart written to {}", path.display());
+            }
             super::print(args.format, &result, services::render_sweep)
         }
         LabCommand::Sweep(args) => {

@@ -34,7 +34,7 @@ pub struct ProfileArgs {
     /// Named network namespace(s) (`ip netns`) where --iface names are looked up.
     #[arg(long = "netns")]
     pub netns: Vec<String>,
-    /// What a packet is: a wire-size segment (default, as the paper counts) or an skb.
+    /// What a packet is: a wire-size segment (default, as on the wire) or an skb.
     #[arg(long, value_enum, default_value_t = PacketUnit::Segment)]
     pub packet_unit: PacketUnit,
     /// Count the packets entering each netfilter hook with a temporary nftables table (removed

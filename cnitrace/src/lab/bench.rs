@@ -1,7 +1,7 @@
 //! `cnitrace lab bench`: for each model and scenario, an iperf3 stream profiled by cnitrace
 //! and a request/response latency run, repeated; mean and 95% confidence interval of
 //! throughput, latency and cycles per packet per component; a table, markdown, JSON, and an
-//! SVG stacked-bar chart in the style of paper 000's figs. 9 and 11.
+//! SVG stacked-bar chart per model and scenario.
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -90,6 +90,10 @@ pub struct BenchEntry {
     pub breakdown: Option<Breakdown>,
     pub throughput: Option<Estimate>,
     pub rtt: Option<Estimate>,
+    /// Connect-request-response straight to the server pod: new connections per second and
+    /// the connection set-up p50 (microseconds).
+    pub connections_per_s: Option<Estimate>,
+    pub setup_p50_us: Option<Estimate>,
     pub total_cpp: Option<Estimate>,
     pub components: Vec<ComponentEstimate>,
     /// Why the model could not be built here.
@@ -99,6 +103,7 @@ pub struct BenchEntry {
 struct Run {
     throughput_gbps: f64,
     rtt_us: f64,
+    crr: traffic::CrrResult,
     breakdown: Breakdown,
 }
 
@@ -167,6 +172,8 @@ fn unavailable_entry(model: Model, scenario: Scenario, reason: &str) -> BenchEnt
         breakdown: None,
         throughput: None,
         rtt: None,
+        connections_per_s: None,
+        setup_p50_us: None,
         total_cpp: None,
         components: Vec::new(),
         unavailable: Some(reason.to_owned()),
@@ -244,9 +251,23 @@ async fn one_run(
     })
     .await
     .map_err(|e| Error::InvalidArgument(format!("request/response task: {e}")))??;
+    let (client_ns, server_ns) = (lab.client().netns.clone(), server.netns.clone());
+    let direct = std::net::SocketAddrV4::new(ip, traffic::CRR_PORT);
+    let crr = tokio::task::spawn_blocking(move || {
+        traffic::connect_request_response(
+            &client_ns,
+            &server_ns,
+            direct,
+            direct,
+            Duration::from_secs_f64(rr_seconds),
+        )
+    })
+    .await
+    .map_err(|e| Error::InvalidArgument(format!("connect-request-response task: {e}")))??;
     Ok(Run {
         throughput_gbps,
         rtt_us: rr.mean_rtt_us,
+        crr,
         breakdown,
     })
 }
@@ -301,6 +322,17 @@ pub(crate) async fn profiled_stream(
     profile_options: &ProfileOptions,
     flamegraph: Option<&std::path::Path>,
 ) -> Result<(Breakdown, f64), Error> {
+    profiled_stream_to(lab, server, server.ip, profile_options, flamegraph).await
+}
+
+/// [`profiled_stream`] with the client connecting to `connect` (a Service IP).
+pub(crate) async fn profiled_stream_to(
+    lab: &Lab,
+    server: &Pod,
+    connect: std::net::Ipv4Addr,
+    profile_options: &ProfileOptions,
+    flamegraph: Option<&std::path::Path>,
+) -> Result<(Breakdown, f64), Error> {
     let mut profile_options = profile_options.clone();
     profile_options.window.stacks = flamegraph.is_some();
     let profile_options = &profile_options;
@@ -309,7 +341,13 @@ pub(crate) async fn profiled_stream(
     let mut window = OpenWindow::open(&probes, &profile_options.window)?;
     // Warm-up, window, and a margin for the end snapshot.
     let seconds = profile_options.duration_s.ceil() as u32 + 2;
-    let stream = traffic::Stream::start(&lab.client().netns, &server.netns, server.ip, seconds)?;
+    let stream = traffic::Stream::start_via(
+        &lab.client().netns,
+        &server.netns,
+        server.ip,
+        connect,
+        seconds,
+    )?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     window.restart(&probes)?;
     tokio::time::sleep(Duration::from_secs_f64(profile_options.duration_s)).await;
@@ -328,6 +366,13 @@ pub(crate) async fn profiled_stream(
 fn summarize(model: Model, scenario: Scenario, runs: Vec<Run>) -> BenchEntry {
     let throughput = Estimate::of(&runs.iter().map(|r| r.throughput_gbps).collect::<Vec<_>>());
     let rtt = Estimate::of(&runs.iter().map(|r| r.rtt_us).collect::<Vec<_>>());
+    let connections = Estimate::of(
+        &runs
+            .iter()
+            .map(|r| r.crr.connections_per_s)
+            .collect::<Vec<_>>(),
+    );
+    let setup = Estimate::of(&runs.iter().map(|r| r.crr.setup_p50_us).collect::<Vec<_>>());
     let total = Estimate::of(
         &runs
             .iter()
@@ -360,6 +405,8 @@ fn summarize(model: Model, scenario: Scenario, runs: Vec<Run>) -> BenchEntry {
         breakdown: runs.into_iter().last().map(|r| r.breakdown),
         throughput: Some(throughput),
         rtt: Some(rtt),
+        connections_per_s: Some(connections),
+        setup_p50_us: Some(setup),
         total_cpp: Some(total),
         components,
         unavailable: None,
@@ -380,6 +427,8 @@ fn rows(entries: &[BenchEntry]) -> (Vec<String>, Vec<Vec<String>>) {
         "scenario".to_owned(),
         "Gbit/s".to_owned(),
         "RTT us".to_owned(),
+        "conn/s".to_owned(),
+        "set-up us".to_owned(),
         "total CPP".to_owned(),
     ];
     header.extend(COMPONENTS.iter().map(|c| c.name.to_owned()));
@@ -390,10 +439,12 @@ fn rows(entries: &[BenchEntry]) -> (Vec<String>, Vec<Vec<String>>) {
             if let Some(reason) = &e.unavailable {
                 row.push("unavailable".to_owned());
                 row.push(reason.split(':').next().unwrap_or(reason).to_owned());
-                row.extend(std::iter::repeat_n(String::new(), COMPONENTS.len() + 1));
+                row.extend(std::iter::repeat_n(String::new(), COMPONENTS.len() + 3));
             } else {
                 row.push(e.throughput.map_or_else(String::new, |t| t.show(2)));
                 row.push(e.rtt.map_or_else(String::new, |t| t.show(1)));
+                row.push(e.connections_per_s.map_or_else(String::new, |t| t.show(0)));
+                row.push(e.setup_p50_us.map_or_else(String::new, |t| t.show(0)));
                 row.push(e.total_cpp.map_or_else(String::new, |t| t.show(0)));
                 for component in COMPONENTS {
                     row.push(
@@ -555,6 +606,8 @@ mod tests {
             breakdown: None,
             throughput: Some(Estimate::of(&[10.0])),
             rtt: Some(Estimate::of(&[30.0])),
+            connections_per_s: Some(Estimate::of(&[3000.0])),
+            setup_p50_us: Some(Estimate::of(&[50.0])),
             total_cpp: Some(Estimate::of(&[bridge + other])),
             components: vec![
                 ComponentEstimate {
@@ -580,7 +633,7 @@ mod tests {
         let md = markdown(&entries);
         assert_eq!(md.lines().count(), 2 + 3);
         assert!(
-            md.contains("| flannel | intra | 10.00 | 30.0 | 1000 | 100 |"),
+            md.contains("| flannel | intra | 10.00 | 30.0 | 3000 | 50 | 1000 | 100 |"),
             "{md}"
         );
         assert!(md.contains("calico-ipip | inter | unavailable"));

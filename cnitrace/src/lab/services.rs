@@ -37,6 +37,8 @@ impl ProxyMode {
 pub const SERVICE_PORT: u16 = 80;
 /// Most Services a lab takes (a /16 of Service IPs).
 pub const MAX_SERVICES: u32 = 60_000;
+/// The Service in front of the iperf3 server of the target pod (port 5201).
+pub const STREAM_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 20);
 /// The pods' network (kube-proxy's `--cluster-cidr`): traffic from outside it is masqueraded.
 const CLUSTER_CIDR: &str = "10.77.0.0/16";
 
@@ -323,8 +325,16 @@ pub fn install(
     }
     let started = std::time::Instant::now();
     let others = [lab.pods[1].ip, lab.pods[2].ip];
-    // The cluster's own Services first, the lab's after them (the last one is the target).
+    // The cluster's own Services first, the stream's, then the lab's (the last one is the
+    // connection target).
     let mut list = super::node_rules::default_services(others);
+    list.push(Service {
+        name: "lab/stream".to_owned(),
+        ip: STREAM_SERVICE_IP,
+        protocol: "tcp",
+        port: super::traffic::IPERF3_PORT,
+        endpoints: vec![(target, super::traffic::IPERF3_PORT)],
+    });
     list.extend(services(count, others, target, port));
     let mut rules = 0;
     let (program, args, text) = match mode {
@@ -594,6 +604,10 @@ pub struct ServicePoint {
     /// Rule evaluations in the client host's nat PREROUTING walk (KUBE-SERVICES and below in
     /// iptables mode, the kube-proxy table in nftables mode) per connection.
     pub prerouting_rules_per_connection: Option<f64>,
+    /// An iperf3 stream through a Service (to the pod without Service rules): established
+    /// packets skip the nat table, so its netfilter CPP should not grow with the Services.
+    pub stream_gbps: f64,
+    pub stream_netfilter_cpp: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -661,8 +675,26 @@ async fn sweep_on(
                 .flamegraphs
                 .as_ref()
                 .map(|dir| dir.join(format!("{}-{count}.svg", mode.name())));
-            let point =
+            let mut point =
                 profiled_crr(lab, &server, options, &installed, flamegraph.as_deref()).await?;
+            progress(&format!("{label}: stream"), true);
+            let connect = if installed.mode == ProxyMode::None {
+                server.ip
+            } else {
+                STREAM_SERVICE_IP
+            };
+            let stream_options = super::bench::stream_profile(
+                lab,
+                options.duration_s,
+                &options.sampler,
+                None,
+                false,
+            );
+            let (stream, gbps) =
+                super::bench::profiled_stream_to(lab, &server, connect, &stream_options, None)
+                    .await?;
+            point.stream_gbps = gbps;
+            point.stream_netfilter_cpp = stream.component("netfilter").and_then(|c| c.cpp);
             progress(
                 &format!(
                     "{label}: {:.0} conn/s, set-up p50 {:.0} us, {} rules per connection",
@@ -770,6 +802,8 @@ async fn profiled_crr(
             .component("netfilter")
             .and_then(|c| per_connection(c.cycles as f64)),
         prerouting_rules_per_connection: prerouting.and_then(|r| per_connection(r as f64)),
+        stream_gbps: 0.0,
+        stream_netfilter_cpp: None,
     })
 }
 
@@ -789,6 +823,8 @@ pub fn render_sweep(result: &ServiceSweepResult) -> String {
         "netfilter cycles/conn",
         "netfilter CPP",
         "total CPP",
+        "stream Gbit/s",
+        "stream netfilter CPP",
     ]);
     let show = |v: Option<f64>, d: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.d$}"));
     for p in &result.points {
@@ -804,6 +840,8 @@ pub fn render_sweep(result: &ServiceSweepResult) -> String {
             show(p.netfilter_cycles_per_connection, 0),
             show(p.netfilter_cpp, 1),
             show(p.total_cpp, 1),
+            format!("{:.2}", p.stream_gbps),
+            show(p.stream_netfilter_cpp, 1),
         ]);
     }
     let mut out = format!(
@@ -825,5 +863,112 @@ pub fn render_sweep(result: &ServiceSweepResult) -> String {
             line(&fit.setup_p50_us, "us")
         );
     }
+    out
+}
+
+/// One measured figure of a sweep point.
+type PointValue = fn(&ServicePoint) -> Option<f64>;
+
+/// The sweep as an SVG chart: connection set-up p50 and netfilter cycles per connection
+/// against the number of Services, a line per proxy mode.
+pub fn svg(result: &ServiceSweepResult) -> String {
+    let (panel_w, panel_h, left, top, gap) = (380.0, 240.0, 70.0, 40.0, 90.0);
+    let width = left + 2.0 * panel_w + gap + 140.0;
+    let height = top + panel_h + 60.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"18\" font-size=\"13\">Services: cost of a new connection ({} {}, connect-request-response to the last Service)</text>\n",
+        result.model, result.scenario
+    );
+    let max_x = result
+        .points
+        .iter()
+        .map(|p| f64::from(p.services))
+        .fold(1.0, f64::max);
+    let colour = |mode: ProxyMode| match mode {
+        ProxyMode::Iptables => "#e15759",
+        ProxyMode::Nftables => "#4e79a7",
+        ProxyMode::None => "#79706e",
+    };
+    let panels: [(&str, PointValue); 2] = [
+        ("connection set-up p50 (us)", |p| Some(p.crr.setup_p50_us)),
+        ("netfilter cycles per connection", |p| {
+            p.netfilter_cycles_per_connection
+        }),
+    ];
+    for (index, (title, value)) in panels.iter().enumerate() {
+        let x0 = left + index as f64 * (panel_w + gap);
+        let max_y = result.points.iter().filter_map(value).fold(1.0, f64::max);
+        let x = |v: f64| x0 + panel_w * v / max_x;
+        let y = |v: f64| top + panel_h - panel_h * v / max_y;
+        let _ = writeln!(
+            out,
+            "<text x=\"{x0:.0}\" y=\"{:.0}\" fill=\"#555\">{title}</text>\
+             <line x1=\"{x0:.0}\" y1=\"{:.0}\" x2=\"{:.0}\" y2=\"{:.0}\" stroke=\"#999\"/>\
+             <line x1=\"{x0:.0}\" y1=\"{top:.0}\" x2=\"{x0:.0}\" y2=\"{:.0}\" stroke=\"#999\"/>",
+            top - 6.0,
+            top + panel_h,
+            x0 + panel_w,
+            top + panel_h,
+            top + panel_h
+        );
+        for tick in 0..=4 {
+            let (vx, vy) = (max_x * f64::from(tick) / 4.0, max_y * f64::from(tick) / 4.0);
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">{vy:.0}</text>\
+                 <text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"middle\">{vx:.0}</text>",
+                x0 - 4.0,
+                y(vy) + 4.0,
+                x(vx),
+                top + panel_h + 14.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"middle\" fill=\"#555\">Services</text>",
+            x0 + panel_w / 2.0,
+            top + panel_h + 30.0
+        );
+        for fit in &result.fits {
+            let points: Vec<(f64, f64)> = result
+                .points
+                .iter()
+                .filter(|p| p.mode == fit.mode)
+                .filter_map(|p| value(p).map(|v| (x(f64::from(p.services)), y(v))))
+                .collect();
+            let line: Vec<String> = points
+                .iter()
+                .map(|(a, b)| format!("{a:.1},{b:.1}"))
+                .collect();
+            let c = colour(fit.mode);
+            let _ = writeln!(
+                out,
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"/>",
+                line.join(" ")
+            );
+            for (a, b) in points {
+                let _ = writeln!(
+                    out,
+                    "<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3\" fill=\"{c}\"/>"
+                );
+            }
+        }
+    }
+    let legend_x = width - 120.0;
+    for (index, fit) in result.fits.iter().enumerate() {
+        let ly = top + index as f64 * 18.0;
+        let _ = writeln!(
+            out,
+            "<rect x=\"{legend_x:.0}\" y=\"{ly:.0}\" width=\"12\" height=\"12\" fill=\"{}\"/>\
+             <text x=\"{:.0}\" y=\"{:.0}\">{}</text>",
+            colour(fit.mode),
+            legend_x + 18.0,
+            ly + 10.0,
+            fit.mode.name()
+        );
+    }
+    out.push_str("</svg>\n");
     out
 }

@@ -1,4 +1,4 @@
-//! `cnitrace lab sweep`: the rule-count sweep behind table III of paper 000. Builds a lab
+//! `cnitrace lab sweep`: the netfilter rule-count sweep. Builds a lab
 //! model, puts N non-matching rules in front of a hook's chain, profiles a stream at each N,
 //! and fits netfilter's cost against N: the slope is what one rule costs per packet.
 

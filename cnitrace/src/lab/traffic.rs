@@ -269,6 +269,17 @@ impl Stream {
         server_ip: Ipv4Addr,
         seconds: u32,
     ) -> Result<Self, Error> {
+        Self::start_via(client_netns, server_netns, server_ip, server_ip, seconds)
+    }
+
+    /// A stream whose client connects to `connect` (a Service IP DNATed to `server_ip`).
+    pub fn start_via(
+        client_netns: &str,
+        server_netns: &str,
+        server_ip: Ipv4Addr,
+        connect: Ipv4Addr,
+        seconds: u32,
+    ) -> Result<Self, Error> {
         let mut server = Command::new("iperf3");
         server
             .args([
@@ -304,7 +315,7 @@ impl Stream {
         client
             .args([
                 "-c",
-                &server_ip.to_string(),
+                &connect.to_string(),
                 "-p",
                 &IPERF3_PORT.to_string(),
                 "-t",
