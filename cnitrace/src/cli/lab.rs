@@ -171,6 +171,14 @@ pub fn run_tc_work(command: LabCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lab's sampler: the default probes at the frequency asked for.
+fn sampler_at(frequency_hz: u64) -> ProbeConfig {
+    ProbeConfig {
+        frequency_hz,
+        ..ProbeConfig::default()
+    }
+}
+
 /// A spinner for long lab work: transient lines replace each other, others are kept.
 pub fn lab_progress() -> (indicatif::ProgressBar, impl Fn(&str, bool)) {
     let bar = indicatif::ProgressBar::new_spinner();
@@ -213,10 +221,7 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 model: args.model,
                 scenario: args.scenario,
                 duration_s: args.duration,
-                sampler: ProbeConfig {
-                    frequency_hz: args.frequency,
-                    ..ProbeConfig::default()
-                },
+                sampler: sampler_at(args.frequency),
                 flamegraphs: args.flamegraphs,
             };
             services::validate_sweep(&options)?;
@@ -237,10 +242,7 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 model: args.model,
                 scenario: args.scenario,
                 duration_s: args.duration,
-                sampler: ProbeConfig {
-                    frequency_hz: args.frequency,
-                    ..ProbeConfig::default()
-                },
+                sampler: sampler_at(args.frequency),
                 flamegraphs: args.flamegraphs,
             };
             sweep::validate(&options)?;
@@ -332,10 +334,7 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 repeats: args.repeat,
                 backend: Backend::requested(args.backend, args.attach)?,
                 flamegraphs: args.flamegraphs,
-                sampler: ProbeConfig {
-                    frequency_hz: args.frequency,
-                    ..ProbeConfig::default()
-                },
+                sampler: sampler_at(args.frequency),
             };
             bench::validate(&options)?;
             cnitrace::probe::privileges::check()?;
