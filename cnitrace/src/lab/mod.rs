@@ -12,3 +12,31 @@ pub mod sweep;
 pub mod tc_work;
 pub mod topology;
 pub mod traffic;
+
+use crate::{error::Error, netns};
+
+/// Runs a rules loader (`iptables-restore`, `nft -f -`) in a lab namespace with `input` on
+/// stdin; `what` names the rules in its errors, which also name the missing tool.
+pub(crate) fn load_rules(
+    netns_name: &str,
+    program: &str,
+    args: &[&str],
+    input: &str,
+    what: &str,
+) -> Result<(), Error> {
+    match netns::output_in(Some(netns_name), program, args, Some(input))? {
+        Some(out) if out.status.success() => Ok(()),
+        Some(out) => Err(Error::InvalidArgument(format!(
+            "{program} of {what} failed in {netns_name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+        None => Err(Error::InvalidArgument(format!(
+            "{what} need {program} (apt install {})",
+            if program == "nft" {
+                "nftables"
+            } else {
+                "iptables"
+            }
+        ))),
+    }
+}

@@ -301,21 +301,13 @@ pub fn ruleset(model: Model, pod_cidr: &str, pods: &[Ipv4Addr], dns: [Ipv4Addr; 
 
 /// Installs the node rules on a lab host.
 pub fn install(host_netns: &str, rules: &str) -> Result<(), Error> {
-    match netns::output_in(
-        Some(host_netns),
+    super::load_rules(
+        host_netns,
         "iptables-restore",
         &["--noflush"],
-        Some(rules),
-    )? {
-        Some(out) if out.status.success() => Ok(()),
-        Some(out) => Err(Error::InvalidArgument(format!(
-            "iptables-restore of the node rules failed in {host_netns}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))),
-        None => Err(Error::InvalidArgument(
-            "the lab needs iptables-restore (apt install iptables)".to_owned(),
-        )),
-    }
+        rules,
+        "the node's rules",
+    )
 }
 
 /// Rules (`-A` lines of iptables-save, every table) in a host namespace: how rules on a node

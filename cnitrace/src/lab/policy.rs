@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::{error::Error, netns};
+use crate::error::Error;
 
 /// The `iptables-restore` input for a host with the pods `letters` on it; with `policy`, an
 /// allow policy on every endpoint (calico-wp).
@@ -111,16 +111,13 @@ pub fn calico_ruleset(letters: &[char], policy: bool) -> String {
 pub fn install_calico_policy(host_netns: &str, host: u8, policy: bool) -> Result<(), Error> {
     let letters: &[char] = if host == 1 { &['a', 'b'] } else { &['c'] };
     let rules = calico_ruleset(letters, policy);
-    match netns::output_in(Some(host_netns), "iptables-restore", &[], Some(&rules))? {
-        Some(out) if out.status.success() => Ok(()),
-        Some(out) => Err(Error::InvalidArgument(format!(
-            "iptables-restore of the Calico-shaped policy failed in {host_netns}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))),
-        None => Err(Error::InvalidArgument(
-            "calico-wp needs iptables-restore (apt install iptables)".to_owned(),
-        )),
-    }
+    super::load_rules(
+        host_netns,
+        "iptables-restore",
+        &[],
+        &rules,
+        "Calico's chains",
+    )
 }
 
 #[cfg(test)]

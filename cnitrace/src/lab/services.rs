@@ -385,16 +385,7 @@ pub fn install(
 }
 
 fn run_with_input(host: &str, program: &str, args: &[&str], input: &str) -> Result<(), Error> {
-    match netns::output_in(Some(host), program, args, Some(input))? {
-        Some(out) if out.status.success() => Ok(()),
-        Some(out) => Err(Error::InvalidArgument(format!(
-            "{program} in {host}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))),
-        None => Err(Error::InvalidArgument(format!(
-            "Services in the lab need {program} (apt install iptables nftables)"
-        ))),
-    }
+    super::load_rules(host, program, args, input, "Services in the lab")
 }
 
 /// kube-proxy's chains (kubelet's KUBE-FIREWALL and the CNIs' chains are left alone).

@@ -130,21 +130,13 @@ pub fn sweep_rules(hook: Hook, rules: u32, first: bool) -> String {
 }
 
 fn restore(netns_name: &str, input: &str) -> Result<(), Error> {
-    match netns::output_in(
-        Some(netns_name),
+    super::load_rules(
+        netns_name,
         "iptables-restore",
         &["--noflush"],
-        Some(input),
-    )? {
-        Some(out) if out.status.success() => Ok(()),
-        Some(out) => Err(Error::InvalidArgument(format!(
-            "iptables-restore in {netns_name}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))),
-        None => Err(Error::InvalidArgument(
-            "the sweep needs iptables-restore (apt install iptables)".to_owned(),
-        )),
-    }
+        input,
+        "the sweep's rules",
+    )
 }
 
 /// Removes the sweep's jump and chain.
