@@ -11,13 +11,26 @@ pub fn base_name(symbol: &str) -> &str {
 }
 
 /// Text symbols of the running kernel, its modules and JITed BPF programs.
+///
+/// Names live in one string arena (about 3 MB for 120k symbols) rather than one allocation
+/// each, and the file is read line by line: the table is the agent's largest long-lived
+/// structure and its parse was the peak of the agent's memory.
 #[derive(Debug, Default)]
 pub struct Kallsyms {
     /// Sorted by address.
-    addresses: Vec<u64>,
-    names: Vec<Box<str>>,
-    /// Whether each symbol belongs to a module (`[bridge]`) rather than vmlinux.
-    in_module: Vec<bool>,
+    symbols: Vec<Symbol>,
+    /// Every name, one after another; a symbol holds its range.
+    names: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Symbol {
+    address: u64,
+    name_start: u32,
+    name_len: u16,
+    /// Whether the symbol belongs to a module (`[bridge]`) rather than vmlinux; a u8 keeps
+    /// the struct at 16 bytes.
+    in_module: u8,
 }
 
 impl Kallsyms {
@@ -29,12 +42,23 @@ impl Kallsyms {
     }
 
     pub fn load_from(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let io_error = |source| Error::Io {
             what: format!("read {}", path.display()),
             source,
-        })?;
-        let symbols = Self::parse(&text);
-        if symbols.addresses.is_empty() {
+        };
+        let file = std::fs::File::open(path).map_err(io_error)?;
+        let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+        let mut symbols = Self::default();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if std::io::BufRead::read_line(&mut reader, &mut line).map_err(io_error)? == 0 {
+                break;
+            }
+            symbols.push_line(&line);
+        }
+        symbols.finish();
+        if symbols.symbols.is_empty() {
             return Err(Error::Kallsyms(format!(
                 "{} lists no text symbol with an address (kernel.kptr_restrict hides them from \
                  processes without CAP_SYSLOG: run as root)",
@@ -47,71 +71,93 @@ impl Kallsyms {
     /// Parses the kallsyms text format: `ADDR TYPE NAME [MODULE]`. Keeps text symbols (t/T/w/W)
     /// with a non-zero address.
     pub fn parse(text: &str) -> Self {
-        let mut entries: Vec<(u64, Box<str>, bool)> = text
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split_ascii_whitespace();
-                let address = u64::from_str_radix(fields.next()?, 16).ok()?;
-                let kind = fields.next()?;
-                let name = fields.next()?;
-                let module = fields.next().is_some_and(|m| m.starts_with('['));
-                let is_text = matches!(kind, "t" | "T" | "w" | "W");
-                (is_text && address != 0).then(|| (address, Box::from(name), module))
-            })
-            .collect();
-        entries.sort_unstable_by_key(|&(address, ..)| address);
         let mut symbols = Self::default();
-        for (address, name, module) in entries {
-            symbols.addresses.push(address);
-            symbols.names.push(name);
-            symbols.in_module.push(module);
+        for line in text.lines() {
+            symbols.push_line(line);
         }
+        symbols.finish();
         symbols
+    }
+
+    fn push_line(&mut self, line: &str) {
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(address), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+        else {
+            return;
+        };
+        let Ok(address) = u64::from_str_radix(address, 16) else {
+            return;
+        };
+        if address == 0 || !matches!(kind, "t" | "T" | "w" | "W") {
+            return;
+        }
+        let (Ok(name_start), Ok(name_len)) =
+            (u32::try_from(self.names.len()), u16::try_from(name.len()))
+        else {
+            return;
+        };
+        let in_module = fields.next().is_some_and(|m| m.starts_with('['));
+        self.names.push_str(name);
+        self.symbols.push(Symbol {
+            address,
+            name_start,
+            name_len,
+            in_module: u8::from(in_module),
+        });
+    }
+
+    fn finish(&mut self) {
+        self.symbols.sort_unstable_by_key(|s| s.address);
+        self.symbols.shrink_to_fit();
+        self.names.shrink_to_fit();
+    }
+
+    fn name(&self, symbol: &Symbol) -> &str {
+        let start = symbol.name_start as usize;
+        &self.names[start..start + usize::from(symbol.name_len)]
     }
 
     /// The function containing `address`, if any symbol starts at or below it.
     pub fn resolve(&self, address: u64) -> Option<&str> {
-        let index = match self.addresses.binary_search(&address) {
+        let index = match self.symbols.binary_search_by_key(&address, |s| s.address) {
             Ok(exact) => exact,
             Err(0) => return None,
             Err(insert_at) => insert_at - 1,
         };
-        Some(&self.names[index])
+        Some(self.name(&self.symbols[index]))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.names.iter().any(|n| base_name(n) == name)
+        self.names().any(|n| base_name(n) == name)
     }
 
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.symbols.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.symbols.is_empty()
     }
 
     /// Every symbol with its address, in address order.
     pub fn entries(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.names
-            .iter()
-            .zip(&self.addresses)
-            .map(|(name, &address)| (name.as_ref(), address))
+        self.symbols.iter().map(|s| (self.name(s), s.address))
     }
 
     /// Whether `name` is a module's symbol (not vmlinux's, so not in vmlinux BTF).
     pub fn in_module(&self, name: &str) -> bool {
-        self.names
+        self.symbols
             .iter()
-            .zip(&self.in_module)
-            .any(|(n, &module)| module && n.as_ref() == name)
+            .any(|s| s.in_module != 0 && self.name(s) == name)
     }
 
     /// All symbol names (for availability checks done once per window).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.names.iter().map(AsRef::as_ref)
+        self.symbols.iter().map(|s| self.name(s))
     }
 }
+
+const _: () = assert!(std::mem::size_of::<Symbol>() == 16);
 
 #[cfg(test)]
 mod tests {

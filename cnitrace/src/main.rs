@@ -13,7 +13,16 @@ use cnitrace::doctor;
 #[command(
     name = "cnitrace",
     version,
-    about = "CPU cycles per packet for each kernel component of the container datapath"
+    about = "CPU cycles per packet for each kernel component of the container datapath",
+    after_help = "Examples:
+  sudo cnitrace doctor                          what this node can measure
+  sudo cnitrace profile -d 10                   10 s window during your traffic
+  sudo cnitrace profile --flamegraph out.svg    ... and where the cycles went
+  sudo cnitrace netfilter -n pod-ns             netfilter per hook and chain
+  sudo cnitrace agent --listen 127.0.0.1:9560   REST API, /metrics, live page
+
+Exit status: 0 success, 1 error (the message says what and how to fix it; nothing stays
+attached), 2 bad usage. RUST_LOG=debug (or info, warn) sets the log level on stderr."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,9 +32,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Profile one window and print the cycles-per-packet breakdown.
+    #[command(after_help = "Examples:
+  cnitrace profile -d 10                              10 s, the busiest device's packets
+  cnitrace profile -i veth1a2b -n pod-ns             packets of one device in a named netns
+  cnitrace profile -f json --stacks > before.json     input of `cnitrace diff`
+  cnitrace profile --flamegraph out.svg               SVG coloured by component
+  cnitrace profile -f pprof > profile.pb.gz           go tool pprof, Pyroscope, Parca
+  cnitrace profile --backend tracing                  entry/exit probes (kprobes or fentry)")]
     Profile(cli::profile::ProfileArgs),
     /// Profile one window and report netfilter per hook: cost, chains, rules walked per packet
-    /// and cycles per rule (adds a temporary nftables table counting hook entries).
+    /// and cycles per rule.
+    #[command(after_help = "Examples:
+  cnitrace netfilter -d 10 -n pod-ns                 this namespace's and pod-ns's rulesets
+  cnitrace netfilter --count-hook-entries            rules per packet for nft-based iptables
+                                                     (adds a temporary nftables table)")]
     Netfilter(cli::profile::NetfilterArgs),
     /// Run the agent: probes attached once, the REST API, Prometheus metrics and a live page.
     Agent(cli::agent::AgentArgs),
@@ -109,9 +129,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command {
-            Command::Profile(args) => {
-                cli::profile::run(args, cli::profile::Report::Breakdown).await
-            }
+            Command::Profile(args) => cli::profile::run_profile(args).await,
             Command::Netfilter(args) => cli::profile::run_netfilter(args).await,
             Command::Agent(args) => cli::agent::run(args).await,
             Command::Collect(args) => cli::collect::run(args).await,

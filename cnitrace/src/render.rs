@@ -314,6 +314,17 @@ pub fn netfilter_report(b: &Breakdown) -> String {
             ]);
         }
         let _ = writeln!(out, "{chains}");
+        if b.netfilter
+            .chains
+            .iter()
+            .any(|c| c.rules > 0 && c.packets.is_none())
+        {
+            let _ = writeln!(
+                out,
+                "rules/packet needs the packets entering each hook, which nft-based hooks do not \
+                 count: --count-hook-entries counts them with a temporary nftables table"
+            );
+        }
     }
     for note in &b.netfilter.ruleset_notes {
         let _ = writeln!(out, "note: {note}");

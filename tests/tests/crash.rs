@@ -110,12 +110,19 @@ fn kill_9_during_netfilter_then_repair_restores_the_node() {
         scene.sysctl_before, "0",
         "this test needs kernel.bpf_stats_enabled=0 to start with"
     );
-    // The sysctl path is what kernels before 5.8 take; the counting table is what `netfilter`
-    // adds. Run inside the test's namespace, so its nftables are the ones touched.
+    // The sysctl path is what kernels before 5.8 take; the counting table is what `netfilter
+    // --count-hook-entries` adds. Run inside the test's namespace, so its nftables are the ones touched.
     let child = Command::new("ip")
         .args(["netns", "exec", &scene.netns])
         .arg(cnitrace_bin())
-        .args(["netfilter", "--duration", "60", "--format", "json"])
+        .args([
+            "netfilter",
+            "--count-hook-entries",
+            "--duration",
+            "60",
+            "--format",
+            "json",
+        ])
         .env("CNITRACE_BPF_STATS", "sysctl")
         .spawn()
         .unwrap();

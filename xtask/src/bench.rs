@@ -130,7 +130,10 @@ impl Config {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?;
-                thread::sleep(Duration::from_millis(1500));
+                wait_healthy(port)?;
+                // The first seconds of an agent are its start-up (symbols, doctor report):
+                // the row is about the agent idling, not starting.
+                thread::sleep(Duration::from_millis(500));
                 child
             }
         };
@@ -139,7 +142,7 @@ impl Config {
 }
 
 fn start_profiler(bin: &std::path::Path, hz: u64, seconds: u32) -> Result<Child> {
-    let child = Command::new(bin)
+    let mut child = Command::new(bin)
         .args([
             "profile",
             "--format",
@@ -149,12 +152,45 @@ fn start_profiler(bin: &std::path::Path, hz: u64, seconds: u32) -> Result<Child>
         ])
         .args(["--duration", &(seconds + 1).to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .context("start cnitrace")?;
-    // Attach (load, calibrate 100 ms) before the traffic starts.
-    thread::sleep(Duration::from_millis(800));
+    // Traffic starts once the window is open (probes attached, start snapshot taken): its
+    // line on stderr says so.
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+            bail!("cnitrace profile exited before its window opened");
+        }
+        if line.contains("profiling for") {
+            break;
+        }
+    }
+    thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     Ok(child)
+}
+
+/// Waits until the agent answers /healthz (start-up done), at most 30 s.
+fn wait_healthy(port: u16) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let client: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    while std::time::Instant::now() < deadline {
+        if client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .call()
+            .is_ok()
+        {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the agent did not answer /healthz within 30 s")
 }
 
 /// Sum of `run_time_ns` and `run_cnt` over cnitrace's loaded programs (the kernel accounts them
@@ -320,7 +356,6 @@ pub fn run(args: &Args) -> Result<()> {
     drop(topo);
 
     let mut out = String::new();
-    let baseline = median(&mut results[0].clone());
     let _ = writeln!(
         out,
         "\niperf3 over a bridged pod pair ({} FORWARD rules), {} rounds x {} s, A/B alternated, {cpus} CPUs",
@@ -328,12 +363,13 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let _ = writeln!(
         out,
-        "{:<26} {:>13} {:>7} {:>7} {:>7} {:>13} {:>12} {:>11} {:>12}",
+        "{:<26} {:>13} {:>7} {:>7} {:>7} {:>15} {:>13} {:>12} {:>11} {:>12}",
         "configuration",
         "median Gbit/s",
         "min",
         "max",
         "ratio",
+        "round ratios",
         "BPF CPU share",
         "process CPU",
         "BPF runs/s",
@@ -342,6 +378,10 @@ pub fn run(args: &Args) -> Result<()> {
     for ((config, values), cost) in configs.iter().zip(&results).zip(&costs) {
         let mut v = values.clone();
         let m = median(&mut v);
+        // Each round's run against the same round's run without a profiler: slow drifts of
+        // the machine cancel, what is left is the noise the A/A row shows.
+        let mut ratios: Vec<f64> = values.iter().zip(&results[0]).map(|(a, b)| a / b).collect();
+        let ratio = median(&mut ratios);
         let label = config.label();
         let med = |f: &dyn Fn(&Cost) -> f64| {
             let mut values: Vec<f64> = cost.iter().map(f).collect();
@@ -351,10 +391,14 @@ pub fn run(args: &Args) -> Result<()> {
             |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{:.3}%", v * 100.0));
         let _ = writeln!(
             out,
-            "{label:<26} {m:>13.2} {:>7.2} {:>7.2} {:>7.4} {:>13} {:>12} {:>11} {:>12}",
+            "{label:<26} {m:>13.2} {:>7.2} {:>7.2} {ratio:>7.4} {:>15} {:>13} {:>12} {:>11} {:>12}",
             v.first().copied().unwrap_or_default(),
             v.last().copied().unwrap_or_default(),
-            m / baseline,
+            format!(
+                "{:.3}-{:.3}",
+                ratios.first().copied().unwrap_or_default(),
+                ratios.last().copied().unwrap_or_default()
+            ),
             pct(med(&|c| c.bpf_fraction)),
             pct(med(&|c| c.process_fraction)),
             med(&|c| c.bpf_runs_per_s).map_or_else(|| "-".to_owned(), |r| format!("{r:.0}")),
@@ -364,7 +408,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let _ = writeln!(
         out,
-        "\nThroughput rounds: kernel.bpf_stats_enabled as found (0), no A/B side taxed by statistics; ratio = median / median of `no profiler`.\n\
+        "\nThroughput rounds: kernel.bpf_stats_enabled as found (0), no A/B side taxed by statistics; ratio = median over rounds of the run / the same round's `no profiler` run (round ratios: lowest-highest).\n\
          BPF CPU share, runs/s, ns/pkt: run_time_ns of cnitrace's programs over elapsed x CPUs, per second, and per wire segment of the stream, in separate rounds with kernel.bpf_stats_enabled=1 (restored after)."
     );
     let _ = writeln!(

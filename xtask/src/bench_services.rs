@@ -1,5 +1,5 @@
 //! `cargo xtask bench-services`: what Services cost per new connection in kube-proxy's
-//! iptables and nftables modes, from 0 to 10000 Services (the release binary's
+//! iptables and nftables modes, from none (straight to the pod) and 1 to 10000 Services (the release binary's
 //! `lab sweep --services`, modes alternated at every count); the chart goes to
 //! docs/services.svg.
 
@@ -10,7 +10,7 @@ use crate::{bootstrap, cargo, report, run_command, workspace_root};
 #[derive(clap::Args)]
 pub struct Args {
     /// Numbers of Services, comma-separated.
-    #[arg(long, default_value = "0,1000,5000,10000")]
+    #[arg(long, default_value = "0,1,1000,5000,10000")]
     services: String,
     /// Profiled seconds per point.
     #[arg(long, default_value_t = 3)]

@@ -2,7 +2,8 @@
 //! long while: sessions opened and stopped without pause (some left to expire), two
 //! Prometheus scrapers every second, the page polling, veth pairs created and deleted by the
 //! thousand, iperf3 traffic through a bridged pod pair. Prints RSS over time, liveness,
-//! request failures, lost samples and the map maintenance, then SIGTERM and what is left.
+//! request failures, lost samples, whether every session names the devices its traffic
+//! crossed, then SIGTERM and what is left.
 
 use std::{
     fmt::Write as _,
@@ -43,6 +44,27 @@ struct Counts {
     health_checks: AtomicU64,
     health_failures: AtomicU64,
     health_worst_ms: AtomicU64,
+    /// Stopped sessions that carried traffic, and those among them whose denominator named a
+    /// device outside the pod pair (a churned veth, or a dead device's reused name).
+    sessions_with_traffic: AtomicU64,
+    sessions_misnamed: AtomicU64,
+}
+
+/// The interface names of the pod pair's namespaces: the only devices traffic crosses.
+fn topology_devices(topo: &Topology) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for ns in [&topo.node, &topo.client, &topo.server] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns, "-o", "link", "show"])
+            .output()?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `2: ca1b@if3: <...>`
+            if let Some(name) = line.split(": ").nth(1) {
+                names.push(name.split('@').next().unwrap_or(name).to_owned());
+            }
+        }
+    }
+    Ok(names)
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -72,6 +94,7 @@ pub fn run(args: &Args) -> Result<()> {
     let bin = workspace_root().join("target/release/cnitrace");
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 20 }).context("topology")?;
+    let devices = Arc::new(topology_devices(&topo)?);
     let churn_ns = Namespace(format!("{PREFIX}{}-soak", std::process::id()));
     run_command(std::process::Command::new("ip").args(["netns", "add", &churn_ns.0]))?;
     let agent = Arc::new(AgentProcess::start_binary(&bin, &[])?);
@@ -86,6 +109,7 @@ pub fn run(args: &Args) -> Result<()> {
     // Sessions: open and stop without pause; every fifth is given 2 s and left to expire.
     workers.push({
         let (agent, stop, counts) = (Arc::clone(&agent), Arc::clone(&stop), Arc::clone(&counts));
+        let devices = Arc::clone(&devices);
         thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -109,8 +133,34 @@ pub fn run(args: &Args) -> Result<()> {
                                 &format!("/api/v1/sessions/{id}/stop"),
                                 None,
                             ) {
-                                Ok((200, _)) => {
+                                Ok((200, text)) => {
                                     counts.sessions_stopped.fetch_add(1, Ordering::Relaxed);
+                                    let view: Value =
+                                        serde_json::from_str(&text).unwrap_or_default();
+                                    let packets = &view["breakdown"]["packets"];
+                                    // With iperf3 running the busiest device is on its path;
+                                    // between streams it may be anything, so only windows
+                                    // with traffic are judged.
+                                    if packets["segments"].as_u64().unwrap_or(0) > 50_000 {
+                                        counts
+                                            .sessions_with_traffic
+                                            .fetch_add(1, Ordering::Relaxed);
+                                        let named = packets["interfaces"]
+                                            .as_array()
+                                            .into_iter()
+                                            .flatten()
+                                            .filter_map(Value::as_str)
+                                            .all(|i| {
+                                                let name = i.split_whitespace().next().unwrap_or(i);
+                                                devices.iter().any(|d| d == name)
+                                            });
+                                        if !named {
+                                            counts
+                                                .sessions_misnamed
+                                                .fetch_add(1, Ordering::Relaxed);
+                                            eprintln!("soak: misnamed device: {packets}");
+                                        }
+                                    }
                                 }
                                 _ => {
                                     counts.failures.fetch_add(1, Ordering::Relaxed);
@@ -261,6 +311,12 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let _ = writeln!(
         out,
+        "devices: {} stopped sessions with traffic, {} named a device outside the pod pair",
+        c.sessions_with_traffic.load(Ordering::Relaxed),
+        c.sessions_misnamed.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
         "samples {samples:.0}, lost {lost:.0} ({:.3}%)",
         if samples > 0.0 {
             lost / samples * 100.0
@@ -287,6 +343,9 @@ pub fn run(args: &Args) -> Result<()> {
     report::publish("soak", &out)?;
     if !exit.success() || !left.is_empty() {
         bail!("the agent did not stop cleanly");
+    }
+    if c.sessions_misnamed.load(Ordering::Relaxed) > 0 {
+        bail!("sessions named devices outside the pod pair");
     }
     Ok(())
 }

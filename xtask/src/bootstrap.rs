@@ -41,6 +41,12 @@ const TEST_PACKAGES: &[&str] = &[
     "cpio",
     "xz-utils",
     "binutils",
+    // `cargo xtask image`: the container image built and run as the DaemonSet runs it (runc:
+    // crun refuses hosts with hybrid cgroups; mmdebstrap makes the Debian base where no
+    // registry is reachable).
+    "podman",
+    "runc",
+    "mmdebstrap",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

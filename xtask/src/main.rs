@@ -11,6 +11,7 @@ mod bench_soak;
 mod bootstrap;
 mod demo;
 mod fuzz;
+mod image;
 mod report;
 mod vmtest;
 
@@ -71,6 +72,9 @@ enum Task {
     /// Services: cost per new connection and set-up latency against their number, in
     /// kube-proxy's iptables and nftables modes.
     BenchServices(bench_services::Args),
+    /// The agent's container image from deploy/Dockerfile (podman), and with --check a run of
+    /// it exactly as the DaemonSet runs it.
+    Image(image::Args),
     /// Every parser of outside text under libFuzzer (cargo-fuzz), from the seeds in fuzz/corpus.
     Fuzz(fuzz::Args),
 }
@@ -220,8 +224,12 @@ fn test(no_lint: bool) -> Result<()> {
         // The tracing backend needs kprobes and fentry, which this machine's kernel may lack:
         // proven on Debian's distro kernels under QEMU.
         print!("{}", vmtest::run(&vmtest::Args::default())?);
+        // The image, run as the DaemonSet runs it.
+        let tag = "localhost/cnitrace:test";
+        image::build(tag)?;
+        print!("{}", image::check(tag)?);
     } else {
-        eprintln!("xtask: not root: vmtest (QEMU kernels) skipped");
+        eprintln!("xtask: not root: vmtest (QEMU kernels) and the image check skipped");
     }
     eprintln!("xtask: all tests passed");
     Ok(())
@@ -245,6 +253,7 @@ fn main() -> ExitCode {
         Task::BenchFlame(args) => bench_flame::run(&args),
         Task::BenchServices(args) => bench_services::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Image(args) => image::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

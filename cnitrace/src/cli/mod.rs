@@ -39,7 +39,7 @@ pub fn print<T: Serialize>(
 #[derive(clap::Args)]
 pub struct ProbeArgs {
     /// Sampling frequency per CPU, in Hz.
-    #[arg(long, default_value_t = DEFAULT_FREQUENCY_HZ)]
+    #[arg(short = 'F', long, default_value_t = DEFAULT_FREQUENCY_HZ)]
     pub frequency: u64,
     /// Sample a hardware cycles counter when present (auto), or always cpu-clock.
     #[arg(long, value_enum, default_value_t = ClockChoice::Auto)]

@@ -13,10 +13,11 @@ use cnitrace::{
 
 use super::{Format, interrupted};
 
+/// What `profile` and `netfilter` share: the window, the probes, the packets and the output.
 #[derive(clap::Args)]
-pub struct ProfileArgs {
+pub struct WindowArgs {
     /// Window length in seconds. Ctrl-C ends the window early and still reports it.
-    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
+    #[arg(short, long, default_value_t = 10.0, allow_negative_numbers = true)]
     pub duration: f64,
     /// auto is sampling (its cost does not grow with the packet rate); tracing puts a probe
     /// pair on every call of each component's entry points (kprobes or fentry).
@@ -29,25 +30,18 @@ pub struct ProfileArgs {
     pub probes: super::ProbeArgs,
     /// Interface(s) whose transmitted packets are the denominator (summed). Default: the
     /// interface that transmitted the most in the window.
-    #[arg(long = "iface")]
+    #[arg(short, long = "iface")]
     pub ifaces: Vec<String>,
     /// Named network namespace(s) (`ip netns`) where --iface names are looked up.
-    #[arg(long = "netns")]
+    #[arg(short, long = "netns")]
     pub netns: Vec<String>,
     /// What a packet is: a wire-size segment (default, as on the wire) or an skb.
     #[arg(long, value_enum, default_value_t = PacketUnit::Segment)]
     pub packet_unit: PacketUnit,
-    /// Count the packets entering each netfilter hook with a temporary nftables table (removed
-    /// afterwards), so rules per packet are known for nft-based iptables too.
-    #[arg(long)]
-    pub count_hook_entries: bool,
-    /// Do not read the iptables/nftables rulesets around the window.
-    #[arg(long, conflicts_with = "count_hook_entries")]
-    pub no_ruleset: bool,
     /// table and json: the breakdown; folded: the sampled stacks as `outer;...;inner cycles`
     /// lines (flamegraph.pl, inferno, speedscope); pprof: a gzipped pprof profile (go tool
     /// pprof, Pyroscope, Parca) to stdout.
-    #[arg(long, value_enum, default_value_t = ProfileFormat::Table)]
+    #[arg(short, long, value_enum, default_value_t = ProfileFormat::Table)]
     pub format: ProfileFormat,
     /// Include the sampled stacks in the JSON (input of `cnitrace diff`).
     #[arg(long)]
@@ -68,12 +62,28 @@ pub enum ProfileFormat {
 }
 
 #[derive(clap::Args)]
+pub struct ProfileArgs {
+    #[command(flatten)]
+    pub window: WindowArgs,
+    /// Count the packets entering each netfilter hook with a temporary nftables table (removed
+    /// afterwards), so rules per packet are known for nft-based iptables too.
+    #[arg(long)]
+    pub count_hook_entries: bool,
+    /// Do not read the iptables/nftables rulesets around the window.
+    #[arg(long, conflicts_with = "count_hook_entries")]
+    pub no_ruleset: bool,
+}
+
+#[derive(clap::Args)]
 pub struct NetfilterArgs {
     #[command(flatten)]
-    pub profile: ProfileArgs,
-    /// Do not add the counting table: rules per packet then only for legacy iptables.
+    pub window: WindowArgs,
+    /// Count the packets entering each netfilter hook with a temporary nftables table
+    /// (`cnitrace_entries_*`, removed afterwards, also on Ctrl-C): this changes the firewall
+    /// for the window. Without it, rules per packet are known where the rules keep counters
+    /// (iptables-legacy, iptables-nft, nft rules with `counter`) and hook entries are not.
     #[arg(long)]
-    pub no_count: bool,
+    pub count_hook_entries: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,7 +92,14 @@ pub enum Report {
     Netfilter,
 }
 
-pub async fn run(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
+/// What is read around the window beside the probes.
+#[derive(Clone, Copy)]
+pub struct Rulesets {
+    pub read: bool,
+    pub count_hook_entries: bool,
+}
+
+pub async fn run(args: WindowArgs, rulesets: Rulesets, report: Report) -> anyhow::Result<()> {
     if args.format == ProfileFormat::Pprof && std::io::stdout().is_terminal() {
         anyhow::bail!(
             "--format pprof writes a binary profile: redirect stdout to a file (> profile.pb.gz)"
@@ -99,8 +116,8 @@ pub async fn run(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
             ifaces: args.ifaces.clone(),
             unit: args.packet_unit,
             netfilter: netfilter::Options {
-                read_rules: !args.no_ruleset,
-                count_entries: args.count_hook_entries,
+                read_rules: rulesets.read,
+                count_entries: rulesets.count_hook_entries,
                 namespaces: args.netns.clone(),
             },
             netns: args.netns.clone(),
@@ -109,17 +126,17 @@ pub async fn run(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
         },
     };
     let tty = std::io::stderr().is_terminal();
-    if !tty {
-        eprintln!(
-            "cnitrace: profiling for {} s (Ctrl-C ends the window early)",
-            options.duration_s
-        );
-    }
+    // Without a terminal, one line once the window is open (probes attached, start snapshot
+    // taken): scripts and benchmarks start their traffic when they read it.
+    let mut announced = false;
     let progress = |elapsed: f64, total: f64| {
         if tty {
             eprint!(
                 "\rcnitrace: profiling {elapsed:>5.0}/{total:.0} s (Ctrl-C ends the window early)"
             );
+        } else if !announced {
+            announced = true;
+            eprintln!("cnitrace: profiling for {total} s (Ctrl-C ends the window early)");
         }
     };
     let (breakdown, ending) = profile::run(&options, interrupted(), progress).await?;
@@ -137,7 +154,7 @@ pub async fn run(args: ProfileArgs, report: Report) -> anyhow::Result<()> {
 
 /// Prints the window as asked and writes the flame graph; a window without stacks (tracing
 /// backend) is still printed as a table or JSON, then reported as the error it is.
-fn output(args: &ProfileArgs, breakdown: &Breakdown, report: Report) -> anyhow::Result<()> {
+fn output(args: &WindowArgs, breakdown: &Breakdown, report: Report) -> anyhow::Result<()> {
     if let Some(path) = &args.flamegraph {
         let svg = flame::flamegraph_svg(breakdown);
         match svg {
@@ -166,10 +183,20 @@ fn output(args: &ProfileArgs, breakdown: &Breakdown, report: Report) -> anyhow::
     Ok(())
 }
 
-/// `cnitrace netfilter`: the profile with rulesets read and hook entries counted unless
-/// `--no-count`.
-pub async fn run_netfilter(mut args: NetfilterArgs) -> anyhow::Result<()> {
-    args.profile.count_hook_entries = !args.no_count;
-    args.profile.no_ruleset = false;
-    run(args.profile, Report::Netfilter).await
+/// `cnitrace profile`.
+pub async fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
+    let rulesets = Rulesets {
+        read: !args.no_ruleset,
+        count_hook_entries: args.count_hook_entries,
+    };
+    run(args.window, rulesets, Report::Breakdown).await
+}
+
+/// `cnitrace netfilter`: the profile with the rulesets always read, reported per hook and chain.
+pub async fn run_netfilter(args: NetfilterArgs) -> anyhow::Result<()> {
+    let rulesets = Rulesets {
+        read: true,
+        count_hook_entries: args.count_hook_entries,
+    };
+    run(args.window, rulesets, Report::Netfilter).await
 }

@@ -604,7 +604,8 @@ pub struct ServicePoint {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeFit {
     pub mode: ProxyMode,
-    /// Netfilter cycles per connection against the number of Services.
+    /// Netfilter cycles per connection against the number of Services (points with at least
+    /// one Service: all of them DNATed).
     pub cycles_per_connection: Option<super::sweep::Fit>,
     /// Connection set-up (p50, microseconds) against the number of Services.
     pub setup_p50_us: Option<super::sweep::Fit>,
@@ -710,7 +711,9 @@ async fn sweep_on(
             let of = |y: fn(&ServicePoint) -> Option<f64>| {
                 let (xs, ys): (Vec<f64>, Vec<f64>) = points
                     .iter()
-                    .filter(|p| p.mode == mode)
+                    // Without Services the connections go straight to the pod, without
+                    // DNAT: a cost of its own, not a point on the per-Service line.
+                    .filter(|p| p.mode == mode && p.services > 0)
                     .filter_map(|p| y(p).map(|v| (f64::from(p.services), v)))
                     .unzip();
                 super::sweep::fit(&xs, &ys)
