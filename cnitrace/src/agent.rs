@@ -92,6 +92,9 @@ pub struct Agent {
     ticks: AtomicU64,
     /// When a rolling window was last read (seconds since start; [`NEVER`] before the first).
     rolling_read_s: AtomicU64,
+    /// The longest rolling window asked for lately, and when (seconds since start): the ring
+    /// keeps that much history, not always the longest allowed.
+    rolling_longest: Mutex<(u64, u64)>,
     started: Instant,
 }
 
@@ -119,6 +122,7 @@ impl Agent {
             ring: Mutex::new(VecDeque::new()),
             ticks: AtomicU64::new(0),
             rolling_read_s: AtomicU64::new(NEVER),
+            rolling_longest: Mutex::new((0, 0)),
             started: Instant::now(),
         }
     }
@@ -145,11 +149,14 @@ impl Agent {
         }
         let snapshot = self.probes.snapshot()?;
         let tick = self.ticks.fetch_add(1, Ordering::Relaxed);
+        // Every snapshot copies the sample maps: hold the history readers ask for (plus one
+        // sparse step), not five minutes of it for a page that reads ten seconds.
+        let keep = (lock(&self.rolling_longest).1 + SPARSE_EVERY_S).min(MAX_ROLLING_S);
         let mut ring = lock(&self.ring);
         ring.push_back((tick, snapshot));
         ring.retain(|(taken, _)| {
             let age = tick - taken;
-            age <= MAX_ROLLING_S && (age <= DENSE_S || taken % SPARSE_EVERY_S == 0)
+            age <= keep && (age <= DENSE_S || taken % SPARSE_EVERY_S == 0)
         });
         Ok(true)
     }
@@ -360,6 +367,15 @@ impl Agent {
             return Err(AgentError::BadRequest(format!(
                 "window={seconds} is out of range: give seconds in 1..={MAX_ROLLING_S}"
             )));
+        }
+        {
+            // A longer window than asked lately widens the ring from now on (its first reads
+            // get the history there is); one not asked again for five minutes stops counting.
+            let now = self.started.elapsed().as_secs();
+            let mut longest = lock(&self.rolling_longest);
+            if seconds >= longest.1 || now.saturating_sub(longest.0) > MAX_ROLLING_S {
+                *longest = (now, seconds);
+            }
         }
         let start = {
             let ring = lock(&self.ring);

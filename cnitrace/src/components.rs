@@ -405,6 +405,9 @@ const HOST_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("skb_"), OTHER_NETDEV),
     (Pattern::Prefix("__skb_"), OTHER_NETDEV),
     (Pattern::Prefix("loopback_"), OTHER_NETDEV),
+    // macvlan and ipvlan have no component of their own (yet): their drivers are device work.
+    (Pattern::Prefix("macvlan_"), OTHER_NETDEV),
+    (Pattern::Prefix("ipvlan_"), OTHER_NETDEV),
     // Interrupt and softirq machinery.
     (Pattern::Prefix("asm_"), OTHER_IRQ),
     (Pattern::Prefix("sysvec_"), OTHER_IRQ),

@@ -48,18 +48,37 @@ enum Command {
                                                      (adds a temporary nftables table)")]
     Netfilter(cli::profile::NetfilterArgs),
     /// Run the agent: probes attached once, the REST API, Prometheus metrics and a live page.
+    #[command(after_help = "Examples:
+  cnitrace agent                                      127.0.0.1:9560, no token (loopback only)
+  cnitrace agent --listen 0.0.0.0:9560 --token-file /etc/cnitrace/token
+  curl -H \"Authorization: Bearer $(cat token)\" -X POST -H 'Content-Type: application/json' \\
+       -d '{\"duration_s\": 10}' http://NODE:9560/api/v1/sessions")]
     Agent(cli::agent::AgentArgs),
     /// One window across several agents (e.g. sender and receiver), optionally around a
     /// benchmark command run here: per-node columns and their sum.
+    #[command(after_help = "Examples:
+  cnitrace collect http://node-a:9560 http://node-b:9560 --token-file token -- iperf3 -c 10.0.1.5 -t 30
+  cnitrace collect dns+http://cnitrace.cnitrace.svc:9560 --token-file token --duration 30")]
     Collect(cli::collect::CollectArgs),
     /// What changed per packet between two windows (breakdown files or an agent's sessions):
     /// components, sub-components, innermost functions, and a differential flame graph.
+    #[command(after_help = "Examples:
+  cnitrace profile -f json --stacks > before.json    (change something)    ... > after.json
+  cnitrace diff before.json after.json --flamegraph diff.svg
+  cnitrace diff --agent http://node-a:9560 3 4 --token-file token")]
     Diff(cli::diff::DiffArgs),
     /// Apply cnitrace's taxonomy to a perf recording: reads `perf script -F
     /// comm,pid,tid,cpu,period,event,ip,sym,dso` output (from `perf record -a -g -e cpu-clock`).
     ImportPerf(cli::import_perf::ImportPerfArgs),
-    /// Datapath lab helpers.
-    #[command(subcommand)]
+    /// CNI datapaths built on this machine: up, down, bench, rule and Service sweeps.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  cnitrace lab up flannel && cnitrace lab down
+  cnitrace lab bench flannel calico-np cni-bridge --duration 3
+  cnitrace lab sweep --rules 0,500,1000,2000
+  cnitrace lab sweep --services 0,1,1000,5000 --proxy-mode iptables,nftables --svg services.svg"
+    )]
     Lab(LabCommand),
     /// Report what this node supports: backends, hooks, PMU, BTF, components, CNI.
     Doctor {

@@ -531,3 +531,174 @@ fn lab_bad_input_is_a_clear_error() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+const CNI_STATE: &str = "/run/cnitrace-lab/cni";
+
+fn iptables_save_in(netns: &str) -> String {
+    let out = run("ip", &["netns", "exec", netns, "iptables-save"]).expect("iptables-save");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
+    if !privileged("cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    // Up by the plugins: their devices, their rules, their leases.
+    let out = cnitrace(&["lab", "up", "cni-bridge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = iptables_save_in("cnl-cni-bridge-h1");
+    assert!(rules.contains("CNI-FORWARD"), "firewall plugin: {rules}");
+    assert!(
+        rules.contains("MASQUERADE"),
+        "bridge plugin's ipMasq: {rules}"
+    );
+    let leases = std::fs::read_dir(format!("{CNI_STATE}/ipam/cnitrace-lab-bridge"))
+        .expect("host-local's leases")
+        .count();
+    assert!(leases >= 3, "{leases} entries in host-local's directory");
+    let link = run(
+        "ip",
+        &["-n", "cnl-cni-bridge-h1", "-o", "link", "show", "cni0"],
+    )
+    .expect("ip link");
+    assert!(link.status.success(), "the bridge plugin's cni0");
+    let out = cnitrace(&["lab", "down"]);
+    assert!(out.status.success());
+    assert_lab_gone();
+    assert!(
+        !std::path::Path::new(CNI_STATE).exists(),
+        "attachments and leases removed"
+    );
+
+    // Both models, both scenarios, measured.
+    let out = cnitrace(&[
+        "lab",
+        "bench",
+        "cni-bridge",
+        "cni-ptp",
+        "cni-macvlan",
+        "cni-ipvlan",
+        "--duration",
+        "2",
+        "--repeat",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let entries = json_of(&out);
+    assert_lab_gone();
+    assert!(!std::path::Path::new(CNI_STATE).exists());
+    let entries = entries.as_array().unwrap();
+    assert_eq!(entries.len(), 8, "4 models x 2 scenarios");
+    for entry in entries {
+        let (model, scenario) = (
+            entry["model"].as_str().unwrap(),
+            entry["scenario"].as_str().unwrap(),
+        );
+        // A kernel without a driver (ipvlan is not built everywhere) says so.
+        if let Some(reason) = entry["unavailable"].as_str() {
+            assert!(
+                model == "cni-macvlan" || model == "cni-ipvlan",
+                "{model}: {reason}"
+            );
+            eprintln!("{model} {scenario}: {reason}");
+            continue;
+        }
+        eprintln!(
+            "{model} {scenario}: {:.1} Gbit/s, bridge {:.0} ip_forward {:.0} netfilter {:.0} veth {:.0}",
+            entry["throughput_gbps"].as_f64().unwrap(),
+            cpp(entry, "bridge"),
+            cpp(entry, "ip_forward"),
+            cpp(entry, "netfilter"),
+            cpp(entry, "veth"),
+        );
+        assert!(entry["throughput_gbps"].as_f64().unwrap() > 0.1);
+        assert!(entry["connections_per_s"]["mean"].as_f64().unwrap() > 100.0);
+        match model {
+            "cni-bridge" | "cni-ptp" => {
+                // The firewall plugin's chains (and conntrack) are on every packet's path.
+                assert!(
+                    cpp(entry, "netfilter") > 0.0,
+                    "{model} {scenario}: netfilter"
+                );
+                assert!(cpp(entry, "veth") > 0.0, "{model} {scenario}: veth");
+            }
+            // Sub-interfaces of the uplink: the host's IP stack and its bridges never see the
+            // pods' packets.
+            _ => {
+                assert_eq!(cpp(entry, "bridge"), 0.0, "{model} {scenario}: no bridge");
+                assert_eq!(
+                    cpp(entry, "ip_forward"),
+                    0.0,
+                    "{model} {scenario}: no forwarding"
+                );
+            }
+        }
+        if model == "cni-bridge" {
+            assert!(cpp(entry, "bridge") > 0.0, "{model} {scenario}: bridge");
+        }
+        if model == "cni-ptp" {
+            assert_eq!(cpp(entry, "bridge"), 0.0, "{model} {scenario}: no bridge");
+            assert!(cpp(entry, "ip_forward") > 0.0, "{model} {scenario}: routed");
+        }
+    }
+}
+
+#[test]
+fn a_cni_plugin_failing_halfway_is_undone_through_the_plugins() {
+    if !privileged("a_cni_plugin_failing_halfway_is_undone_through_the_plugins") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    // The real plugins, but a firewall plugin that refuses ADD (and accepts DEL): bridge and
+    // host-local have made the pod's interface and lease when it fails.
+    let dir = std::env::temp_dir().join(format!("cnitrace-cni-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let real = ["/opt/cni/bin", "/usr/lib/cni"]
+        .iter()
+        .map(std::path::Path::new)
+        .find(|d| d.join("bridge").exists())
+        .expect("containernetworking-plugins");
+    for plugin in ["bridge", "host-local", "portmap"] {
+        std::os::unix::fs::symlink(real.join(plugin), dir.join(plugin)).unwrap();
+    }
+    let refusing = dir.join("firewall");
+    std::fs::write(
+        &refusing,
+        "#!/bin/sh\ncat >/dev/null\nif [ \"$CNI_COMMAND\" = ADD ]; then\n  echo '{\"cniVersion\":\"1.0.0\",\"code\":100,\"msg\":\"refused by the test\"}'\n  exit 1\nfi\nexit 0\n",
+    )
+    .unwrap();
+    run("chmod", &["755", refusing.to_str().unwrap()]).unwrap();
+    let out = Command::new(cnitrace_bin())
+        .args(["lab", "up", "cni-bridge"])
+        .env("CNI_PATH", &dir)
+        .output()
+        .expect("run cnitrace");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused by the test"), "{stderr}");
+    assert_lab_gone();
+    assert!(
+        !std::path::Path::new(CNI_STATE).exists(),
+        "attachments and leases removed"
+    );
+    // A missing plugin is named before anything is made.
+    let out = Command::new(cnitrace_bin())
+        .args(["lab", "up", "cni-ptp"])
+        .env("CNI_PATH", "/nonexistent")
+        .output()
+        .expect("run cnitrace");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CNI plugin `ptp` not found"), "{stderr}");
+    assert_lab_gone();
+}

@@ -32,6 +32,9 @@ pub struct Args {
     /// Then run it as the DaemonSet does and check it works (root; real traffic, real BPF).
     #[arg(long)]
     pub check: bool,
+    /// With --check: leave out this capability of the manifest's (to see whether it is needed).
+    #[arg(long, value_name = "CAP", requires = "check")]
+    pub without: Vec<String>,
 }
 
 /// The Dockerfile's bases; the builder's is replaced by the binary built here.
@@ -73,7 +76,7 @@ pub fn run(args: &Args) -> Result<()> {
         size as f64 / 1e6
     );
     if args.check {
-        print!("{}", check(&args.tag)?);
+        print!("{}", check(&args.tag, &args.without)?);
     }
     Ok(())
 }
@@ -309,8 +312,9 @@ impl Drop for Container {
 }
 
 /// Runs the image as the DaemonSet does and checks it end to end; returns a report.
-pub fn check(tag: &str) -> Result<String> {
-    let deployment = deployment()?;
+pub fn check(tag: &str, without: &[String]) -> Result<String> {
+    let mut deployment = deployment()?;
+    deployment.caps.retain(|cap| !without.contains(cap));
     let scrape = scrape_path()?;
     let mut report = String::new();
     let secret_dir = workspace_root().join(format!("target/image/secret-{}", std::process::id()));
@@ -445,6 +449,9 @@ fn exercise(
         bail!("stop: {status} {body}");
     }
     let view: serde_json::Value = serde_json::from_str(&body)?;
+    if view["breakdown"].is_null() {
+        bail!("the session ended without a breakdown: {}", view["error"]);
+    }
     let breakdown = &view["breakdown"];
     let component = |name: &str| {
         breakdown["components"]

@@ -227,7 +227,7 @@ fn test(no_lint: bool) -> Result<()> {
         // The image, run as the DaemonSet runs it.
         let tag = "localhost/cnitrace:test";
         image::build(tag)?;
-        print!("{}", image::check(tag)?);
+        print!("{}", image::check(tag, &[])?);
     } else {
         eprintln!("xtask: not root: vmtest (QEMU kernels) and the image check skipped");
     }

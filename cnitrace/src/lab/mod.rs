@@ -1,8 +1,10 @@
-//! The lab: CNI-shaped datapaths built from network namespaces on one machine, their
+//! The lab: CNI datapaths built from network namespaces on one machine (shaped after CNIs, or
+//! made by the CNI reference plugins run as a CNI runtime would), their
 //! benchmark, the netfilter rule sweep, kube-proxy's Services, and the project's tc program
 //! with an adjustable amount of work per packet.
 
 pub mod bench;
+pub mod cni;
 pub mod net;
 pub mod node_rules;
 pub mod policy;

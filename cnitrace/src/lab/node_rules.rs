@@ -291,6 +291,10 @@ pub fn ruleset(model: Model, pod_cidr: &str, pods: &[Ipv4Addr], dns: [Ipv4Addr; 
         Model::KubeRouter => kube_router(pods),
         Model::Weave => WEAVE.to_owned(),
         Model::Cilium => CILIUM.to_owned(),
+        // The plugins install their own rules; the lab adds none.
+        Model::CniBridge | Model::CniPtp | Model::CniMacvlan | Model::CniIpvlan => {
+            return String::new();
+        }
     };
     if !replaces_kube_proxy(model) {
         out.push_str(KUBELET);

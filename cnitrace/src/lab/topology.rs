@@ -34,6 +34,17 @@ pub enum Model {
     KubeRouter,
     /// A bridge plus a veth pair to an overlay bridge with VXLAN (flat L2).
     Weave,
+    /// The CNI reference plugins: bridge + host-local + firewall + portmap (the containerd
+    /// and podman default); native routing between hosts.
+    CniBridge,
+    /// The CNI reference plugins: ptp (routed veths, /32 host routes) + host-local +
+    /// firewall; native routing between hosts.
+    CniPtp,
+    /// The CNI reference plugins: macvlan (bridge mode) on the host's uplink + host-local;
+    /// pods on one L2 segment across hosts.
+    CniMacvlan,
+    /// The CNI reference plugins: ipvlan (L2 mode) on the host's uplink + host-local.
+    CniIpvlan,
 }
 
 impl Model {
@@ -47,6 +58,40 @@ impl Model {
         Model::Weave,
     ];
 
+    /// Models whose datapath the real CNI plugins make (run by the lab as a CNI runtime).
+    pub const CNI: [Model; 4] = [
+        Model::CniBridge,
+        Model::CniPtp,
+        Model::CniMacvlan,
+        Model::CniIpvlan,
+    ];
+
+    /// Every model, shaped or made by plugins.
+    pub const EVERY: [Model; 11] = [
+        Model::Flannel,
+        Model::CalicoNp,
+        Model::CalicoWp,
+        Model::CalicoIpip,
+        Model::Cilium,
+        Model::KubeRouter,
+        Model::Weave,
+        Model::CniBridge,
+        Model::CniPtp,
+        Model::CniMacvlan,
+        Model::CniIpvlan,
+    ];
+
+    /// The built-in configuration list the model runs, if the plugins make it.
+    pub fn cni(self) -> Option<super::cni::BuiltIn> {
+        match self {
+            Model::CniBridge => Some(super::cni::BuiltIn::Bridge),
+            Model::CniPtp => Some(super::cni::BuiltIn::Ptp),
+            Model::CniMacvlan => Some(super::cni::BuiltIn::Macvlan),
+            Model::CniIpvlan => Some(super::cni::BuiltIn::Ipvlan),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Model::Flannel => "flannel",
@@ -56,6 +101,10 @@ impl Model {
             Model::Cilium => "cilium",
             Model::KubeRouter => "kube-router",
             Model::Weave => "weave",
+            Model::CniBridge => "cni-bridge",
+            Model::CniPtp => "cni-ptp",
+            Model::CniMacvlan => "cni-macvlan",
+            Model::CniIpvlan => "cni-ipvlan",
         }
     }
 
@@ -64,7 +113,13 @@ impl Model {
         match self {
             Model::CalicoNp | Model::CalicoWp | Model::CalicoIpip => format!("cali{pod}"),
             Model::Cilium => format!("lxc{pod}"),
-            Model::Flannel | Model::KubeRouter | Model::Weave => format!("veth{pod}"),
+            Model::Flannel
+            | Model::KubeRouter
+            | Model::Weave
+            | Model::CniBridge
+            | Model::CniPtp
+            | Model::CniMacvlan
+            | Model::CniIpvlan => format!("veth{pod}"),
         }
     }
 
@@ -189,7 +244,7 @@ pub fn existing() -> Vec<String> {
 /// The model of the lab that is up, if one is.
 pub fn current() -> Option<Lab> {
     let names = existing();
-    let model = Model::ALL
+    let model = Model::EVERY
         .into_iter()
         .find(|m| names.contains(&host_name(*m, 1)))?;
     Some(Lab {
@@ -214,6 +269,11 @@ fn pods(model: Model) -> Vec<Pod> {
 /// after ending the processes still running in them (servers of a run that was killed): a
 /// namespace whose name is gone but whose processes live on would keep its devices.
 pub async fn down() -> Result<Vec<String>, Error> {
+    // Plugins first, while the namespaces they made interfaces in still exist: their DEL
+    // releases the IPAM leases and removes their rules.
+    for failure in super::cni::remove_all() {
+        tracing::warn!("removing the CNI plugins' attachments: {failure}");
+    }
     let names = existing();
     for name in &names {
         for pid in netns::pids_in(name).unwrap_or_default() {
@@ -234,6 +294,19 @@ pub fn ipip_available() -> bool {
         || has_module_file("ipip")
 }
 
+/// Whether the kernel has the macvlan or ipvlan driver: built in or loaded (its functions are
+/// in /proc/kallsyms), or a module file modprobe can load.
+fn has_driver(module: &str) -> bool {
+    let release = crate::window::kernel_release();
+    let prefix = format!(" {module}_");
+    std::fs::read_to_string("/proc/kallsyms").is_ok_and(|k| k.contains(&prefix))
+        || std::path::Path::new(&format!("/sys/module/{module}")).exists()
+        || std::fs::read_to_string(format!("/lib/modules/{release}/modules.builtin"))
+            .is_ok_and(|m| m.contains(&format!("/{module}.ko")))
+        || std::fs::read_to_string(format!("/lib/modules/{release}/modules.dep"))
+            .is_ok_and(|m| m.contains(&format!("/{module}.ko")))
+}
+
 fn has_module_file(module: &str) -> bool {
     let release = crate::window::kernel_release();
     let dir = std::path::PathBuf::from(format!("/lib/modules/{release}/kernel/net/ipv4"));
@@ -250,6 +323,26 @@ fn has_module_file(module: &str) -> bool {
 
 /// Why a model cannot be built here, if it cannot.
 pub fn unavailable_reason(model: Model) -> Option<String> {
+    for (driven, driver) in [(Model::CniMacvlan, "macvlan"), (Model::CniIpvlan, "ipvlan")] {
+        if model == driven && !has_driver(driver) {
+            return Some(format!(
+                "unavailable on this kernel: no {driver} driver (module {driver} absent)"
+            ));
+        }
+    }
+    if let Some(kind) = model.cni() {
+        let list = super::cni::builtin(kind, 1);
+        let missing: Vec<String> = super::cni::plugins_of(&list)
+            .map(|(_, _, plugins)| plugins)
+            .unwrap_or_default()
+            .iter()
+            .chain(std::iter::once(&serde_json::json!({"type": "host-local"})))
+            .filter_map(|p| p["type"].as_str())
+            .filter_map(|kind| super::cni::find_plugin(kind).err())
+            .map(|e| e.to_string())
+            .collect();
+        return (!missing.is_empty()).then(|| format!("unavailable here: {}", missing.join("; ")));
+    }
     (model == Model::CalicoIpip && !ipip_available()).then(|| {
         "unavailable on this kernel: no IP-in-IP support (module ipip absent, \
          CONFIG_NET_IPIP not set)"
@@ -300,7 +393,7 @@ async fn build(model: Model) -> Result<Lab, Error> {
     for host in &hosts {
         host.set_up("lo", LinkSettings::default()).await?;
         host.sysctl("net.ipv4.ip_forward", "1")?;
-        if model.bridge().is_some() {
+        if model.bridge().is_some() || model == Model::CniBridge {
             // What kubelet's br_netfilter set-up does: bridged IPv4 goes through iptables.
             host.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
         }
@@ -323,7 +416,11 @@ async fn build(model: Model) -> Result<Lab, Error> {
         host.add_address("wire", wire_ip(n), 24).await?;
     }
     for pod in &pods {
-        add_pod(model, &hosts[usize::from(pod.host) - 1], pod).await?;
+        if let Some(kind) = model.cni() {
+            add_pod_by_plugins(model, kind, &host_names[usize::from(pod.host) - 1], pod).await?;
+        } else {
+            add_pod(model, &hosts[usize::from(pod.host) - 1], pod).await?;
+        }
     }
     for (index, host) in hosts.iter().enumerate() {
         let n = index as u8 + 1;
@@ -344,10 +441,16 @@ async fn build(model: Model) -> Result<Lab, Error> {
                 host.add_neighbour(device, pod_ip(other, 0), tunnel_mac(other))
                     .await?;
             }
-            Model::CalicoNp | Model::CalicoWp | Model::KubeRouter => {
+            Model::CalicoNp
+            | Model::CalicoWp
+            | Model::KubeRouter
+            | Model::CniBridge
+            | Model::CniPtp => {
                 host.add_route(pod_ip(other, 0), 24, "wire", Some(wire_ip(other)))
                     .await?;
             }
+            // One L2 segment over the wire: nothing to route.
+            Model::CniMacvlan | Model::CniIpvlan => {}
             Model::CalicoIpip => {
                 host.add_ipip("tunl1", wire_ip(n), wire_ip(other)).await?;
                 host.set_up("tunl1", LinkSettings::default()).await?;
@@ -385,7 +488,12 @@ async fn build(model: Model) -> Result<Lab, Error> {
         }
     }
     // What every node of the CNI carries: kubelet's and kube-proxy's rules and the CNI's own.
-    for (index, host) in host_names.iter().enumerate() {
+    // The plugins' models carry what the plugins installed, nothing added.
+    for (index, host) in host_names
+        .iter()
+        .enumerate()
+        .filter(|_| model.cni().is_none())
+    {
         let n = index as u8 + 1;
         let local: Vec<Ipv4Addr> = pods.iter().filter(|p| p.host == n).map(|p| p.ip).collect();
         let rules = super::node_rules::ruleset(
@@ -428,6 +536,32 @@ async fn build(model: Model) -> Result<Lab, Error> {
         }
     }
     Ok(Lab { model, pods })
+}
+
+/// A pod made by the model's plugins: its namespace's loopback up, then the configuration
+/// list's ADD run in the host's namespace, asking host-local for the pod's lab address.
+async fn add_pod_by_plugins(
+    model: Model,
+    kind: super::cni::BuiltIn,
+    host: &str,
+    pod: &Pod,
+) -> Result<(), Error> {
+    Ns::open(&pod.netns)?
+        .set_up("lo", LinkSettings::default())
+        .await?;
+    let attachment = super::cni::Attachment {
+        host: host.to_owned(),
+        container_id: format!("{}-{}", model.name(), pod.letter),
+        netns: pod.netns.clone(),
+        ifname: "eth0".to_owned(),
+        args: format!("IgnoreUnknown=1;IP={}", pod.ip),
+        conflist: super::cni::builtin(kind, pod.host),
+        result: serde_json::Value::Null,
+    };
+    tokio::task::spawn_blocking(move || super::cni::add(attachment))
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("CNI ADD task: {e}")))??;
+    Ok(())
 }
 
 async fn add_pod(model: Model, host: &Ns, pod: &Pod) -> Result<(), Error> {
@@ -490,7 +624,7 @@ mod tests {
 
     #[test]
     fn names_fit_and_round_trip() {
-        for model in Model::ALL {
+        for model in Model::EVERY {
             // The command line spells models as the report does.
             assert_eq!(
                 <Model as clap::ValueEnum>::from_str(model.name(), false),
