@@ -375,6 +375,10 @@ fn rule_sweep_fits_a_rising_line_and_removes_its_rules() {
     assert!(result["fit_hook"]["slope"].as_f64().unwrap() > 0.0);
 }
 
+/// Services of the sweep's second point: enough that iptables mode's walk (about 80 cycles per
+/// connection per Service here) stands far above the noise of a per-connection figure.
+const SERVICES: u64 = 5000;
+
 #[test]
 fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mode() {
     if !privileged(
@@ -384,15 +388,16 @@ fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mo
     }
     let _serial = cnitrace_tests::serial();
     let _ = cnitrace(&["lab", "down"]);
+    let services = format!("1,{SERVICES}");
     let out = cnitrace(&[
         "lab",
         "sweep",
         "--services",
-        "1,2000",
+        &services,
         "--proxy-mode",
         "iptables,nftables",
         "--duration",
-        "2",
+        "3",
         "--format",
         "json",
     ]);
@@ -408,7 +413,7 @@ fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mo
             .unwrap_or_else(|| panic!("no point {mode} {services}"))
     };
     for mode in ["iptables", "nftables"] {
-        for services in [1, 2000] {
+        for services in [1, SERVICES] {
             let p = point(mode, services);
             assert!(
                 p["crr"]["connections"].as_u64().unwrap() > 100,
@@ -423,15 +428,15 @@ fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mo
             .unwrap_or_else(|| panic!("{mode} {services}: no walk"))
     };
     assert!(
-        walked("iptables", 2000) >= 1000.0,
-        "iptables mode walks {} rules per new connection with 2000 Services",
-        walked("iptables", 2000)
+        walked("iptables", SERVICES) >= SERVICES as f64,
+        "iptables mode walks {} rules per new connection with {SERVICES} Services",
+        walked("iptables", SERVICES)
     );
     // nftables: one map lookup, whatever the number of Services.
     assert!(
-        walked("nftables", 2000) <= 20.0,
+        walked("nftables", SERVICES) <= 20.0,
         "nftables mode walks {} rules per new connection",
-        walked("nftables", 2000)
+        walked("nftables", SERVICES)
     );
     let cycles = |mode: &str, services: u64| {
         point(mode, services)["netfilter_cycles_per_connection"]
@@ -439,18 +444,22 @@ fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mo
             .unwrap()
     };
     // Both points connect through a Service (DNAT), so what differs is the number of Services.
-    let growth = |mode: &str| cycles(mode, 2000) / cycles(mode, 1);
+    // Per-connection cycles of a 3 s window swing by a third between runs on a loaded 2-CPU
+    // runner (CI once read 93k and 126k for nftables mode at 1 and 2000 Services), so the
+    // claim is about the growth: iptables mode's is large and at least three times what
+    // nftables mode's can be.
+    let growth = |mode: &str| cycles(mode, SERVICES) - cycles(mode, 1);
     assert!(
-        growth("iptables") > 1.6,
-        "iptables: {} cycles per connection with 2000 Services, {} with one",
-        cycles("iptables", 2000),
+        cycles("iptables", SERVICES) > 1.6 * cycles("iptables", 1),
+        "iptables: {} cycles per connection with {SERVICES} Services, {} with one",
+        cycles("iptables", SERVICES),
         cycles("iptables", 1)
     );
     assert!(
-        growth("nftables") < 1.35,
-        "nftables: {} cycles per connection with 2000 Services, {} with one",
-        cycles("nftables", 2000),
-        cycles("nftables", 1)
+        growth("iptables") > 3.0 * growth("nftables").max(0.0),
+        "growth from 1 to {SERVICES} Services: iptables {} cycles per connection, nftables {}",
+        growth("iptables"),
+        growth("nftables")
     );
     // A stream's established packets skip the nat table: its per-packet netfilter cost
     // does not follow the Services (within the noise of two 2 s windows).
@@ -460,9 +469,9 @@ fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mo
             .unwrap()
     };
     assert!(
-        stream(2000) < 1.5 * stream(1) && stream(2000) > 0.0,
-        "stream netfilter CPP: {} with 2000 Services, {} with one",
-        stream(2000),
+        stream(SERVICES) < 1.5 * stream(1) && stream(SERVICES) > 0.0,
+        "stream netfilter CPP: {} with {SERVICES} Services, {} with one",
+        stream(SERVICES),
         stream(1)
     );
 }
