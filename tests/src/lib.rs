@@ -598,27 +598,12 @@ impl AgentProcess {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(u16, String)> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let url = format!("{}{path}", self.url);
-        let auth = format!("Bearer {}", self.token);
-        let mut response = match (method, body) {
-            ("GET", _) => agent.get(&url).header("Authorization", &auth).call()?,
-            (_, Some(body)) => agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_json(body)?,
-            // The agent takes POSTs only with a JSON content type, also without a body.
-            (_, None) => agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send_empty()?,
-        };
-        let status = response.status().as_u16();
-        Ok((status, response.body_mut().read_to_string()?))
+        http(
+            method,
+            &format!("{}{path}", self.url),
+            Some(&self.token),
+            body,
+        )
     }
 
     /// Waits for an agent the test killed itself.
@@ -644,4 +629,41 @@ impl Drop for AgentProcess {
         }
         let _ = std::fs::remove_file(&self.token_file);
     }
+}
+
+/// One request to an agent: GET, or POST with a JSON body (without one, an empty body with a
+/// JSON content type, which the agent requires of every POST), with the bearer token when
+/// given. Returns the status and the body text, whatever the status.
+pub fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut response = if method == "GET" {
+        let mut request = agent.get(url);
+        if let Some(auth) = &auth {
+            request = request.header("Authorization", auth);
+        }
+        request.call()?
+    } else {
+        let mut request = agent.post(url);
+        if let Some(auth) = &auth {
+            request = request.header("Authorization", auth);
+        }
+        match body {
+            Some(body) => request.send_json(body)?,
+            None => request
+                .header("Content-Type", "application/json")
+                .send_empty()?,
+        }
+    };
+    let status = response.status().as_u16();
+    Ok((status, response.body_mut().read_to_string()?))
 }

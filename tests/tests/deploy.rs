@@ -8,7 +8,7 @@ use std::{
 };
 
 use cnitrace_tests::{AgentProcess, cnitrace_bin, privileged, programs_left_after_exit};
-use serde_json::{Value, json};
+use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
 const NODE: &str = "node-from-downward-api";
@@ -19,36 +19,9 @@ fn daemonset() -> Yaml {
     YamlLoader::load_from_str(&text).unwrap().remove(0)
 }
 
-fn http(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let result = match (method, body) {
-        ("GET", _) => {
-            let mut r = agent.get(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        (_, body) => {
-            let mut r = agent.post(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.send_json(body.unwrap_or_else(|| json!({})))
-        }
-    };
-    match result {
-        Ok(mut response) => (
-            response.status().as_u16(),
-            response.body_mut().read_to_string().unwrap_or_default(),
-        ),
-        Err(_) => (0, String::new()),
-    }
+/// A request that may find nobody listening yet: (0, "") then.
+fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    cnitrace_tests::http(method, url, token, None).unwrap_or_default()
 }
 
 #[test]
@@ -140,7 +113,7 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         .spawn()
         .expect("unshare (util-linux)");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while http("GET", &health, None, None).0 != 200 {
+    while http("GET", &health, None).0 != 200 {
         assert!(
             Instant::now() < deadline,
             "the readiness probe never passed"
@@ -148,16 +121,11 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
-        http("GET", &format!("{base}/api/v1/node"), None, None).0,
+        http("GET", &format!("{base}/api/v1/node"), None).0,
         401,
         "the Secret's token is enforced"
     );
-    let (status, body) = http(
-        "POST",
-        &format!("{base}/api/v1/sessions"),
-        Some(&token),
-        None,
-    );
+    let (status, body) = http("POST", &format!("{base}/api/v1/sessions"), Some(&token));
     assert_eq!(status, 201, "{body}");
     let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
         .as_u64()
@@ -167,7 +135,6 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         "POST",
         &format!("{base}/api/v1/sessions/{id}/stop"),
         Some(&token),
-        None,
     );
     assert_eq!(status, 200, "{body}");
     let view: Value = serde_json::from_str(&body).unwrap();

@@ -269,33 +269,9 @@ fn scrape_path() -> Result<String> {
     Ok(endpoint["path"].as_str().unwrap_or("/metrics").to_owned())
 }
 
+/// A request that may find nobody listening yet: (0, the error) then.
 fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into();
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let result = if method == "GET" {
-        let mut request = agent.get(url);
-        if let Some(a) = &auth {
-            request = request.header("Authorization", a);
-        }
-        request.call()
-    } else {
-        let mut request = agent.post(url);
-        if let Some(a) = &auth {
-            request = request.header("Authorization", a);
-        }
-        request.send_json(serde_json::json!({}))
-    };
-    match result {
-        Ok(mut response) => (
-            response.status().as_u16(),
-            response.body_mut().read_to_string().unwrap_or_default(),
-        ),
-        Err(e) => (0, e.to_string()),
-    }
+    cnitrace_tests::http(method, url, token, None).unwrap_or_else(|e| (0, e.to_string()))
 }
 
 /// Removes the check's container whatever happens.
@@ -427,18 +403,14 @@ fn exercise(
     // A session over real traffic: iperf3 through the bridged pair, and the rulesets of its
     // namespace read from inside the container through the /run/netns mount.
     let url = format!("{base}/api/v1/sessions");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let mut response = agent
-        .post(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .send_json(serde_json::json!({"netns": [topology.node]}))?;
-    let body = response.body_mut().read_to_string()?;
-    if response.status().as_u16() != 201 {
-        bail!("POST /api/v1/sessions: {} {body}", response.status());
+    let (status, body) = cnitrace_tests::http(
+        "POST",
+        &url,
+        Some(token),
+        Some(&serde_json::json!({"netns": [topology.node]})),
+    )?;
+    if status != 201 {
+        bail!("POST /api/v1/sessions: {status} {body}");
     }
     let id = serde_json::from_str::<serde_json::Value>(&body)?["id"]
         .as_u64()
