@@ -558,9 +558,13 @@ async fn add_pod_by_plugins(
         conflist: super::cni::builtin(kind, pod.host),
         result: serde_json::Value::Null,
     };
-    tokio::task::spawn_blocking(move || super::cni::add(attachment))
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("CNI ADD task: {e}")))??;
+    // ADD, then CHECK: the plugins confirm the pod's interface, addresses and their rules
+    // are as their result says before anything is measured through them.
+    tokio::task::spawn_blocking(move || {
+        super::cni::add(attachment).and_then(|a| super::cni::check(&a))
+    })
+    .await
+    .map_err(|e| Error::InvalidArgument(format!("CNI ADD task: {e}")))??;
     Ok(())
 }
 
