@@ -66,20 +66,20 @@ impl Model {
         Model::CniIpvlan,
     ];
 
-    /// Every model, shaped or made by plugins.
-    pub const EVERY: [Model; 11] = [
-        Model::Flannel,
-        Model::CalicoNp,
-        Model::CalicoWp,
-        Model::CalicoIpip,
-        Model::Cilium,
-        Model::KubeRouter,
-        Model::Weave,
-        Model::CniBridge,
-        Model::CniPtp,
-        Model::CniMacvlan,
-        Model::CniIpvlan,
-    ];
+    /// Every model, shaped or made by plugins: [`Model::ALL`] then [`Model::CNI`].
+    pub const EVERY: [Model; 11] = {
+        let mut every = [Model::Flannel; 11];
+        let mut i = 0;
+        while i < Model::ALL.len() {
+            every[i] = Model::ALL[i];
+            i += 1;
+        }
+        while i < every.len() {
+            every[i] = Model::CNI[i - Model::ALL.len()];
+            i += 1;
+        }
+        every
+    };
 
     /// The built-in configuration list the model runs, if the plugins make it.
     pub fn cni(self) -> Option<super::cni::BuiltIn> {
@@ -628,6 +628,9 @@ mod tests {
 
     #[test]
     fn names_fit_and_round_trip() {
+        let distinct: std::collections::BTreeSet<&str> =
+            Model::EVERY.iter().map(|m| m.name()).collect();
+        assert_eq!(distinct.len(), Model::EVERY.len(), "every model once");
         for model in Model::EVERY {
             // The command line spells models as the report does.
             assert_eq!(
