@@ -281,6 +281,10 @@ pub fn remove_all() -> Vec<String> {
     {
         failures.push(format!("remove {STATE_DIR}: {e}"));
     }
+    // Its parent too, when nothing else of the lab's is in it.
+    if let Some(parent) = Path::new(STATE_DIR).parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
     failures
 }
 
