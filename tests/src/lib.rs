@@ -581,14 +581,8 @@ impl AgentProcess {
             child: Some(child),
             token_file,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if ureq::get(format!("{}/healthz", agent.url)).call().is_ok() {
-                return Ok(agent);
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        bail!("the agent did not answer /healthz within 15 s")
+        wait_until_ok(&format!("{}/healthz", agent.url), Duration::from_secs(15))?;
+        Ok(agent)
     }
 
     /// A request with the bearer token; returns status and body text.
@@ -666,4 +660,17 @@ pub fn http(
     };
     let status = response.status().as_u16();
     Ok((status, response.body_mut().read_to_string()?))
+}
+
+/// Polls `url` with GET until it answers 200 (an agent's /healthz once it has started), for at
+/// most `timeout`.
+pub fn wait_until_ok(url: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if http("GET", url, None, None).is_ok_and(|(status, _)| status == 200) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{url} did not answer 200 within {} s", timeout.as_secs())
 }

@@ -22,6 +22,14 @@ fn cnitrace(args: &[&str]) -> Output {
         .expect("run cnitrace")
 }
 
+/// `cnitrace lab up MODEL`, which must succeed; returns what it said on stderr.
+fn lab_up(model: &str) -> String {
+    let out = cnitrace(&["lab", "up", model]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "lab up {model}: {said}");
+    said
+}
+
 fn json_of(out: &Output) -> Value {
     assert!(
         out.status.success(),
@@ -206,12 +214,7 @@ fn lab_up_leaves_a_working_lab_that_down_removes_with_its_programs() {
     }
     let _serial = cnitrace_tests::serial();
     let _ = cnitrace(&["lab", "down"]);
-    let out = cnitrace(&["lab", "up", "cilium"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab_up("cilium");
     // The lab outlives the command: namespaces, and tc programs held by their filters.
     assert_eq!(lab_namespaces().len(), 5, "{:?}", lab_namespaces());
     assert!(
@@ -491,17 +494,11 @@ fn every_node_carries_the_rules_of_its_cni_and_kube_proxy() {
         ("cilium", 1.0),
         ("kube-router", 99.0),
     ] {
-        let out = cnitrace(&["lab", "up", model]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let said = lab_up(model);
         let host = format!("cnl-{model}-h1");
         let save = run("ip", &["netns", "exec", &host, "iptables-save"]).unwrap();
         let text = String::from_utf8_lossy(&save.stdout);
         let rules = text.lines().filter(|l| l.starts_with("-A ")).count() as f64;
-        let said = String::from_utf8_lossy(&out.stderr);
         assert!(
             said.contains(&format!("{rules} iptables rules")),
             "lab up must print the count: {said}"
@@ -556,12 +553,7 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
     let _serial = cnitrace_tests::serial();
     let _ = cnitrace(&["lab", "down"]);
     // Up by the plugins: their devices, their rules, their leases.
-    let out = cnitrace(&["lab", "up", "cni-bridge"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab_up("cni-bridge");
     let rules = iptables_save_in("cnl-cni-bridge-h1");
     assert!(rules.contains("CNI-FORWARD"), "firewall plugin: {rules}");
     assert!(

@@ -130,7 +130,10 @@ impl Config {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?;
-                wait_healthy(port)?;
+                cnitrace_tests::wait_until_ok(
+                    &format!("http://127.0.0.1:{port}/healthz"),
+                    Duration::from_secs(30),
+                )?;
                 // The first seconds of an agent are its start-up (symbols, doctor report):
                 // the row is about the agent idling, not starting.
                 thread::sleep(Duration::from_millis(500));
@@ -171,26 +174,6 @@ fn start_profiler(bin: &std::path::Path, hz: u64, seconds: u32) -> Result<Child>
     }
     thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     Ok(child)
-}
-
-/// Waits until the agent answers /healthz (start-up done), at most 30 s.
-fn wait_healthy(port: u16) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let client: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(2)))
-        .build()
-        .into();
-    while std::time::Instant::now() < deadline {
-        if client
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .call()
-            .is_ok()
-        {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    bail!("the agent did not answer /healthz within 30 s")
 }
 
 /// Sum of `run_time_ns` and `run_cnt` over cnitrace's loaded programs (the kernel accounts them

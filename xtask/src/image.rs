@@ -14,8 +14,7 @@ use std::{
     fmt::Write as _,
     path::Path,
     process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -380,13 +379,11 @@ fn exercise(
     report: &mut String,
 ) -> Result<()> {
     let base = format!("http://127.0.0.1:{}", deployment.port);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http("GET", &format!("{base}{}", deployment.health_path), None).0 != 200 {
-        if Instant::now() > deadline {
-            bail!("the readiness probe never passed");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+    cnitrace_tests::wait_until_ok(
+        &format!("{base}{}", deployment.health_path),
+        Duration::from_secs(30),
+    )
+    .context("the readiness probe never passed")?;
     let _ = writeln!(
         report,
         "  ok    readiness probe {} -> 200",
