@@ -40,6 +40,15 @@ pub enum Error {
     },
 }
 
+impl From<cnitrace_netns::Error> for Error {
+    fn from(e: cnitrace_netns::Error) -> Self {
+        match e {
+            cnitrace_netns::Error::Io { what, source } => Self::Io { what, source },
+            cnitrace_netns::Error::Invalid(message) => Self::InvalidArgument(message),
+        }
+    }
+}
+
 impl Error {
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
         Self::Io {

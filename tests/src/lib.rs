@@ -1,12 +1,14 @@
 //! Fixtures for privileged tests and the demo: pod pairs in network namespaces the fixture
 //! creates itself, real iperf3 traffic between them, and the cnitrace binary.
 //!
-//! Everything lives in namespaces named `cnt-<pid>-<n>-<role>`; dropping a [`Topology`] deletes
-//! them (and with them every veth, bridge and rule inside), also when a test fails halfway.
-//! [`remove_stale`] removes what a crashed run left behind.
+//! The pairs are built with the lab's own netlink code ([`cnitrace_netns`]), in namespaces
+//! named `cnt-<pid>-<n>-<role>`; dropping a [`Topology`] deletes them (and with them every
+//! veth, bridge and rule inside), also when a test fails halfway. [`remove_stale`] removes
+//! what a crashed run left behind.
 
 use std::{
     fmt::Write as _,
+    net::Ipv4Addr,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -15,6 +17,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+pub use cnitrace_netns::iperf3::{Flow, Stream};
+use cnitrace_netns::{LinkSettings, Ns};
 
 /// Prefix of every namespace the fixtures create.
 pub const PREFIX: &str = "cnt-";
@@ -43,6 +47,15 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<Output> {
     run("ip", &full)
 }
 
+/// Runs the lab's async netlink calls from the fixtures' synchronous code.
+fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(future)
+}
+
 /// The shape of a pod pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -59,7 +72,7 @@ pub struct Topology {
     pub node: String,
     pub client: String,
     pub server: String,
-    pub server_ip: String,
+    pub server_ip: Ipv4Addr,
     /// The client pod's interface (unique name): it transmits the benchmark's data packets.
     pub client_iface: String,
     /// The node-namespace end of the client pod's veth: the benchmark's data enters the node
@@ -81,150 +94,134 @@ impl Topology {
             node: format!("{base}-node"),
             client: format!("{base}-a"),
             server: format!("{base}-b"),
-            server_ip: String::new(),
+            server_ip: Ipv4Addr::UNSPECIFIED,
             client_iface: format!("ca{tag}"),
             node_client_iface: format!("na{tag}"),
-            tag: tag.clone(),
+            tag,
             namespaces: Vec::new(),
         };
-        for ns in [topo.node.clone(), topo.client.clone(), topo.server.clone()] {
-            run("ip", &["netns", "add", &ns])?;
-            topo.namespaces.push(ns.clone());
-            ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
+        // On failure the half-built topology is dropped, which removes what was made.
+        block_on(topo.build())?;
+        Ok(topo)
+    }
+
+    async fn build(&mut self) -> Result<()> {
+        for name in [self.node.clone(), self.client.clone(), self.server.clone()] {
+            cnitrace_netns::add_namespace(&name).await?;
+            self.namespaces.push(name.clone());
+            Ns::open(&name)?
+                .set_up("lo", LinkSettings::default())
+                .await?;
         }
-        let server_iface = format!("cb{tag}");
-        let (node_a, node_b) = (topo.node_client_iface.clone(), format!("nb{tag}"));
-        let (client_ns, server_ns, node_ns) =
-            (topo.client.clone(), topo.server.clone(), topo.node.clone());
-        for (pod_ns, pod_if, node_if) in [
-            (&client_ns, &topo.client_iface, &node_a),
-            (&server_ns, &server_iface, &node_b),
-        ] {
-            ns_run(
-                &node_ns,
-                &[
-                    "ip", "link", "add", node_if, "type", "veth", "peer", "name", pod_if, "netns",
-                    pod_ns,
-                ],
-            )?;
-            ns_run(&node_ns, &["ip", "link", "set", node_if, "up"])?;
-            ns_run(pod_ns, &["ip", "link", "set", pod_if, "up"])?;
-        }
-        match shape {
+        let tag = &self.tag;
+        let node = Ns::open(&self.node)?;
+        let (client, server) = (Ns::open(&self.client)?, Ns::open(&self.server)?);
+        let (server_iface, node_server_iface) = (format!("cb{tag}"), format!("nb{tag}"));
+        node.add_veth_into(
+            &self.node_client_iface,
+            LinkSettings::default(),
+            &client,
+            &self.client_iface,
+            LinkSettings::default(),
+        )
+        .await?;
+        node.add_veth_into(
+            &node_server_iface,
+            LinkSettings::default(),
+            &server,
+            &server_iface,
+            LinkSettings::default(),
+        )
+        .await?;
+        match self.shape {
             Shape::Bridged { rules } => {
                 let bridge = format!("br{tag}");
-                ns_run(&node_ns, &["ip", "link", "add", &bridge, "type", "bridge"])?;
-                ns_run(&node_ns, &["ip", "link", "set", &bridge, "up"])?;
-                for node_if in [&node_a, &node_b] {
-                    ns_run(&node_ns, &["ip", "link", "set", node_if, "master", &bridge])?;
-                }
-                ns_run(
-                    &client_ns,
-                    &[
-                        "ip",
-                        "addr",
-                        "add",
-                        "10.77.0.1/24",
-                        "dev",
-                        &topo.client_iface,
-                    ],
-                )?;
-                ns_run(
-                    &server_ns,
-                    &["ip", "addr", "add", "10.77.0.2/24", "dev", &server_iface],
-                )?;
-                "10.77.0.2".clone_into(&mut topo.server_ip);
-                ns_run(
-                    &node_ns,
-                    &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"],
-                )?;
-                add_forward_rules(&node_ns, rules)?;
+                node.add_bridge(&bridge).await?;
+                node.enslave(&self.node_client_iface, &bridge).await?;
+                node.enslave(&node_server_iface, &bridge).await?;
+                client
+                    .add_address(&self.client_iface, Ipv4Addr::new(10, 77, 0, 1), 24)
+                    .await?;
+                self.server_ip = Ipv4Addr::new(10, 77, 0, 2);
+                server
+                    .add_address(&server_iface, self.server_ip, 24)
+                    .await?;
+                node.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+                add_forward_rules(&self.node, rules)?;
             }
             Shape::Routed => {
-                ns_run(&node_ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-                ns_run(
-                    &node_ns,
-                    &["ip", "addr", "add", "10.78.1.254/24", "dev", &node_a],
-                )?;
-                ns_run(
-                    &node_ns,
-                    &["ip", "addr", "add", "10.78.2.254/24", "dev", &node_b],
-                )?;
-                ns_run(
-                    &client_ns,
-                    &[
-                        "ip",
-                        "addr",
-                        "add",
-                        "10.78.1.1/24",
-                        "dev",
-                        &topo.client_iface,
-                    ],
-                )?;
-                ns_run(
-                    &server_ns,
-                    &["ip", "addr", "add", "10.78.2.1/24", "dev", &server_iface],
-                )?;
-                ns_run(
-                    &client_ns,
-                    &["ip", "route", "add", "default", "via", "10.78.1.254"],
-                )?;
-                ns_run(
-                    &server_ns,
-                    &["ip", "route", "add", "default", "via", "10.78.2.254"],
-                )?;
-                "10.78.2.1".clone_into(&mut topo.server_ip);
+                node.sysctl("net.ipv4.ip_forward", "1")?;
+                let (client_gateway, server_gateway) =
+                    (Ipv4Addr::new(10, 78, 1, 254), Ipv4Addr::new(10, 78, 2, 254));
+                node.add_address(&self.node_client_iface, client_gateway, 24)
+                    .await?;
+                node.add_address(&node_server_iface, server_gateway, 24)
+                    .await?;
+                client
+                    .add_address(&self.client_iface, Ipv4Addr::new(10, 78, 1, 1), 24)
+                    .await?;
+                self.server_ip = Ipv4Addr::new(10, 78, 2, 1);
+                server
+                    .add_address(&server_iface, self.server_ip, 24)
+                    .await?;
+                client
+                    .add_route(
+                        Ipv4Addr::UNSPECIFIED,
+                        0,
+                        &self.client_iface,
+                        Some(client_gateway),
+                    )
+                    .await?;
+                server
+                    .add_route(
+                        Ipv4Addr::UNSPECIFIED,
+                        0,
+                        &server_iface,
+                        Some(server_gateway),
+                    )
+                    .await?;
             }
         }
-        Ok(topo)
+        Ok(())
     }
 
     /// Adds `count` more pods to a bridged topology (10.77.0.10 upwards); returns their
     /// namespaces and addresses. They are removed with the topology.
-    pub fn add_pods(&mut self, count: usize) -> Result<Vec<(String, String)>> {
+    pub fn add_pods(&mut self, count: usize) -> Result<Vec<(String, Ipv4Addr)>> {
         if !matches!(self.shape, Shape::Bridged { .. }) || count > 200 {
             bail!("extra pods need a bridged topology (and at most 200)");
         }
-        let bridge = format!("br{}", self.tag);
-        let mut pods = Vec::with_capacity(count);
-        for i in 0..count {
-            let ns = format!("{}-p{i}", self.node.trim_end_matches("-node"));
-            run("ip", &["netns", "add", &ns])?;
-            self.namespaces.push(ns.clone());
-            let (node_if, pod_if) = (format!("p{i}{}", self.tag), format!("q{i}{}", self.tag));
-            let ip = format!("10.77.0.{}", 10 + i);
-            ns_run(
-                &self.node,
-                &[
-                    "ip", "link", "add", &node_if, "type", "veth", "peer", "name", &pod_if,
-                    "netns", &ns,
-                ],
-            )?;
-            ns_run(
-                &self.node,
-                &["ip", "link", "set", &node_if, "master", &bridge, "up"],
-            )?;
-            ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
-            ns_run(
-                &ns,
-                &["ip", "addr", "add", &format!("{ip}/24"), "dev", &pod_if],
-            )?;
-            ns_run(&ns, &["ip", "link", "set", &pod_if, "up"])?;
-            pods.push((ns, ip));
-        }
-        Ok(pods)
+        block_on(async {
+            let node = Ns::open(&self.node)?;
+            let bridge = format!("br{}", self.tag);
+            let mut pods = Vec::with_capacity(count);
+            for i in 0..count {
+                let name = format!("{}-p{i}", self.node.trim_end_matches("-node"));
+                cnitrace_netns::add_namespace(&name).await?;
+                self.namespaces.push(name.clone());
+                let pod = Ns::open(&name)?;
+                pod.set_up("lo", LinkSettings::default()).await?;
+                let (node_if, pod_if) = (format!("p{i}{}", self.tag), format!("q{i}{}", self.tag));
+                node.add_veth_into(
+                    &node_if,
+                    LinkSettings::default(),
+                    &pod,
+                    &pod_if,
+                    LinkSettings::default(),
+                )
+                .await?;
+                node.enslave(&node_if, &bridge).await?;
+                let ip = Ipv4Addr::new(10, 77, 0, 10 + u8::try_from(i)?);
+                pod.add_address(&pod_if, ip, 24).await?;
+                pods.push((name, ip));
+            }
+            Ok(pods)
+        })
     }
 
     /// Starts an iperf3 TCP stream from the client pod to the server pod for `seconds`.
-    pub fn start_iperf3(&self, seconds: u32) -> Result<Traffic> {
-        start_iperf3_flow(
-            &self.client,
-            &self.server,
-            &self.server_ip,
-            5201,
-            seconds,
-            &[],
-        )
+    pub fn start_iperf3(&self, seconds: u32) -> Result<Stream> {
+        Ok(Flow::new(&self.client, &self.server, self.server_ip, seconds).start()?)
     }
 
     /// Profiles `seconds` of iperf3 traffic from the client pod with `cnitrace profile`,
@@ -275,15 +272,9 @@ fn add_forward_rules(ns: &str, rules: usize) -> Result<()> {
         );
     }
     script.push_str("COMMIT\n");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables-restore", "--noflush"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run iptables-restore (is iptables installed?)")?;
-    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, script.as_bytes())?;
-    drop(child.stdin.take());
-    let out = child.wait_with_output()?;
+    let out =
+        cnitrace_netns::output_in(Some(ns), "iptables-restore", &["--noflush"], Some(&script))?
+            .context("cannot run iptables-restore (is iptables installed?)")?;
     if !out.status.success() {
         bail!(
             "iptables-restore failed: {}",
@@ -295,137 +286,41 @@ fn add_forward_rules(ns: &str, rules: usize) -> Result<()> {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // Kill anything still running inside before deleting (iperf3 servers).
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "pids", ns])
-                .output()
-                .map(|out| {
-                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                        let _ = Command::new("kill").args(["-9", pid]).status();
-                    }
-                });
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// Starts an iperf3 server in `server_ns` on `port` and a client in `client_ns` with extra
-/// arguments (e.g. `-P 100`, `-b 1G`); no readiness wait beyond a short pause.
-pub fn start_iperf3_flow(
-    client_ns: &str,
-    server_ns: &str,
-    server_ip: &str,
-    port: u16,
-    seconds: u32,
-    extra: &[&str],
-) -> Result<Traffic> {
-    let port = port.to_string();
-    let server = Command::new("ip")
-        .args([
-            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_ip, "-p", &port,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start iperf3")?;
-    let mut traffic = Traffic {
-        server,
-        client: None,
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let listening = ns_run(
-            server_ns,
-            &["ss", "-Hltn", "sport", "=", &format!(":{port}")],
-        )
-        .is_ok_and(|out| !out.stdout.is_empty());
-        if listening {
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let client = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            client_ns,
-            "iperf3",
-            "-c",
-            server_ip,
-            "-p",
-            &port,
-            "-t",
-            &seconds.to_string(),
-            "-J",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start the iperf3 client")?;
-    traffic.client = Some(client);
-    Ok(traffic)
-}
-
-/// A running iperf3 pair. Dropping it kills both ends.
-pub struct Traffic {
-    server: Child,
-    client: Option<Child>,
-}
-
-impl Traffic {
-    /// Waits for the client and returns the throughput it reported, in Gbit/s.
-    pub fn finish(mut self) -> Result<f64> {
-        let client = self.client.take().context("no client")?;
-        let out = client.wait_with_output()?;
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        if !out.status.success() {
-            bail!(
-                "iperf3 client failed: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        let json: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-        json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|bps| bps / 1e9)
-            .context("no end.sum_received.bits_per_second in iperf3 output")
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        if let Some(mut client) = self.client.take() {
-            let _ = client.kill();
-            let _ = client.wait();
-        }
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        let namespaces = std::mem::take(&mut self.namespaces);
+        // Ends what still runs inside (iperf3 servers), then deletes each namespace.
+        let _ = block_on(async {
+            for name in namespaces.iter().rev() {
+                let _ = cnitrace_netns::remove(name).await;
+            }
+            Ok(())
+        });
     }
 }
 
 /// Deletes fixture namespaces whose creating process is gone (left by a crash or kill -9).
 pub fn remove_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+    let Ok(entries) = std::fs::read_dir(cnitrace_netns::NETNS_DIR) else {
         return;
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let owner_alive = rest
-            .split('-')
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
-        if !owner_alive {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
+    let stale: Vec<String> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| {
+            name.strip_prefix(PREFIX).is_some_and(|rest| {
+                !rest
+                    .split('-')
+                    .next()
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists())
+            })
+        })
+        .collect();
+    let _ = block_on(async {
+        for name in &stale {
+            let _ = cnitrace_netns::remove(name).await;
         }
-    }
+        Ok(())
+    });
 }
 
 /// The cnitrace binary: $CNITRACE_BIN, else target/debug/cnitrace in this workspace.

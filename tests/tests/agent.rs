@@ -191,7 +191,7 @@ fn collect_across_two_agents_sums_them() {
             "-s",
             "-1",
             "-B",
-            &topo.server_ip,
+            &topo.server_ip.to_string(),
         ])
         .spawn()
         .unwrap();
@@ -214,7 +214,7 @@ fn collect_across_two_agents_sums_them() {
             &topo.client,
             "iperf3",
             "-c",
-            &topo.server_ip,
+            &topo.server_ip.to_string(),
             "-t",
             "3",
         ])

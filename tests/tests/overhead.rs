@@ -115,7 +115,7 @@ fn default_against_exact(topo: &Topology) -> (Value, Value) {
             &topo.client,
             "iperf3",
             "-c",
-            &topo.server_ip,
+            &topo.server_ip.to_string(),
         ])
         .args(["-p", "5311", "-n", "6G"])
         .output()

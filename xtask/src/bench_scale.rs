@@ -6,7 +6,7 @@ use std::{thread, time::Duration};
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, bail};
-use cnitrace_tests::{AgentProcess, Shape, Topology, Traffic, remove_stale, start_iperf3_flow};
+use cnitrace_tests::{AgentProcess, Flow, Shape, Stream, Topology, remove_stale};
 use serde_json::{Value, json};
 
 use crate::{bootstrap, cargo, run_command, workspace_root};
@@ -44,12 +44,7 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 }
 
 /// One session of the agent around `flows`, started just before.
-fn measure(
-    agent: &AgentProcess,
-    label: String,
-    flows: Vec<Traffic>,
-    seconds: u32,
-) -> Result<Point> {
+fn measure(agent: &AgentProcess, label: String, flows: Vec<Stream>, seconds: u32) -> Result<Point> {
     thread::sleep(Duration::from_millis(800));
     let (status, body) = agent.request("POST", "/api/v1/sessions", Some(&json!({})))?;
     if status != 201 {
@@ -103,23 +98,13 @@ pub fn run(args: &Args) -> Result<()> {
         let agent = AgentProcess::start_binary(&bin, &[])?;
         // One flow between the base pair, and one between each further pair of pods, sharing
         // the machine: every pod sends or receives.
-        let mut flows = vec![start_iperf3_flow(
-            &topo.client,
-            &topo.server,
-            &topo.server_ip,
-            5201,
-            args.seconds,
-            &[],
-        )?];
+        let mut flows = vec![topo.start_iperf3(args.seconds)?];
         for pair in extra.chunks_exact(2) {
-            flows.push(start_iperf3_flow(
-                &pair[0].0,
-                &pair[1].0,
-                &pair[1].1,
-                5201,
-                args.seconds,
-                &["-b", "200M"],
-            )?);
+            flows.push(
+                Flow::new(&pair[0].0, &pair[1].0, pair[1].1, args.seconds)
+                    .client_args(&["-b", "200M"])
+                    .start()?,
+            );
         }
         eprintln!("bench: {pods} pods, {} flows", flows.len());
         points.push(measure(
@@ -141,14 +126,12 @@ pub fn run(args: &Args) -> Result<()> {
         while left > 0 {
             let streams = left.min(125);
             let p = streams.to_string();
-            flows.push(start_iperf3_flow(
-                &topo.client,
-                &topo.server,
-                &topo.server_ip,
-                port,
-                args.seconds,
-                &["-P", &p],
-            )?);
+            flows.push(
+                Flow::new(&topo.client, &topo.server, topo.server_ip, args.seconds)
+                    .port(port)
+                    .client_args(&["-P", &p])
+                    .start()?,
+            );
             left -= streams;
             port += 1;
         }

@@ -341,13 +341,9 @@ pub(crate) async fn profiled_stream_to(
     let mut window = OpenWindow::open(&probes, &profile_options.window)?;
     // Warm-up, window, and a margin for the end snapshot.
     let seconds = profile_options.duration_s.ceil() as u32 + 2;
-    let stream = traffic::Stream::start_via(
-        &lab.client().netns,
-        &server.netns,
-        server.ip,
-        connect,
-        seconds,
-    )?;
+    let stream = traffic::Flow::new(&lab.client().netns, &server.netns, server.ip, seconds)
+        .via(connect)
+        .start()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     window.restart(&probes)?;
     tokio::time::sleep(Duration::from_secs_f64(profile_options.duration_s)).await;

@@ -5,7 +5,6 @@
 
 pub mod bench;
 pub mod cni;
-pub mod net;
 pub mod node_rules;
 pub mod policy;
 pub mod redirect;

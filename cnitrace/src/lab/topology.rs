@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use cnitrace_common::LabRoute;
 use serde::Serialize;
 
-use super::net::{self, LinkSettings, Ns};
 use crate::{error::Error, netns};
+use cnitrace_netns::{LinkSettings, Ns};
 
 /// Prefix of every namespace the lab makes.
 pub const PREFIX: &str = "cnl-";
@@ -265,9 +265,7 @@ fn pods(model: Model) -> Vec<Pod> {
         .collect()
 }
 
-/// Removes every lab namespace (their devices, routes, rules and tc programs go with them),
-/// after ending the processes still running in them (servers of a run that was killed): a
-/// namespace whose name is gone but whose processes live on would keep its devices.
+/// Removes every lab namespace and what runs and lives in it ([`cnitrace_netns::remove`]).
 pub async fn down() -> Result<Vec<String>, Error> {
     // Plugins first, while the namespaces they made interfaces in still exist: their DEL
     // releases the IPAM leases and removes their rules.
@@ -276,13 +274,7 @@ pub async fn down() -> Result<Vec<String>, Error> {
     }
     let names = existing();
     for name in &names {
-        for pid in netns::pids_in(name).unwrap_or_default() {
-            if pid != std::process::id().cast_signed() {
-                // SAFETY: kill(2) with a pid read from /proc; at worst the process is gone.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        net::delete_namespace(name).await?;
+        cnitrace_netns::remove(name).await?;
     }
     Ok(names)
 }
@@ -387,7 +379,7 @@ async fn build(model: Model) -> Result<Lab, Error> {
     let pods = pods(model);
     let host_names = [host_name(model, 1), host_name(model, 2)];
     for name in host_names.iter().chain(pods.iter().map(|p| &p.netns)) {
-        net::add_namespace(name).await?;
+        cnitrace_netns::add_namespace(name).await?;
     }
     let hosts = [Ns::open(&host_names[0])?, Ns::open(&host_names[1])?];
     for host in &hosts {
@@ -399,21 +391,20 @@ async fn build(model: Model) -> Result<Lab, Error> {
         }
     }
     // The wire: one veth pair between the hosts.
-    hosts[0].add_veth("wire", "wire2").await?;
-    hosts[0].move_to("wire2", &host_names[1]).await?;
-    for (index, host) in hosts.iter().enumerate() {
-        let n = index as u8 + 1;
-        let link = if n == 1 { "wire" } else { "wire2" };
-        host.set_up(
-            link,
-            LinkSettings {
-                rename: (n == 2).then_some("wire"),
-                mtu: Some(WIRE_MTU),
-                ..LinkSettings::default()
-            },
-        )
+    let wire = LinkSettings {
+        mtu: Some(WIRE_MTU),
+        ..LinkSettings::default()
+    };
+    let renamed = LinkSettings {
+        rename: Some("wire"),
+        ..wire
+    };
+    hosts[0]
+        .add_veth_into("wire", wire, &hosts[1], "wire2", renamed)
         .await?;
-        host.add_address("wire", wire_ip(n), 24).await?;
+    for (index, host) in hosts.iter().enumerate() {
+        host.add_address("wire", wire_ip(index as u8 + 1), 24)
+            .await?;
     }
     for pod in &pods {
         if let Some(kind) = model.cni() {
@@ -571,24 +562,20 @@ async fn add_pod_by_plugins(
 async fn add_pod(model: Model, host: &Ns, pod: &Pod) -> Result<(), Error> {
     let host_side = model.host_veth(pod.letter);
     let pod_side = format!("eth0{}", pod.letter);
-    host.add_veth(&host_side, &pod_side).await?;
-    host.move_to(&pod_side, &pod.netns).await?;
     let ns = Ns::open(&pod.netns)?;
     ns.set_up("lo", LinkSettings::default()).await?;
-    ns.set_up(
+    host.add_veth_into(
+        &host_side,
+        LinkSettings {
+            mac: Some(host_veth_mac(model, pod.letter)),
+            ..LinkSettings::default()
+        },
+        &ns,
         &pod_side,
         LinkSettings {
             rename: Some("eth0"),
             mac: Some(pod_mac(pod.letter)),
             mtu: None,
-        },
-    )
-    .await?;
-    host.set_up(
-        &host_side,
-        LinkSettings {
-            mac: Some(host_veth_mac(model, pod.letter)),
-            ..LinkSettings::default()
         },
     )
     .await?;

@@ -5,7 +5,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -15,7 +14,7 @@ use crate::{error::Error, netns};
 
 /// The port of the request/response server (Calico's policy in the lab allows it).
 pub const RR_PORT: u16 = 5299;
-pub const IPERF3_PORT: u16 = 5201;
+pub use cnitrace_netns::iperf3::{DEFAULT_PORT as IPERF3_PORT, Flow, Stream};
 
 /// Round trips of a request/response run.
 #[derive(Debug, Clone, Copy)]
@@ -254,131 +253,6 @@ pub fn connect_request_response(
     let result = result?;
     server_outcome?;
     Ok(result)
-}
-
-/// An iperf3 TCP stream from one pod to another. Start the server first.
-pub struct Stream {
-    server: std::process::Child,
-    client: Option<std::process::Child>,
-}
-
-impl Stream {
-    pub fn start(
-        client_netns: &str,
-        server_netns: &str,
-        server_ip: Ipv4Addr,
-        seconds: u32,
-    ) -> Result<Self, Error> {
-        Self::start_via(client_netns, server_netns, server_ip, server_ip, seconds)
-    }
-
-    /// A stream whose client connects to `connect` (a Service IP DNATed to `server_ip`).
-    pub fn start_via(
-        client_netns: &str,
-        server_netns: &str,
-        server_ip: Ipv4Addr,
-        connect: Ipv4Addr,
-        seconds: u32,
-    ) -> Result<Self, Error> {
-        let mut server = Command::new("iperf3");
-        server
-            .args([
-                "-s",
-                "-1",
-                "-B",
-                &server_ip.to_string(),
-                "-p",
-                &IPERF3_PORT.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut server = netns::spawn_in(server_netns, server).map_err(|e| match e {
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Error::InvalidArgument("lab bench needs iperf3 (apt install iperf3)".to_owned())
-            }
-            other => other,
-        })?;
-        // Wait until the server listens: the client fails at once otherwise. A probe
-        // connection would be taken as the one test `-1` serves, so watch the socket table.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !listening(server_netns, IPERF3_PORT)? {
-            if Instant::now() > deadline {
-                let _ = server.kill();
-                let _ = server.wait();
-                return Err(Error::InvalidArgument(format!(
-                    "iperf3 server in {server_netns} did not start listening"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut client = Command::new("iperf3");
-        client
-            .args([
-                "-c",
-                &connect.to_string(),
-                "-p",
-                &IPERF3_PORT.to_string(),
-                "-t",
-                &seconds.to_string(),
-                "-J",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let client = netns::spawn_in(client_netns, client)?;
-        Ok(Self {
-            server,
-            client: Some(client),
-        })
-    }
-
-    /// Waits for the stream and returns the receiver's throughput in Gbit/s.
-    pub fn finish(mut self) -> Result<f64, Error> {
-        let output = self
-            .client
-            .take()
-            .expect("a stream is finished once")
-            .wait_with_output()
-            .map_err(|e| Error::io("wait for iperf3", e))?;
-        let _ = self.server.wait();
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "iperf3 printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        })?;
-        if let Some(error) = json.get("error").and_then(|e| e.as_str()) {
-            return Err(Error::InvalidArgument(format!("iperf3: {error}")));
-        }
-        json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|bps| bps / 1e9)
-            .ok_or_else(|| Error::InvalidArgument("iperf3 JSON has no end.sum_received".to_owned()))
-    }
-}
-
-/// Whether a TCP socket listens on `port` in the namespace (its /proc/net/tcp).
-fn listening(netns_name: &str, port: u16) -> Result<bool, Error> {
-    let needle = format!(":{port:04X} ");
-    netns::run_in(netns_name, move || {
-        // thread-self: /proc/net follows the process's namespace, not this thread's.
-        let table = std::fs::read_to_string("/proc/thread-self/net/tcp")
-            .map_err(|e| Error::io("read /proc/thread-self/net/tcp", e))?;
-        Ok(table.lines().skip(1).any(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 3 && format!("{} ", fields[1]).ends_with(&needle) && fields[3] == "0A"
-        }))
-    })
-    .join()
-    .map_err(|_| Error::InvalidArgument("socket table thread panicked".to_owned()))?
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        for child in self.client.iter_mut().chain([&mut self.server]) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,8 @@
-//! Netlink plumbing for the lab (rtnetlink): namespaces, veths, bridges, VXLAN and IP-in-IP
+//! Netlink plumbing (rtnetlink): namespaces, veths, bridges, VXLAN and IP-in-IP
 //! devices, addresses, routes and static neighbours, each configured from inside its
 //! namespace through a netlink socket opened there.
 
-use std::{
-    net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _},
-};
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
@@ -13,7 +10,7 @@ use rtnetlink::{
     packet_route::neighbour::NeighbourState,
 };
 
-use crate::{error::Error, netns};
+use crate::Error;
 
 #[allow(clippy::needless_pass_by_value)] // used as map_err(|e| netlink(.., e))
 fn netlink(what: impl Into<String>, e: rtnetlink::Error) -> Error {
@@ -50,18 +47,17 @@ pub struct Ns {
 impl Ns {
     /// Opens a netlink socket inside `name` (a socket stays in the namespace it was made in).
     pub fn open(name: &str) -> Result<Self, Error> {
-        let file = std::fs::File::open(netns::path(name))
+        let file = std::fs::File::open(crate::path(name))
             .map_err(|e| Error::io(format!("open netns {name}"), e))?;
         let runtime = tokio::runtime::Handle::current();
         let (connection, handle, _) = std::thread::spawn(move || {
             // The socket registers with the runtime's reactor as it is made.
             let _entered = runtime.enter();
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| Error::io("setns", e.into()))?;
+            crate::enter(&file)?;
             rtnetlink::new_connection().map_err(|e| Error::io("netlink socket", e))
         })
         .join()
-        .map_err(|_| Error::InvalidArgument("netlink thread panicked".to_owned()))??;
+        .map_err(|_| Error::Invalid("netlink thread panicked".to_owned()))??;
         tokio::spawn(connection);
         Ok(Self {
             name: name.to_owned(),
@@ -78,7 +74,7 @@ impl Ns {
             .execute();
         match links.try_next().await {
             Ok(Some(message)) => Ok(message.header.index),
-            Ok(None) | Err(_) => Err(Error::InvalidArgument(format!(
+            Ok(None) | Err(_) => Err(Error::Invalid(format!(
                 "no device {link} in netns {}",
                 self.name
             ))),
@@ -93,6 +89,22 @@ impl Ns {
             .execute()
             .await
             .map_err(|e| netlink(format!("add veth {name}/{peer} in {}", self.name), e))
+    }
+
+    /// A veth pair: `name` here, `peer` moved into `peer_ns`, each configured with its settings
+    /// and brought up (a pod's interface and its host side).
+    pub async fn add_veth_into(
+        &self,
+        name: &str,
+        settings: LinkSettings<'_>,
+        peer_ns: &Ns,
+        peer: &str,
+        peer_settings: LinkSettings<'_>,
+    ) -> Result<(), Error> {
+        self.add_veth(name, peer).await?;
+        self.move_to(peer, &peer_ns.name).await?;
+        peer_ns.set_up(peer, peer_settings).await?;
+        self.set_up(name, settings).await
     }
 
     pub async fn add_bridge(&self, name: &str) -> Result<(), Error> {
@@ -150,7 +162,7 @@ impl Ns {
     }
 
     pub async fn move_to(&self, link: &str, target: &str) -> Result<(), Error> {
-        let file = std::fs::File::open(netns::path(target))
+        let file = std::fs::File::open(crate::path(target))
             .map_err(|e| Error::io(format!("open netns {target}"), e))?;
         let index = self.index(link).await?;
         self.handle
@@ -282,7 +294,7 @@ impl Ns {
             .try_next()
             .await
             .map_err(|e| netlink(format!("get {link}"), e))?
-            .ok_or_else(|| Error::InvalidArgument(format!("no device {link} in {}", self.name)))?;
+            .ok_or_else(|| Error::Invalid(format!("no device {link} in {}", self.name)))?;
         message
             .attributes
             .iter()
@@ -294,22 +306,21 @@ impl Ns {
                 }
                 _ => None,
             })
-            .ok_or_else(|| Error::InvalidArgument(format!("{link} has no MAC address")))
+            .ok_or_else(|| Error::Invalid(format!("{link} has no MAC address")))
     }
 
     /// Writes a sysctl of this namespace (`net.ipv4.ip_forward` -> /proc/sys/net/ipv4/...).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), Error> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        let file = std::fs::File::open(netns::path(&self.name))
+        let file = std::fs::File::open(crate::path(&self.name))
             .map_err(|e| Error::io(format!("open netns {}", self.name), e))?;
         let value = value.to_owned();
         // /proc/sys/net is the namespace of the task that opens it.
         std::thread::spawn(move || {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| Error::io("setns", e.into()))?;
+            crate::enter(&file)?;
             std::fs::write(&path, value).map_err(|e| Error::io(format!("write {path}"), e))
         })
         .join()
-        .map_err(|_| Error::InvalidArgument("sysctl thread panicked".to_owned()))?
+        .map_err(|_| Error::Invalid("sysctl thread panicked".to_owned()))?
     }
 }

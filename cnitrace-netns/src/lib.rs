@@ -1,0 +1,217 @@
+//! Named network namespaces (/run/netns/NAME, as `ip netns` makes them) for the lab and the
+//! privileged tests: making and removing them, their devices, addresses and routes over
+//! rtnetlink ([`link`]), programs run inside them, and iperf3 streams between them
+//! ([`iperf3`]). One crate so that the lab and the tests' fixtures build topologies with the
+//! same code; it has no eBPF in it, so the xtask that bootstraps the eBPF toolchain can use it.
+
+pub mod iperf3;
+pub mod link;
+
+use std::{os::fd::AsFd as _, path::PathBuf};
+
+pub use link::{LinkSettings, Ns, add_namespace, delete_namespace};
+
+/// What went wrong, naming the namespace, device or program.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request that cannot be carried out as asked (no such namespace or device, a program
+    /// that printed nonsense).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub const NETNS_DIR: &str = "/run/netns";
+
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from(NETNS_DIR).join(name)
+}
+
+/// Inode number of a network namespace file: what the kernel calls the namespace's `inum`.
+pub fn inode_of(path: &std::path::Path) -> Result<u32, Error> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    u32::try_from(meta.ino())
+        .map_err(|_| Error::Invalid(format!("{}: inode out of range", path.display())))
+}
+
+/// The inode of a named namespace.
+pub fn inode(name: &str) -> Result<u32, Error> {
+    validate(name)?;
+    inode_of(&path(name))
+}
+
+/// Checks that a named namespace exists.
+pub fn validate(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.contains('/') || !path(name).exists() {
+        return Err(Error::Invalid(format!(
+            "unknown network namespace `{name}`: no {} (list them with `ip netns list`)",
+            path(name).display()
+        )));
+    }
+    Ok(())
+}
+
+/// The processes whose network namespace is the named one (as `ip netns pids`).
+pub fn pids_in(name: &str) -> Result<Vec<i32>, Error> {
+    let wanted = inode(name)?;
+    Ok(std::fs::read_dir("/proc")
+        .map_err(|e| Error::io("read /proc", e))?
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            inode_of(std::path::Path::new(&format!("/proc/{pid}/ns/net"))).ok() == Some(wanted)
+        })
+        .collect())
+}
+
+/// Ends the processes still running in a namespace (servers of a run that was killed), then
+/// deletes it: a namespace whose name is gone but whose processes live on would keep its
+/// devices. Its devices, routes, rules and tc programs go with it.
+pub async fn remove(name: &str) -> Result<(), Error> {
+    for pid in pids_in(name).unwrap_or_default() {
+        if pid != std::process::id().cast_signed() {
+            // At worst the process is already gone.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    delete_namespace(name).await
+}
+
+/// Runs a program in the named network namespace (`None`: this process's) and returns its
+/// output. `Ok(None)` when the program is not installed.
+pub fn output_in(
+    netns: Option<&str>,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Option<std::process::Output>, Error> {
+    let file = netns
+        .map(|name| {
+            validate(name)?;
+            std::fs::File::open(path(name))
+                .map_err(|e| Error::io(format!("open {}", path(name).display()), e))
+        })
+        .transpose()?;
+    let program = program.to_owned();
+    let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+    let stdin = stdin.map(str::to_owned);
+    // The child inherits the namespaces of the thread that forks it: enter on a thread of its
+    // own so this process's other threads stay where they are.
+    std::thread::spawn(move || -> Result<Option<std::process::Output>, Error> {
+        use std::io::Write as _;
+        if let Some(file) = &file {
+            enter(file)?;
+        }
+        let mut command = std::process::Command::new(&program);
+        command
+            .args(&args)
+            .stdin(if stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("run {program}"), e)),
+        };
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .map_err(|e| Error::io(format!("write to {program}"), e))?;
+        }
+        child
+            .wait_with_output()
+            .map(Some)
+            .map_err(|e| Error::io(format!("run {program}"), e))
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(Error::Invalid(
+            "namespace command thread panicked".to_owned(),
+        ))
+    })
+}
+
+/// Starts a program in the named network namespace; it keeps running there.
+pub fn spawn_in(netns: &str, command: std::process::Command) -> Result<std::process::Child, Error> {
+    validate(netns)?;
+    let file = std::fs::File::open(path(netns))
+        .map_err(|e| Error::io(format!("open {}", path(netns).display()), e))?;
+    let mut command = command;
+    // Forked from a thread that entered the namespace; the child stays there.
+    std::thread::spawn(move || -> Result<std::process::Child, Error> {
+        enter(&file)?;
+        let program = command.get_program().to_string_lossy().into_owned();
+        command
+            .spawn()
+            .map_err(|e| Error::io(format!("run {program}"), e))
+    })
+    .join()
+    .unwrap_or_else(|_| Err(Error::Invalid("namespace spawn thread panicked".to_owned())))
+}
+
+/// Runs `f` on a thread inside the named network namespace (sockets it opens live there).
+pub fn run_in<T: Send + 'static, E: From<Error> + Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T, E>> {
+    let file = std::fs::File::open(path(netns));
+    std::thread::spawn(move || {
+        let file = file.map_err(|e| Error::io("open netns", e))?;
+        enter(&file)?;
+        f()
+    })
+}
+
+/// Moves the calling thread into the namespace of `file` (setns affects only this thread).
+pub fn enter(file: &std::fs::File) -> Result<(), Error> {
+    nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| Error::io("setns", e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_namespace_is_named() {
+        let err = validate("cnitrace-no-such-ns").unwrap_err().to_string();
+        assert!(
+            err.contains("cnitrace-no-such-ns") && err.contains("ip netns list"),
+            "{err}"
+        );
+        assert!(validate("../etc").is_err());
+        assert!(inode("cnitrace-no-such-ns").is_err());
+    }
+
+    #[test]
+    fn a_program_that_is_not_installed_is_none() {
+        let out = output_in(None, "cnitrace-no-such-program", &[], None).unwrap();
+        assert!(out.is_none());
+        let out = output_in(None, "true", &[], Some("input"))
+            .unwrap()
+            .unwrap();
+        assert!(out.status.success());
+    }
+}
