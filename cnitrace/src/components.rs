@@ -123,6 +123,14 @@ pub const COMPONENTS: &[Component] = &[
         missing_hint: "the openvswitch module is not loaded or not built (CONFIG_OPENVSWITCH)",
     },
     Component {
+        name: "tc",
+        description: "traffic control other than BPF: shaping qdiscs (tbf, htb), classifiers, actions and the ifb device (the CNI bandwidth plugin's limits)",
+        anchors: &["tcf_classify"],
+        colour: "#d37295",
+        traced: &["tbf_enqueue", "tbf_dequeue", "ifb_xmit", "tcf_mirred_act"],
+        missing_hint: "the kernel has no traffic control classifiers (CONFIG_NET_CLS)",
+    },
+    Component {
         name: "tunnel_offload",
         description: "in-kernel segmentation and checksums a NIC could offload (skb_segment, ip_send_check, skb_checksum_help)",
         anchors: &["skb_segment"],
@@ -244,6 +252,16 @@ const RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("bpf_l4_csum_replace"), "bpf.helpers"),
     (Pattern::Prefix("tcx_"), "bpf.hook"),
     (Pattern::Prefix("cls_bpf_"), "bpf.hook"),
+    // Traffic control beyond BPF (the BPF hooks above come first): what the bandwidth plugin
+    // installs (tbf on the host veth, an ifb device fed by a mirred redirect) and its kin.
+    (Pattern::Prefix("tbf_"), "tc.qdisc"),
+    (Pattern::Prefix("htb_"), "tc.qdisc"),
+    (Pattern::Prefix("hfsc_"), "tc.qdisc"),
+    (Pattern::Exact("tcf_classify"), "tc.filter"),
+    (Pattern::Prefix("u32_"), "tc.filter"),
+    (Pattern::Exact("fl_classify"), "tc.filter"),
+    (Pattern::Prefix("tcf_"), "tc.action"),
+    (Pattern::Prefix("ifb_"), "tc.ifb"),
     // veth.
     (Pattern::Prefix("veth_"), "veth"),
     // Open vSwitch.
@@ -669,6 +687,11 @@ mod tests {
             ("veth_xmit", Some("veth")),
             ("veth_poll", Some("veth")),
             ("ovs_dp_process_packet", Some("ovs")),
+            ("tbf_enqueue", Some("tc.qdisc")),
+            ("tcf_classify", Some("tc.filter")),
+            ("tcf_mirred_act", Some("tc.action")),
+            ("ifb_xmit", Some("tc.ifb")),
+            ("tcx_run", Some("bpf.hook")),
             ("ip_send_check", Some("tunnel_offload.csum")),
             ("skb_segment", Some("tunnel_offload.gso")),
             ("bpf_prog_3b185187f1855c4c_cilium_from", Some("bpf.prog")),
@@ -703,6 +726,7 @@ mod tests {
             "bpf",
             "veth",
             "ovs",
+            "tc",
             "tunnel_offload",
             "other",
         ] {

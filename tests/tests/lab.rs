@@ -586,6 +586,7 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
         "cni-ptp",
         "cni-macvlan",
         "cni-ipvlan",
+        "cni-bandwidth",
         "--duration",
         "2",
         "--repeat",
@@ -596,8 +597,14 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
     let entries = json_of(&out);
     assert_lab_gone();
     assert!(!std::path::Path::new(CNI_STATE).exists());
+    // The bandwidth plugin's ifb devices lived in the lab hosts' namespaces: none is left.
+    let links = run("ip", &["-o", "link", "show"]).expect("ip link");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains(": bwp"),
+        "an ifb device of the bandwidth plugin is left"
+    );
     let entries = entries.as_array().unwrap();
-    assert_eq!(entries.len(), 8, "4 models x 2 scenarios");
+    assert_eq!(entries.len(), 10, "5 models x 2 scenarios");
     for entry in entries {
         let (model, scenario) = (
             entry["model"].as_str().unwrap(),
@@ -623,7 +630,7 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
         assert!(entry["throughput_gbps"].as_f64().unwrap() > 0.1);
         assert!(entry["connections_per_s"]["mean"].as_f64().unwrap() > 100.0);
         match model {
-            "cni-bridge" | "cni-ptp" => {
+            "cni-bridge" | "cni-ptp" | "cni-bandwidth" => {
                 // The firewall plugin's chains (and conntrack) are on every packet's path.
                 assert!(
                     cpp(entry, "netfilter") > 0.0,
@@ -642,8 +649,18 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
                 );
             }
         }
-        if model == "cni-bridge" {
+        if model == "cni-bridge" || model == "cni-bandwidth" {
             assert!(cpp(entry, "bridge") > 0.0, "{model} {scenario}: bridge");
+        }
+        if model == "cni-bridge" {
+            assert_eq!(cpp(entry, "tc"), 0.0, "{model} {scenario}: no shaping");
+        }
+        if model == "cni-bandwidth" {
+            // tbf on the host's veth and the ifb device shape every packet; the stream stays
+            // under the 5 Gbit/s limit (10% margin for the burst).
+            assert!(cpp(entry, "tc") > 0.0, "{model} {scenario}: tc");
+            let gbps = entry["throughput_gbps"].as_f64().unwrap();
+            assert!(gbps < 5.5, "{model} {scenario}: {gbps} Gbit/s over the limit");
         }
         if model == "cni-ptp" {
             assert_eq!(cpp(entry, "bridge"), 0.0, "{model} {scenario}: no bridge");

@@ -336,6 +336,25 @@ pub fn builtin(kind: BuiltIn, host: u8) -> Value {
                 {"type": "portmap", "capabilities": {"portMappings": true}},
             ],
         }),
+        // cni-bridge's list with the bandwidth plugin after it: each pod limited both ways,
+        // as `kubernetes.io/ingress-bandwidth` and `egress-bandwidth` annotations do. The
+        // limit sits above what one stream reaches here so it shapes without starving, and
+        // the burst holds a few GSO super-packets (tbf drops a packet larger than it).
+        BuiltIn::Bandwidth => {
+            let mut list = builtin(BuiltIn::Bridge, host);
+            list["name"] = json!("cnitrace-lab-bandwidth");
+            list["plugins"]
+                .as_array_mut()
+                .expect("the bridge list has plugins")
+                .push(json!({
+                    "type": "bandwidth",
+                    "ingressRate": BANDWIDTH_RATE_BPS,
+                    "ingressBurst": BANDWIDTH_BURST_BITS,
+                    "egressRate": BANDWIDTH_RATE_BPS,
+                    "egressBurst": BANDWIDTH_BURST_BITS,
+                }));
+            list
+        }
         // Routed: a veth per pod with /32 routes on the host (Calico's host side, kindnet).
         BuiltIn::Ptp => json!({
             "cniVersion": CNI_VERSION,
@@ -382,7 +401,13 @@ pub enum BuiltIn {
     Ptp,
     Macvlan,
     Ipvlan,
+    Bandwidth,
 }
+
+/// The bandwidth model's limit per pod and direction: 5 Gbit/s.
+const BANDWIDTH_RATE_BPS: u64 = 5_000_000_000;
+/// Its burst: 4 MiB.
+const BANDWIDTH_BURST_BITS: u64 = 32 * 1024 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -422,6 +447,7 @@ mod tests {
             BuiltIn::Ptp,
             BuiltIn::Macvlan,
             BuiltIn::Ipvlan,
+            BuiltIn::Bandwidth,
         ] {
             let list = builtin(kind, 1);
             let (_, _, plugins) = plugins_of(&list).unwrap();

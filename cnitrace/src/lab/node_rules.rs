@@ -292,7 +292,11 @@ pub fn ruleset(model: Model, pod_cidr: &str, pods: &[Ipv4Addr], dns: [Ipv4Addr; 
         Model::Weave => WEAVE.to_owned(),
         Model::Cilium => CILIUM.to_owned(),
         // The plugins install their own rules; the lab adds none.
-        Model::CniBridge | Model::CniPtp | Model::CniMacvlan | Model::CniIpvlan => {
+        Model::CniBridge
+        | Model::CniPtp
+        | Model::CniMacvlan
+        | Model::CniIpvlan
+        | Model::CniBandwidth => {
             return String::new();
         }
     };

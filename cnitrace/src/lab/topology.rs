@@ -45,6 +45,9 @@ pub enum Model {
     CniMacvlan,
     /// The CNI reference plugins: ipvlan (L2 mode) on the host's uplink + host-local.
     CniIpvlan,
+    /// cni-bridge with the bandwidth plugin limiting each pod both ways (tc: a tbf qdisc on
+    /// the host's veth, an ifb device for the pod's egress).
+    CniBandwidth,
 }
 
 impl Model {
@@ -59,16 +62,17 @@ impl Model {
     ];
 
     /// Models whose datapath the real CNI plugins make (run by the lab as a CNI runtime).
-    pub const CNI: [Model; 4] = [
+    pub const CNI: [Model; 5] = [
         Model::CniBridge,
         Model::CniPtp,
         Model::CniMacvlan,
         Model::CniIpvlan,
+        Model::CniBandwidth,
     ];
 
     /// Every model, shaped or made by plugins: [`Model::ALL`] then [`Model::CNI`].
-    pub const EVERY: [Model; 11] = {
-        let mut every = [Model::Flannel; 11];
+    pub const EVERY: [Model; 12] = {
+        let mut every = [Model::Flannel; 12];
         let mut i = 0;
         while i < Model::ALL.len() {
             every[i] = Model::ALL[i];
@@ -88,6 +92,7 @@ impl Model {
             Model::CniPtp => Some(super::cni::BuiltIn::Ptp),
             Model::CniMacvlan => Some(super::cni::BuiltIn::Macvlan),
             Model::CniIpvlan => Some(super::cni::BuiltIn::Ipvlan),
+            Model::CniBandwidth => Some(super::cni::BuiltIn::Bandwidth),
             _ => None,
         }
     }
@@ -105,6 +110,7 @@ impl Model {
             Model::CniPtp => "cni-ptp",
             Model::CniMacvlan => "cni-macvlan",
             Model::CniIpvlan => "cni-ipvlan",
+            Model::CniBandwidth => "cni-bandwidth",
         }
     }
 
@@ -119,7 +125,8 @@ impl Model {
             | Model::CniBridge
             | Model::CniPtp
             | Model::CniMacvlan
-            | Model::CniIpvlan => format!("veth{pod}"),
+            | Model::CniIpvlan
+            | Model::CniBandwidth => format!("veth{pod}"),
         }
     }
 
@@ -385,7 +392,7 @@ async fn build(model: Model) -> Result<Lab, Error> {
     for host in &hosts {
         host.set_up("lo", LinkSettings::default()).await?;
         host.sysctl("net.ipv4.ip_forward", "1")?;
-        if model.bridge().is_some() || model == Model::CniBridge {
+        if model.bridge().is_some() || matches!(model, Model::CniBridge | Model::CniBandwidth) {
             // What kubelet's br_netfilter set-up does: bridged IPv4 goes through iptables.
             host.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
         }
@@ -436,6 +443,7 @@ async fn build(model: Model) -> Result<Lab, Error> {
             | Model::CalicoWp
             | Model::KubeRouter
             | Model::CniBridge
+            | Model::CniBandwidth
             | Model::CniPtp => {
                 host.add_route(pod_ip(other, 0), 24, "wire", Some(wire_ip(other)))
                     .await?;
