@@ -36,7 +36,8 @@ pub struct NodeReport {
     pub components: Vec<ComponentSupport>,
     /// The tracing backend's functions and how each would attach here (auto mode).
     pub traced_functions: Vec<crate::contract::TracedFunction>,
-    pub cni: Vec<String>,
+    /// The node's CNI configurations (/etc/cni/net.d), the one in use first.
+    pub cni: Vec<crate::cni_config::ConfigSummary>,
 }
 
 fn check(name: &str, available: bool, detail: impl Into<String>) -> Check {
@@ -262,25 +263,8 @@ pub fn report() -> NodeReport {
         backends,
         components,
         traced_functions,
-        cni: detect_cni(Path::new("/etc/cni/net.d")),
+        cni: crate::cni_config::summarize(Path::new(crate::cni_config::NET_D)),
     }
-}
-
-/// CNI configurations installed on the node, by file name.
-pub fn detect_cni(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| {
-            Path::new(n).extension().is_some_and(|ext| {
-                ext.eq_ignore_ascii_case("conf") || ext.eq_ignore_ascii_case("conflist")
-            })
-        })
-        .collect();
-    names.sort();
-    names
 }
 
 pub fn render(report: &NodeReport) -> String {
@@ -316,15 +300,41 @@ pub fn render(report: &NodeReport) -> String {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "\nCNI: {}",
-        if report.cni.is_empty() {
-            "no configuration in /etc/cni/net.d".to_owned()
-        } else {
-            report.cni.join(", ")
+    let _ = writeln!(out, "\nCNI configuration ({}):", crate::cni_config::NET_D);
+    if report.cni.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for conf in &report.cni {
+        let used = if conf.in_use { "in use" } else { "unused" };
+        if let Some(error) = &conf.error {
+            let _ = writeln!(out, "  {} ({used}): cannot be read: {error}", conf.file);
+            continue;
         }
-    );
+        let _ = writeln!(
+            out,
+            "  {} ({used}): {} (cniVersion {}), plugins {}",
+            conf.file,
+            conf.name.as_deref().unwrap_or("?"),
+            conf.cni_version.as_deref().unwrap_or("?"),
+            conf.plugins.join(" -> ")
+        );
+        let _ = writeln!(
+            out,
+            "    components: {}",
+            if conf.components.is_empty() {
+                "none named by its plugins".to_owned()
+            } else {
+                conf.components.join(", ")
+            }
+        );
+        let _ = writeln!(
+            out,
+            "    lab: {}",
+            conf.lab.as_deref().unwrap_or(
+                "`cnitrace lab bench --cni-conf` can run it with this machine's plugins"
+            )
+        );
+    }
     out
 }
 
@@ -339,16 +349,5 @@ mod tests {
         assert_eq!(config_enabled(Some(cfg), "CONFIG_BAR"), Some(true));
         assert_eq!(config_enabled(Some(cfg), "CONFIG_FOO"), Some(false));
         assert_eq!(config_enabled(None, "CONFIG_FOO"), None);
-    }
-
-    #[test]
-    fn detects_cni_configs() {
-        let dir = std::env::temp_dir().join(format!("cnitrace-cni-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("10-flannel.conflist"), "{}").unwrap();
-        std::fs::write(dir.join("README"), "").unwrap();
-        assert_eq!(detect_cni(&dir), vec!["10-flannel.conflist".to_owned()]);
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert!(detect_cni(&dir).is_empty());
     }
 }

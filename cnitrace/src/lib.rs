@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod breakdown;
+pub mod cni_config;
 pub mod collect;
 pub mod components;
 pub mod contract;

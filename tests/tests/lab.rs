@@ -660,7 +660,10 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
             // under the 5 Gbit/s limit (10% margin for the burst).
             assert!(cpp(entry, "tc") > 0.0, "{model} {scenario}: tc");
             let gbps = entry["throughput_gbps"].as_f64().unwrap();
-            assert!(gbps < 5.5, "{model} {scenario}: {gbps} Gbit/s over the limit");
+            assert!(
+                gbps < 5.5,
+                "{model} {scenario}: {gbps} Gbit/s over the limit"
+            );
         }
         if model == "cni-ptp" {
             assert_eq!(cpp(entry, "bridge"), 0.0, "{model} {scenario}: no bridge");
@@ -719,4 +722,115 @@ fn a_cni_plugin_failing_halfway_is_undone_through_the_plugins() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("CNI plugin `ptp` not found"), "{stderr}");
     assert_lab_gone();
+}
+
+#[test]
+fn a_users_cni_configuration_is_benchmarked_with_the_installed_plugins() {
+    if !privileged("a_users_cni_configuration_is_benchmarked_with_the_installed_plugins") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    // A directory like /etc/cni/net.d: podman's default list first by name, then a file a
+    // runtime would not use.
+    let dir = std::env::temp_dir().join(format!("cnitrace-netd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let podman = r#"{"cniVersion": "0.4.0", "name": "podman", "plugins": [
+        {"type": "bridge", "bridge": "cni-podman0", "isGateway": true, "ipMasq": true,
+         "hairpinMode": true, "ipam": {"type": "host-local", "routes": [{"dst": "0.0.0.0/0"}],
+         "ranges": [[{"subnet": "10.88.0.0/16", "gateway": "10.88.0.1"}]]}},
+        {"type": "portmap", "capabilities": {"portMappings": true}},
+        {"type": "firewall"},
+        {"type": "tuning"}]}"#;
+    std::fs::write(dir.join("87-podman.conflist"), podman).unwrap();
+    std::fs::write(dir.join("99-unused.conflist"), "{not json").unwrap();
+    let dir_arg = dir.to_str().unwrap();
+
+    // Up: the user's IPAM chose the pods' addresses, in the user's range.
+    let out = cnitrace(&["lab", "up", "--cni-conf", dir_arg]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("87-podman.conflist") && stderr.contains("bridge -> host-local"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("10.88.0."), "{stderr}");
+    let link = run(
+        "ip",
+        &["-n", "cnl-cni-conf-h1", "-o", "link", "show", "cni-podman0"],
+    );
+    assert!(link.is_ok(), "the user's bridge name");
+    let out = cnitrace(&["lab", "down"]);
+    assert!(out.status.success());
+    assert_lab_gone();
+    assert!(!std::path::Path::new(CNI_STATE).exists());
+    assert!(
+        !std::path::Path::new("/var/lib/cni/networks/podman").exists(),
+        "host-local's leases stay in the lab's state, never the node's"
+    );
+
+    // Bench: measured through the user's chain, the inter-host scenario refused with why.
+    let out = cnitrace(&[
+        "lab",
+        "bench",
+        "--cni-conf",
+        dir_arg,
+        "--duration",
+        "2",
+        "--repeat",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let entries = json_of(&out);
+    assert_lab_gone();
+    assert!(!std::path::Path::new(CNI_STATE).exists());
+    let entries = entries.as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let intra = &entries[0];
+    assert_eq!(intra["scenario"], "intra");
+    assert!(intra["throughput_gbps"].as_f64().unwrap() > 0.1);
+    assert!(cpp(intra, "bridge") > 0.0, "the bridge plugin's bridge");
+    assert!(cpp(intra, "netfilter") > 0.0, "firewall, portmap, ipMasq");
+    assert!(
+        entries[1]["unavailable"]
+            .as_str()
+            .is_some_and(|r| r.contains("one node's")),
+        "{:?}",
+        entries[1]
+    );
+
+    // What one machine cannot run, or cannot read, is refused naming the file and the plugin,
+    // before anything is built.
+    for (name, text, said) in [
+        (
+            "10-calico.conflist",
+            r#"{"cniVersion": "0.3.1", "name": "k8s-pod-network", "plugins": [{"type": "calico", "ipam": {"type": "calico-ipam"}}]}"#,
+            "`calico` needs",
+        ),
+        (
+            "10-missing.conflist",
+            r#"{"cniVersion": "1.0.0", "name": "m", "plugins": [{"type": "no-such-plugin"}]}"#,
+            "no-such-plugin",
+        ),
+        (
+            "10-future.conflist",
+            r#"{"cniVersion": "9.0.0", "name": "f", "plugins": [{"type": "bridge"}]}"#,
+            "cniVersion 9.0.0 is not supported",
+        ),
+        ("10-broken.conflist", "{\"cniVersion\": ", "not JSON"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = cnitrace(&["lab", "bench", "--cni-conf", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} accepted");
+        assert!(
+            stderr.contains(name) && stderr.contains(said),
+            "{name}: {stderr}"
+        );
+        assert_lab_gone();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

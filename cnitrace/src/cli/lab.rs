@@ -41,8 +41,13 @@ pub enum LabCommand {
     /// Build a CNI datapath model from network namespaces (two hosts, three pods).
     Up {
         /// The model to build.
-        #[arg(value_enum)]
-        model: Model,
+        #[arg(value_enum, required_unless_present = "cni_conf")]
+        model: Option<Model>,
+        /// Build two pods on one host with this CNI configuration (a .conf/.conflist file, or
+        /// a directory such as /etc/cni/net.d: its first file by name) and the plugins
+        /// installed here (CNI_PATH, else /opt/cni/bin then /usr/lib/cni).
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["model", "services"])]
+        cni_conf: Option<std::path::PathBuf>,
         /// ClusterIP Services to install on both hosts in kube-proxy's shape (the last one
         /// leads to pod b's port 5300).
         #[arg(long, default_value_t = 0)]
@@ -137,6 +142,11 @@ pub struct LabBenchArgs {
     /// Write a flame graph of each model, scenario and repeat into this directory.
     #[arg(long, value_name = "DIR")]
     pub flamegraphs: Option<std::path::PathBuf>,
+    /// Also benchmark this CNI configuration (a .conf/.conflist file, or a directory such as
+    /// /etc/cni/net.d: its first file by name) as the model `cni-conf`, run by the plugins
+    /// installed here; pods on one host (intra) only.
+    #[arg(long, value_name = "PATH")]
+    pub cni_conf: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -254,11 +264,29 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
         LabCommand::TcWork { .. } => unreachable!("runs before the runtime"),
         LabCommand::Up {
             model,
+            cni_conf,
             services: count,
             proxy_mode,
         } => {
+            let loaded = cni_conf
+                .as_deref()
+                .map(cnitrace::cni_config::load)
+                .transpose()?;
             cnitrace::probe::privileges::check()?;
-            let lab = topology::up(model).await?;
+            let lab = match (&loaded, model) {
+                (Some(loaded), _) => {
+                    eprintln!(
+                        "cnitrace: {} ({}): plugins {}",
+                        loaded.file.display(),
+                        loaded.name(),
+                        cnitrace::cni_config::chain(&loaded.conflist).join(" -> ")
+                    );
+                    topology::up_with_conf(loaded).await?
+                }
+                (None, Some(model)) => topology::up(model).await?,
+                (None, None) => unreachable!("clap requires a model or --cni-conf"),
+            };
+            let model = lab.model;
             if count > 0 {
                 let target = lab.pods[1].ip;
                 let installed = services::install(
@@ -319,12 +347,19 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Bench(args) => {
+            let cni_conf = args
+                .cni_conf
+                .as_deref()
+                .map(cnitrace::cni_config::load)
+                .transpose()?;
+            let mut models = args.models;
+            if cni_conf.is_some() {
+                models.push(Model::CniConf);
+            } else if models.is_empty() {
+                models = Model::ALL.to_vec();
+            }
             let options = bench::BenchOptions {
-                models: if args.models.is_empty() {
-                    Model::ALL.to_vec()
-                } else {
-                    args.models
-                },
+                models,
                 scenarios: if args.scenario.is_empty() {
                     vec![Scenario::Intra, Scenario::Inter]
                 } else {
@@ -335,6 +370,7 @@ pub async fn run(command: LabCommand) -> anyhow::Result<()> {
                 backend: Backend::requested(args.backend, args.attach)?,
                 flamegraphs: args.flamegraphs,
                 sampler: sampler_at(args.frequency),
+                cni_conf,
             };
             bench::validate(&options)?;
             cnitrace::probe::privileges::check()?;

@@ -34,6 +34,8 @@ pub struct BenchOptions {
     pub backend: Option<Backend>,
     /// A directory for a flame graph per model, scenario and repeat.
     pub flamegraphs: Option<std::path::PathBuf>,
+    /// The user's configuration list, benchmarked as the model `cni-conf`.
+    pub cni_conf: Option<crate::cni_config::Loaded>,
 }
 
 /// A mean with the half-width of its 95% confidence interval (`null` for one run).
@@ -121,6 +123,9 @@ pub fn validate(options: &BenchOptions) -> Result<(), Error> {
             "--duration must be at least 1 s for a meaningful stream".to_owned(),
         ));
     }
+    if let Some(loaded) = &options.cni_conf {
+        super::cni::check_user(loaded)?;
+    }
     crate::probe::sampling::validate_frequency(options.sampler.frequency_hz)
 }
 
@@ -147,7 +152,15 @@ pub async fn run(
             continue;
         }
         progress(&format!("{}: building the lab", model.name()), true);
-        let lab = topology::up(model).await?;
+        let lab = match (model, &options.cni_conf) {
+            (Model::CniConf, Some(loaded)) => topology::up_with_conf(loaded).await?,
+            (Model::CniConf, None) => {
+                return Err(Error::InvalidArgument(
+                    "the cni-conf model needs --cni-conf FILE".to_owned(),
+                ));
+            }
+            _ => topology::up(model).await?,
+        };
         if let Ok(rules) = super::node_rules::count(&lab.host_netns(1)) {
             progress(
                 &format!("{}: {rules} iptables rules on host 1", model.name()),
@@ -187,6 +200,14 @@ async fn bench_model(
 ) -> Result<Vec<BenchEntry>, Error> {
     let mut entries = Vec::new();
     for &scenario in &options.scenarios {
+        if let Some(reason) = topology::scenario_unavailable(lab.model, scenario) {
+            progress(
+                &format!("{} {}: {reason}", lab.model.name(), scenario.name()),
+                false,
+            );
+            entries.push(unavailable_entry(lab.model, scenario, &reason));
+            continue;
+        }
         let mut runs = Vec::new();
         for repeat in 1..=options.repeats {
             let label = format!(

@@ -17,7 +17,11 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{error::Error, netns};
+use crate::{
+    cni_config::{self, plugins_of},
+    error::Error,
+    netns,
+};
 
 /// Where attachments and host-local's leases live while a lab is up.
 pub const STATE_DIR: &str = "/run/cnitrace-lab/cni";
@@ -74,37 +78,6 @@ pub struct Attachment {
     pub conflist: Value,
     /// The last plugin's ADD result.
     pub result: Value,
-}
-
-/// Checks a network configuration list and returns it with its plugins; a single network
-/// configuration (`.conf`, with `type` at the top) is taken as a list of one.
-pub fn plugins_of(conflist: &Value) -> Result<(String, String, Vec<Value>), Error> {
-    let bad = |what: &str| Error::InvalidArgument(format!("CNI configuration: {what}"));
-    let name = conflist["name"]
-        .as_str()
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| bad("no `name`"))?
-        .to_owned();
-    let version = conflist["cniVersion"]
-        .as_str()
-        .unwrap_or(CNI_VERSION)
-        .to_owned();
-    let plugins = if let Some(list) = conflist["plugins"].as_array() {
-        list.clone()
-    } else if conflist["type"].is_string() {
-        vec![conflist.clone()]
-    } else {
-        return Err(bad("neither `plugins` nor `type`"));
-    };
-    if plugins.is_empty() {
-        return Err(bad("`plugins` is empty"));
-    }
-    for plugin in &plugins {
-        plugin["type"]
-            .as_str()
-            .ok_or_else(|| bad("a plugin without `type`"))?;
-    }
-    Ok((name, version, plugins))
 }
 
 /// Runs one plugin for one command inside the host's namespace; returns its result (ADD) or
@@ -226,8 +199,12 @@ fn record(attachment: &Attachment) -> Result<(), Error> {
 }
 
 /// CHECK: every plugin in order with the ADD result; the first complaint is the error.
+/// Lists older than 0.4.0 have no CHECK.
 pub fn check(attachment: &Attachment) -> Result<(), Error> {
-    let (_, _, plugins) = plugins_of(&attachment.conflist)?;
+    let (_, version, plugins) = plugins_of(&attachment.conflist)?;
+    if !cni_config::has_check(&version) {
+        return Ok(());
+    }
     for plugin in &plugins {
         invoke(attachment, plugin, "CHECK", Some(&attachment.result))?;
     }
@@ -314,10 +291,70 @@ fn host_local_flat(host: u8) -> Value {
     })
 }
 
+/// Where `--cni-conf` keeps the user's list while its lab is up (removed with the state).
+const USER_CONFLIST: &str = "/run/cnitrace-lab/cni/user.conflist";
+
+/// Takes a user's list for the lab: refuses what one machine cannot run ([`check_user`]); keeps
+/// host-local's leases under the lab's state directory (never the node's /var/lib/cni) and puts
+/// sub-interface plugins (macvlan, ipvlan, vlan) on the lab host's uplink.
+pub fn store_user(loaded: &cni_config::Loaded) -> Result<(), Error> {
+    check_user(loaded)?;
+    let mut list = loaded.conflist.clone();
+    for plugin in list["plugins"].as_array_mut().into_iter().flatten() {
+        if plugin["ipam"]["type"] == "host-local" {
+            plugin["ipam"]["dataDir"] = json!(format!("{STATE_DIR}/ipam"));
+        }
+        if matches!(plugin["type"].as_str(), Some("macvlan" | "ipvlan" | "vlan")) {
+            plugin["master"] = json!("wire");
+        }
+    }
+    std::fs::create_dir_all(STATE_DIR).map_err(|e| Error::io(format!("create {STATE_DIR}"), e))?;
+    std::fs::write(USER_CONFLIST, list.to_string())
+        .map_err(|e| Error::io(format!("write {USER_CONFLIST}"), e))
+}
+
+/// Whether the lab can run a user's list here: no plugin that needs a cluster daemon, every
+/// plugin installed. Errors name the file and the plugin.
+pub fn check_user(loaded: &cni_config::Loaded) -> Result<(), Error> {
+    if let Some(problem) = cni_config::emulation_problem(loaded) {
+        return Err(Error::InvalidArgument(problem));
+    }
+    for kind in cni_config::chain(&loaded.conflist) {
+        find_plugin(&kind).map_err(|e| {
+            Error::InvalidArgument(format!("{}: {}", loaded.file.display(), without_prefix(&e)))
+        })?;
+    }
+    Ok(())
+}
+
+fn without_prefix(e: &Error) -> String {
+    match e {
+        Error::InvalidArgument(message) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The pod's IPv4 address in a plugin chain's result (`ips[].address`, CIDR notation).
+pub fn result_ipv4(result: &Value) -> Option<std::net::Ipv4Addr> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        ip["address"]
+            .as_str()?
+            .split('/')
+            .next()?
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+    })
+}
+
 /// The configuration list of a built-in model on lab host `host` (1 or 2): what containerd,
 /// podman and kubenet-style set-ups write, with the lab's addresses.
 pub fn builtin(kind: BuiltIn, host: u8) -> Value {
     match kind {
+        // The user's own list, as `store_user` adapted it (the same on both hosts).
+        BuiltIn::User => std::fs::read_to_string(USER_CONFLIST)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(Value::Null),
         // A bridge with the gateway on it, masquerade out of the subnet, the firewall
         // plugin's forwarding chains and portmap (podman's and nerdctl's default).
         BuiltIn::Bridge => json!({
@@ -402,6 +439,8 @@ pub enum BuiltIn {
     Macvlan,
     Ipvlan,
     Bandwidth,
+    /// The list given with `--cni-conf`.
+    User,
 }
 
 /// The bandwidth model's limit per pod and direction: 5 Gbit/s.
@@ -414,22 +453,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_single_configuration_is_a_list_of_one() {
-        let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "bridge"});
-        let (name, version, plugins) = plugins_of(&conf).unwrap();
-        assert_eq!((name.as_str(), version.as_str()), ("n", "1.0.0"));
-        assert_eq!(plugins.len(), 1);
-    }
-
-    #[test]
     fn bad_configurations_are_clear_errors() {
         for (conf, said) in [
             (json!({"plugins": [{"type": "bridge"}]}), "name"),
-            (json!({"name": "n"}), "neither"),
-            (json!({"name": "n", "plugins": []}), "empty"),
+            (json!({"name": "n", "cniVersion": "1.0.0"}), "neither"),
             (
-                json!({"name": "n", "plugins": [{"bridge": "x"}]}),
-                "without `type`",
+                json!({"name": "n", "cniVersion": "1.0.0", "plugins": []}),
+                "empty",
+            ),
+            (
+                json!({"name": "n", "plugins": [{"type": "bridge"}]}),
+                "cniVersion",
             ),
         ] {
             let err = plugins_of(&conf).unwrap_err().to_string();
@@ -438,6 +472,16 @@ mod tests {
         assert!(find_plugin("../etc/passwd").is_err());
         let err = find_plugin("no-such-plugin-here").unwrap_err().to_string();
         assert!(err.contains("CNI_PATH"), "{err}");
+    }
+
+    #[test]
+    fn addresses_come_from_the_result() {
+        let result = json!({"ips": [{"address": "fd00::2/64"}, {"address": "10.88.0.7/16"}]});
+        assert_eq!(
+            result_ipv4(&result),
+            Some(std::net::Ipv4Addr::new(10, 88, 0, 7))
+        );
+        assert_eq!(result_ipv4(&json!({})), None);
     }
 
     #[test]

@@ -296,7 +296,8 @@ pub fn ruleset(model: Model, pod_cidr: &str, pods: &[Ipv4Addr], dns: [Ipv4Addr; 
         | Model::CniPtp
         | Model::CniMacvlan
         | Model::CniIpvlan
-        | Model::CniBandwidth => {
+        | Model::CniBandwidth
+        | Model::CniConf => {
             return String::new();
         }
     };

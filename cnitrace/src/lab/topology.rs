@@ -48,6 +48,10 @@ pub enum Model {
     /// cni-bridge with the bandwidth plugin limiting each pod both ways (tc: a tbf qdisc on
     /// the host's veth, an ifb device for the pod's egress).
     CniBandwidth,
+    /// A configuration list of the user's (`--cni-conf`), run by the plugins installed here;
+    /// two pods on one host (a node's IPAM hands every host the same range).
+    #[value(skip)]
+    CniConf,
 }
 
 impl Model {
@@ -71,14 +75,14 @@ impl Model {
     ];
 
     /// Every model, shaped or made by plugins: [`Model::ALL`] then [`Model::CNI`].
-    pub const EVERY: [Model; 12] = {
-        let mut every = [Model::Flannel; 12];
+    pub const EVERY: [Model; 13] = {
+        let mut every = [Model::CniConf; 13];
         let mut i = 0;
         while i < Model::ALL.len() {
             every[i] = Model::ALL[i];
             i += 1;
         }
-        while i < every.len() {
+        while i < Model::ALL.len() + Model::CNI.len() {
             every[i] = Model::CNI[i - Model::ALL.len()];
             i += 1;
         }
@@ -93,6 +97,7 @@ impl Model {
             Model::CniMacvlan => Some(super::cni::BuiltIn::Macvlan),
             Model::CniIpvlan => Some(super::cni::BuiltIn::Ipvlan),
             Model::CniBandwidth => Some(super::cni::BuiltIn::Bandwidth),
+            Model::CniConf => Some(super::cni::BuiltIn::User),
             _ => None,
         }
     }
@@ -111,6 +116,7 @@ impl Model {
             Model::CniMacvlan => "cni-macvlan",
             Model::CniIpvlan => "cni-ipvlan",
             Model::CniBandwidth => "cni-bandwidth",
+            Model::CniConf => "cni-conf",
         }
     }
 
@@ -126,7 +132,8 @@ impl Model {
             | Model::CniPtp
             | Model::CniMacvlan
             | Model::CniIpvlan
-            | Model::CniBandwidth => format!("veth{pod}"),
+            | Model::CniBandwidth
+            | Model::CniConf => format!("veth{pod}"),
         }
     }
 
@@ -261,15 +268,63 @@ pub fn current() -> Option<Lab> {
 }
 
 fn pods(model: Model) -> Vec<Pod> {
-    [('a', 1, 2), ('b', 1, 3), ('c', 2, 2)]
-        .into_iter()
-        .map(|(letter, host, index)| Pod {
-            letter,
-            netns: pod_name(model, letter),
-            ip: pod_ip(host, index),
-            host,
+    let layout: &[(char, u8, u8)] = if model == Model::CniConf {
+        &[('a', 1, 2), ('b', 1, 3)]
+    } else {
+        &[('a', 1, 2), ('b', 1, 3), ('c', 2, 2)]
+    };
+    let recorded = if model == Model::CniConf {
+        super::cni::recorded()
+    } else {
+        Vec::new()
+    };
+    layout
+        .iter()
+        .map(|&(letter, host, index)| {
+            let netns = pod_name(model, letter);
+            // A user's IPAM chooses the address: the one its ADD result gave, once there is one.
+            let ip = if model == Model::CniConf {
+                recorded
+                    .iter()
+                    .find(|a| a.netns == netns)
+                    .and_then(|a| super::cni::result_ipv4(&a.result))
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED)
+            } else {
+                pod_ip(host, index)
+            };
+            Pod {
+                letter,
+                netns,
+                ip,
+                host,
+            }
         })
         .collect()
+}
+
+/// Builds the lab of a user's configuration list (`--cni-conf`): what one machine cannot run
+/// is refused before anything is made.
+pub async fn up_with_conf(loaded: &crate::cni_config::Loaded) -> Result<Lab, Error> {
+    if let Some(lab) = current() {
+        return Err(Error::InvalidArgument(format!(
+            "a lab is already up ({}); run `cnitrace lab down` first",
+            lab.model.name()
+        )));
+    }
+    if let Err(e) = super::cni::store_user(loaded) {
+        super::cni::remove_all();
+        return Err(e);
+    }
+    up(Model::CniConf).await
+}
+
+/// Why a scenario cannot be run on a model, if it cannot.
+pub fn scenario_unavailable(model: Model, scenario: Scenario) -> Option<String> {
+    (model == Model::CniConf && scenario == Scenario::Inter).then(|| {
+        "a node's configuration is one node's: its IPAM would hand both lab hosts the same \
+         range, so only pods on one host are measured"
+            .to_owned()
+    })
 }
 
 /// Removes every lab namespace and what runs and lives in it ([`cnitrace_netns::remove`]).
@@ -331,7 +386,7 @@ pub fn unavailable_reason(model: Model) -> Option<String> {
     }
     if let Some(kind) = model.cni() {
         let list = super::cni::builtin(kind, 1);
-        let missing: Vec<String> = super::cni::plugins_of(&list)
+        let missing: Vec<String> = crate::cni_config::plugins_of(&list)
             .map(|(_, _, plugins)| plugins)
             .unwrap_or_default()
             .iter()
@@ -392,7 +447,12 @@ async fn build(model: Model) -> Result<Lab, Error> {
     for host in &hosts {
         host.set_up("lo", LinkSettings::default()).await?;
         host.sysctl("net.ipv4.ip_forward", "1")?;
-        if model.bridge().is_some() || matches!(model, Model::CniBridge | Model::CniBandwidth) {
+        if model.bridge().is_some()
+            || matches!(
+                model,
+                Model::CniBridge | Model::CniBandwidth | Model::CniConf
+            )
+        {
             // What kubelet's br_netfilter set-up does: bridged IPv4 goes through iptables.
             host.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
         }
@@ -448,8 +508,9 @@ async fn build(model: Model) -> Result<Lab, Error> {
                 host.add_route(pod_ip(other, 0), 24, "wire", Some(wire_ip(other)))
                     .await?;
             }
-            // One L2 segment over the wire: nothing to route.
-            Model::CniMacvlan | Model::CniIpvlan => {}
+            // One L2 segment over the wire: nothing to route. A user's list has pods on one
+            // host only.
+            Model::CniMacvlan | Model::CniIpvlan | Model::CniConf => {}
             Model::CalicoIpip => {
                 host.add_ipip("tunl1", wire_ip(n), wire_ip(other)).await?;
                 host.set_up("tunl1", LinkSettings::default()).await?;
@@ -534,6 +595,11 @@ async fn build(model: Model) -> Result<Lab, Error> {
             )?;
         }
     }
+    let pods = if model == Model::CniConf {
+        self::pods(model)
+    } else {
+        pods
+    };
     Ok(Lab { model, pods })
 }
 
@@ -553,7 +619,12 @@ async fn add_pod_by_plugins(
         container_id: format!("{}-{}", model.name(), pod.letter),
         netns: pod.netns.clone(),
         ifname: "eth0".to_owned(),
-        args: format!("IgnoreUnknown=1;IP={}", pod.ip),
+        // host-local hands out the lab's address; a user's IPAM chooses its own.
+        args: if model == Model::CniConf {
+            "IgnoreUnknown=1".to_owned()
+        } else {
+            format!("IgnoreUnknown=1;IP={}", pod.ip)
+        },
         conflist: super::cni::builtin(kind, pod.host),
         result: serde_json::Value::Null,
     };
@@ -627,11 +698,13 @@ mod tests {
             Model::EVERY.iter().map(|m| m.name()).collect();
         assert_eq!(distinct.len(), Model::EVERY.len(), "every model once");
         for model in Model::EVERY {
-            // The command line spells models as the report does.
-            assert_eq!(
-                <Model as clap::ValueEnum>::from_str(model.name(), false),
-                Ok(model)
-            );
+            // The command line spells models as the report does (cni-conf is `--cni-conf`).
+            if model != Model::CniConf {
+                assert_eq!(
+                    <Model as clap::ValueEnum>::from_str(model.name(), false),
+                    Ok(model)
+                );
+            }
             for letter in ['a', 'b', 'c'] {
                 assert!(model.host_veth(letter).len() < 16);
             }
