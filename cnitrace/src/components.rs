@@ -124,7 +124,7 @@ pub const COMPONENTS: &[Component] = &[
     },
     Component {
         name: "tc",
-        description: "traffic control other than BPF: shaping qdiscs (tbf, htb), classifiers, actions and the ifb device (the CNI bandwidth plugin's limits)",
+        description: "traffic control: shaping qdiscs (tbf, htb), the classifier and action framework (also around BPF classifiers, whose programs are bpf), the ifb device; the CNI bandwidth plugin's limits",
         anchors: &["tcf_classify"],
         colour: "#d37295",
         traced: &["tbf_enqueue", "tbf_dequeue", "ifb_xmit", "tcf_mirred_act"],
@@ -252,8 +252,9 @@ const RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("bpf_l4_csum_replace"), "bpf.helpers"),
     (Pattern::Prefix("tcx_"), "bpf.hook"),
     (Pattern::Prefix("cls_bpf_"), "bpf.hook"),
-    // Traffic control beyond BPF (the BPF hooks above come first): what the bandwidth plugin
-    // installs (tbf on the host veth, an ifb device fed by a mirred redirect) and its kin.
+    // Traffic control (the BPF programs and hooks above come first): what the bandwidth plugin
+    // installs (tbf on the host veth, an ifb device fed by a mirred redirect) and its kin;
+    // tcf_classify also runs legacy tc BPF classifiers, and its own cycles are tc's.
     (Pattern::Prefix("tbf_"), "tc.qdisc"),
     (Pattern::Prefix("htb_"), "tc.qdisc"),
     (Pattern::Prefix("hfsc_"), "tc.qdisc"),

@@ -496,15 +496,18 @@ pub fn markdown(entries: &[BenchEntry]) -> String {
     out
 }
 
-/// Two panels of stacked bars per model and scenario: all busy cycles per packet by
-/// component, then the datapath components alone on their own scale (the endpoints' own
-/// work, `other`, is most of every bar and would flatten them).
+/// Two panels of stacked bars per model and scenario, one above the other: all busy cycles per
+/// packet by component, then the datapath components alone on their own scale (the
+/// endpoints' own work, `other`, is most of every bar and would flatten them).
 pub fn svg(entries: &[BenchEntry]) -> String {
     let bars: Vec<&BenchEntry> = entries.iter().filter(|e| e.unavailable.is_none()).collect();
-    let (bar_width, gap, top, plot_height, axis) = (42.0, 26.0, 50.0, 320.0, 60.0);
+    let (bar_width, gap, plot_height, axis) = (40.0, 36.0, 250.0, 60.0);
+    // Room above each panel for its title, below it for the two label lines.
+    let (title_room, label_room) = (50.0, 50.0);
+    let panel_height = title_room + plot_height + label_room;
     let panel_width = bars.len() as f64 * (bar_width + gap);
-    let width = 2.0 * (axis + panel_width) + 40.0 + 170.0;
-    let height = top + plot_height + 90.0;
+    let width = axis + panel_width + 40.0 + 150.0;
+    let height = 2.0 * panel_height + 30.0;
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
          font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
@@ -516,14 +519,16 @@ pub fn svg(entries: &[BenchEntry]) -> String {
     let datapath: Vec<&Component> = COMPONENTS.iter().filter(|c| c.name != OTHER).collect();
     let all: Vec<&Component> = COMPONENTS.iter().collect();
     let panels = [
-        (axis, "all busy cycles", all),
+        (title_room, "all busy cycles", all),
         (
-            2.0 * axis + panel_width + 40.0,
+            panel_height + title_room,
             "datapath components only (own scale)",
             datapath,
         ),
     ];
-    for (left, title, components) in &panels {
+    let left = axis;
+    for (top, title, components) in &panels {
+        let top = *top;
         let max = bars
             .iter()
             .map(|e| {
@@ -535,7 +540,8 @@ pub fn svg(entries: &[BenchEntry]) -> String {
             .fold(1.0_f64, f64::max);
         let _ = writeln!(
             out,
-            "<text x=\"{left:.0}\" y=\"38\" fill=\"#555\">{title}</text>"
+            "<text x=\"{left:.0}\" y=\"{:.0}\" fill=\"#555\">{title}</text>",
+            top - 14.0
         );
         for tick in 0..=4 {
             let value = max * f64::from(tick) / 4.0;
@@ -568,8 +574,8 @@ pub fn svg(entries: &[BenchEntry]) -> String {
             let label_y = top + plot_height + 14.0;
             let _ = writeln!(
                 out,
-                "<text x=\"{:.1}\" y=\"{label_y:.1}\" text-anchor=\"middle\">{}</text>\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+                "<text x=\"{:.1}\" y=\"{label_y:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\" font-size=\"10\">{}</text>",
                 x + bar_width / 2.0,
                 entry.model,
                 x + bar_width / 2.0,
@@ -578,10 +584,10 @@ pub fn svg(entries: &[BenchEntry]) -> String {
             );
         }
     }
-    let legend_x = width - 150.0;
+    let legend_x = width - 130.0;
     for (index, component) in COMPONENTS.iter().rev().enumerate() {
         let (name, colour) = (component.name, component.colour);
-        let y = top + index as f64 * 18.0;
+        let y = title_room + index as f64 * 18.0;
         let _ = writeln!(
             out,
             "<rect x=\"{legend_x:.0}\" y=\"{y:.0}\" width=\"12\" height=\"12\" fill=\"{colour}\"/>\

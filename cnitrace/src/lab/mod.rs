@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cni;
 pub mod node_rules;
+pub mod ovs;
 pub mod policy;
 pub mod redirect;
 pub mod services;

@@ -291,6 +291,8 @@ pub fn ruleset(model: Model, pod_cidr: &str, pods: &[Ipv4Addr], dns: [Ipv4Addr; 
         Model::KubeRouter => kube_router(pods),
         Model::Weave => WEAVE.to_owned(),
         Model::Cilium => CILIUM.to_owned(),
+        // Antrea and OVN keep their policy in OVS flows; the node keeps kube-proxy's rules.
+        Model::Ovs => String::new(),
         // The plugins install their own rules; the lab adds none.
         Model::CniBridge
         | Model::CniPtp

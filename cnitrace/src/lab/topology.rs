@@ -34,6 +34,9 @@ pub enum Model {
     KubeRouter,
     /// A bridge plus a veth pair to an overlay bridge with VXLAN (flat L2).
     Weave,
+    /// Pods' veths on a kernel Open vSwitch datapath programmed with flows (Antrea's and
+    /// OVN-Kubernetes' datapath); pods on one host.
+    Ovs,
     /// The CNI reference plugins: bridge + host-local + firewall + portmap (the containerd
     /// and podman default); native routing between hosts.
     CniBridge,
@@ -55,7 +58,7 @@ pub enum Model {
 }
 
 impl Model {
-    pub const ALL: [Model; 7] = [
+    pub const ALL: [Model; 8] = [
         Model::Flannel,
         Model::CalicoNp,
         Model::CalicoWp,
@@ -63,6 +66,7 @@ impl Model {
         Model::Cilium,
         Model::KubeRouter,
         Model::Weave,
+        Model::Ovs,
     ];
 
     /// Models whose datapath the real CNI plugins make (run by the lab as a CNI runtime).
@@ -75,8 +79,8 @@ impl Model {
     ];
 
     /// Every model, shaped or made by plugins: [`Model::ALL`] then [`Model::CNI`].
-    pub const EVERY: [Model; 13] = {
-        let mut every = [Model::CniConf; 13];
+    pub const EVERY: [Model; 14] = {
+        let mut every = [Model::CniConf; 14];
         let mut i = 0;
         while i < Model::ALL.len() {
             every[i] = Model::ALL[i];
@@ -111,6 +115,7 @@ impl Model {
             Model::Cilium => "cilium",
             Model::KubeRouter => "kube-router",
             Model::Weave => "weave",
+            Model::Ovs => "ovs",
             Model::CniBridge => "cni-bridge",
             Model::CniPtp => "cni-ptp",
             Model::CniMacvlan => "cni-macvlan",
@@ -128,6 +133,7 @@ impl Model {
             Model::Flannel
             | Model::KubeRouter
             | Model::Weave
+            | Model::Ovs
             | Model::CniBridge
             | Model::CniPtp
             | Model::CniMacvlan
@@ -320,11 +326,19 @@ pub async fn up_with_conf(loaded: &crate::cni_config::Loaded) -> Result<Lab, Err
 
 /// Why a scenario cannot be run on a model, if it cannot.
 pub fn scenario_unavailable(model: Model, scenario: Scenario) -> Option<String> {
-    (model == Model::CniConf && scenario == Scenario::Inter).then(|| {
-        "a node's configuration is one node's: its IPAM would hand both lab hosts the same \
-         range, so only pods on one host are measured"
-            .to_owned()
-    })
+    match (model, scenario) {
+        (Model::CniConf, Scenario::Inter) => Some(
+            "a node's configuration is one node's: its IPAM would hand both lab hosts the same \
+             range, so only pods on one host are measured"
+                .to_owned(),
+        ),
+        (Model::Ovs, Scenario::Inter) => Some(
+            "the ovs model switches pods on one host; a tunnel port between two datapaths is \
+             not built yet"
+                .to_owned(),
+        ),
+        _ => None,
+    }
 }
 
 /// Removes every lab namespace and what runs and lives in it ([`cnitrace_netns::remove`]).
@@ -377,6 +391,9 @@ fn has_module_file(module: &str) -> bool {
 
 /// Why a model cannot be built here, if it cannot.
 pub fn unavailable_reason(model: Model) -> Option<String> {
+    if model == Model::Ovs {
+        return super::ovs::unavailable_reason(has_driver("openvswitch"));
+    }
     for (driven, driver) in [(Model::CniMacvlan, "macvlan"), (Model::CniIpvlan, "ipvlan")] {
         if model == driven && !has_driver(driver) {
             return Some(format!(
@@ -510,7 +527,7 @@ async fn build(model: Model) -> Result<Lab, Error> {
             }
             // One L2 segment over the wire: nothing to route. A user's list has pods on one
             // host only.
-            Model::CniMacvlan | Model::CniIpvlan | Model::CniConf => {}
+            Model::CniMacvlan | Model::CniIpvlan | Model::CniConf | Model::Ovs => {}
             Model::CalicoIpip => {
                 host.add_ipip("tunl1", wire_ip(n), wire_ip(other)).await?;
                 host.set_up("tunl1", LinkSettings::default()).await?;
@@ -541,6 +558,12 @@ async fn build(model: Model) -> Result<Lab, Error> {
                 host.set_up("vxlan-6784", LinkSettings::default()).await?;
             }
         }
+    }
+    if model == Model::Ovs {
+        super::ovs::build(
+            &host_names[0],
+            [&model.host_veth('a'), &model.host_veth('b')],
+        )?;
     }
     if matches!(model, Model::CalicoNp | Model::CalicoWp | Model::CalicoIpip) {
         for (index, host) in host_names.iter().enumerate() {
@@ -674,6 +697,9 @@ async fn add_pod(model: Model, host: &Ns, pod: &Pod) -> Result<(), Error> {
             ns.add_route(Ipv4Addr::UNSPECIFIED, 0, "eth0", Some(pod_ip(pod.host, 1)))
                 .await?;
         }
+    } else if model == Model::Ovs {
+        // One L2 segment on the datapath: no gateway, the pods ARP for each other.
+        ns.add_address("eth0", pod.ip, 24).await?;
     } else {
         debug_assert!(model.routed());
         ns.add_address("eth0", pod.ip, 32).await?;

@@ -241,6 +241,29 @@ pub(super) fn check(
         }
         Err(e) => expect(false, format!("fentry-forced: {e:#}")),
     }
+    for (case, backend) in [("ovs-sampling", "sampling"), ("ovs-tracing", "tracing")] {
+        match entry(outputs, case) {
+            Ok(e) => {
+                expect(
+                    cpp(&e, "ovs") > 0.0,
+                    format!(
+                        "ovs intra, {backend}: ovs {:.0} CPP > 0 (throughput {:.2} Gbit/s)",
+                        cpp(&e, "ovs"),
+                        e["throughput_gbps"].as_f64().unwrap_or(0.0)
+                    ),
+                );
+                expect(
+                    cpp(&e, "bridge") == 0.0 && cpp(&e, "ip_forward") == 0.0,
+                    format!(
+                        "ovs intra, {backend}: no Linux bridge ({:.0}) and no forwarding ({:.0})",
+                        cpp(&e, "bridge"),
+                        cpp(&e, "ip_forward")
+                    ),
+                );
+            }
+            Err(e) => expect(false, format!("{case}: {e:#}")),
+        }
+    }
     match (
         entry(outputs, "cross-sampling"),
         entry(outputs, "cross-tracing"),

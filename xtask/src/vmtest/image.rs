@@ -1,5 +1,6 @@
 //! The VM image: a Debian cloud kernel fetched with apt, its modules, and an initramfs with
-//! busybox, cnitrace, iperf3, iptables, nft and an init script that runs every case.
+//! busybox, cnitrace, iperf3, iptables, nft, ovs-dpctl and an init script that runs every
+//! case.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -46,27 +47,44 @@ pub(super) fn kernel_package(series: &str) -> Result<String> {
         .with_context(|| format!("no Debian cloud kernel {series} in apt (apt-get update?)"))
 }
 
-/// Downloads and unpacks a kernel package once; returns (unpacked root, kernel release).
-pub(super) fn fetch_kernel(package: &str) -> Result<(PathBuf, String)> {
-    let dir = vm_dir().join("kernels").join(package);
+/// Downloads a Debian package once (`apt-get download`, nothing installed on this machine) and
+/// unpacks it into `dir`/root; returns that root.
+fn fetch_package(package: &str, dir: &Path) -> Result<PathBuf> {
     let root = dir.join("root");
-    if !root.join("boot").exists() {
-        std::fs::create_dir_all(&dir)?;
+    let marker = dir.join(format!("{package}.unpacked"));
+    if !marker.exists() {
+        std::fs::create_dir_all(dir)?;
         eprintln!("vmtest: downloading {package}");
         // Not run_command: it runs in the workspace root, and the .deb belongs in `dir`.
         let status = Command::new("apt-get")
             .args(["download", package])
-            .current_dir(&dir)
+            .current_dir(dir)
             .status()
             .context("apt-get download")?;
         anyhow::ensure!(status.success(), "apt-get download {package} failed");
-        let deb = std::fs::read_dir(&dir)?
+        let deb = std::fs::read_dir(dir)?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "deb")
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
             .context("downloaded .deb")?;
         run_command(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        std::fs::write(&marker, "")?;
     }
+    Ok(root)
+}
+
+/// Downloads and unpacks a kernel package once; returns (unpacked root, kernel release).
+pub(super) fn fetch_kernel(package: &str) -> Result<(PathBuf, String)> {
+    let dir = vm_dir().join("kernels").join(package);
+    let root = if dir.join("root/boot").exists() {
+        dir.join("root") // unpacked by an earlier run
+    } else {
+        fetch_package(package, &dir)?
+    };
     let release = std::fs::read_dir(root.join("lib/modules"))?
         .flatten()
         .next()
@@ -75,6 +93,21 @@ pub(super) fn fetch_kernel(package: &str) -> Result<(PathBuf, String)> {
         .to_string_lossy()
         .into_owned();
     Ok((root, release))
+}
+
+/// `ovs-dpctl` from Debian's openvswitch-switch, with the libxdp it links that this machine
+/// need not have: unpacked under target/vmtest/ovs, never installed (the package would start
+/// Open vSwitch's daemons here). Returns the binary and the directory of the extra library.
+fn fetch_ovs_dpctl() -> Result<(PathBuf, PathBuf)> {
+    let dir = vm_dir().join("ovs");
+    let mut root = PathBuf::new();
+    for package in ["openvswitch-switch", "libxdp1"] {
+        root = fetch_package(package, &dir)?;
+    }
+    Ok((
+        root.join("usr/bin/ovs-dpctl"),
+        root.join("usr/lib/x86_64-linux-gnu"),
+    ))
 }
 
 pub(super) fn module_index(modules_dir: &Path) -> BTreeMap<String, PathBuf> {
@@ -136,8 +169,29 @@ pub(super) fn copy_with_libraries(
     root: &Path,
     copied: &mut BTreeSet<PathBuf>,
 ) -> Result<()> {
+    copy_with_libraries_from(binary, None, root, copied)
+}
+
+/// [`copy_with_libraries`] for a binary unpacked from a package: it goes to /usr/bin, and
+/// libraries found in `extra_libraries` go to /usr/lib/x86_64-linux-gnu.
+fn copy_with_libraries_from(
+    binary: &Path,
+    extra_libraries: Option<&Path>,
+    root: &Path,
+    copied: &mut BTreeSet<PathBuf>,
+) -> Result<()> {
     let mut files = vec![binary.to_path_buf()];
-    let out = Command::new("ldd").arg(binary).output().context("ldd")?;
+    let mut ldd = Command::new("ldd");
+    if let Some(dir) = extra_libraries {
+        ldd.env("LD_LIBRARY_PATH", dir);
+    }
+    let out = ldd.arg(binary).output().context("ldd")?;
+    anyhow::ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains("not found"),
+        "{}: a library is missing: {}",
+        binary.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let path = line
             .split("=>")
@@ -154,7 +208,12 @@ pub(super) fn copy_with_libraries(
         if !copied.insert(file.clone()) {
             continue;
         }
-        let target = root.join(file.strip_prefix("/").unwrap_or(&file));
+        let name = file.file_name().context("a file name")?;
+        let target = match extra_libraries {
+            Some(dir) if file.starts_with(dir) => root.join("usr/lib/x86_64-linux-gnu").join(name),
+            Some(_) if file == binary => root.join("usr/bin").join(name),
+            _ => root.join(file.strip_prefix("/").unwrap_or(&file)),
+        };
         std::fs::create_dir_all(target.parent().expect("parent"))?;
         std::fs::copy(std::fs::canonicalize(&file)?, &target)
             .with_context(|| format!("copy {}", file.display()))?;
@@ -224,6 +283,8 @@ pub(super) fn build_initramfs(
     ] {
         copy_with_libraries(Path::new(tool), &root, &mut copied)?;
     }
+    let (ovs_dpctl, ovs_libraries) = fetch_ovs_dpctl()?;
+    copy_with_libraries_from(&ovs_dpctl, Some(&ovs_libraries), &root, &mut copied)?;
     for link in [
         "iptables",
         "iptables-restore",

@@ -2,7 +2,8 @@
 //! Debian's cloud kernels 6.1 and 6.12 into target/vmtest, builds an initramfs with busybox,
 //! cnitrace, iperf3, iptables, nft and the kernel modules the lab needs, boots each under QEMU
 //! (TCG) and runs cnitrace there: the lab's datapaths with the tracing backend in fentry mode,
-//! kprobe mode forced, an IP-in-IP tunnel, VXLAN, netfilter under a policy, and the same
+//! kprobe mode forced, an IP-in-IP tunnel, VXLAN, netfilter under a policy, an Open vSwitch
+//! kernel datapath under both backends, and the same
 //! traffic profiled by sampling and by tracing for the cross-check. The serial console carries
 //! each result as JSON between markers; the checks run here.
 
@@ -75,6 +76,8 @@ const MODULES: &[&str] = &[
     "ipt_REJECT",
     "sch_ingress",
     "cls_bpf",
+    // The ovs model's kernel datapath.
+    "openvswitch",
 ];
 
 /// One run inside the VM: a name and cnitrace's arguments.
@@ -127,6 +130,14 @@ fn cases(duration: u32) -> Vec<(&'static str, Vec<String>)> {
                 "intra",
                 &["--backend", "tracing", "--attach", "fentry"],
             ),
+        ),
+        (
+            "ovs-sampling",
+            lab("ovs", "intra", &["--backend", "sampling"]),
+        ),
+        (
+            "ovs-tracing",
+            lab("ovs", "intra", &["--backend", "tracing"]),
         ),
         (
             "cross-sampling",
