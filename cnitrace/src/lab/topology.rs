@@ -34,8 +34,8 @@ pub enum Model {
     KubeRouter,
     /// A bridge plus a veth pair to an overlay bridge with VXLAN (flat L2).
     Weave,
-    /// Pods' veths on a kernel Open vSwitch datapath programmed with flows (Antrea's and
-    /// OVN-Kubernetes' datapath); pods on one host.
+    /// Pods' veths on a kernel Open vSwitch datapath programmed with flows, VXLAN between
+    /// hosts (Antrea's and OVN-Kubernetes' datapath).
     Ovs,
     /// The CNI reference plugins: bridge + host-local + firewall + portmap (the containerd
     /// and podman default); native routing between hosts.
@@ -332,11 +332,6 @@ pub fn scenario_unavailable(model: Model, scenario: Scenario) -> Option<String> 
              range, so only pods on one host are measured"
                 .to_owned(),
         ),
-        (Model::Ovs, Scenario::Inter) => Some(
-            "the ovs model switches pods on one host; a tunnel port between two datapaths is \
-             not built yet"
-                .to_owned(),
-        ),
         _ => None,
     }
 }
@@ -560,10 +555,22 @@ async fn build(model: Model) -> Result<Lab, Error> {
         }
     }
     if model == Model::Ovs {
-        super::ovs::build(
-            &host_names[0],
-            [&model.host_veth('a'), &model.host_veth('b')],
-        )?;
+        for n in [1u8, 2] {
+            let port = |pod: &Pod| super::ovs::PodPort {
+                device: model.host_veth(pod.letter),
+                mac: pod_mac(pod.letter),
+            };
+            let local: Vec<_> = pods.iter().filter(|p| p.host == n).map(port).collect();
+            let peer = super::ovs::Peer {
+                remote: wire_ip(3 - n),
+                macs: pods
+                    .iter()
+                    .filter(|p| p.host != n)
+                    .map(|p| pod_mac(p.letter))
+                    .collect(),
+            };
+            super::ovs::build(&host_names[usize::from(n) - 1], &local, &peer)?;
+        }
     }
     if matches!(model, Model::CalicoNp | Model::CalicoWp | Model::CalicoIpip) {
         for (index, host) in host_names.iter().enumerate() {
@@ -698,8 +705,9 @@ async fn add_pod(model: Model, host: &Ns, pod: &Pod) -> Result<(), Error> {
                 .await?;
         }
     } else if model == Model::Ovs {
-        // One L2 segment on the datapath: no gateway, the pods ARP for each other.
-        ns.add_address("eth0", pod.ip, 24).await?;
+        // One L2 segment over both datapaths and the tunnel: no gateway, the pods ARP for
+        // each other.
+        ns.add_address("eth0", pod.ip, 16).await?;
     } else {
         debug_assert!(model.routed());
         ns.add_address("eth0", pod.ip, 32).await?;

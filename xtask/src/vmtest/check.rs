@@ -264,6 +264,18 @@ pub(super) fn check(
             Err(e) => expect(false, format!("{case}: {e:#}")),
         }
     }
+    match entry(outputs, "ovs-inter") {
+        Ok(e) => expect(
+            cpp(&e, "ovs") > 0.0 && cpp(&e, "vxlan") > 0.0,
+            format!(
+                "ovs inter, sampling: ovs {:.0} and vxlan {:.0} CPP > 0 (throughput {:.2} Gbit/s)",
+                cpp(&e, "ovs"),
+                cpp(&e, "vxlan"),
+                e["throughput_gbps"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        Err(e) => expect(false, format!("ovs-inter: {e:#}")),
+    }
     match (
         entry(outputs, "cross-sampling"),
         entry(outputs, "cross-tracing"),

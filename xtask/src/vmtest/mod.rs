@@ -139,6 +139,7 @@ fn cases(duration: u32) -> Vec<(&'static str, Vec<String>)> {
             "ovs-tracing",
             lab("ovs", "intra", &["--backend", "tracing"]),
         ),
+        ("ovs-inter", lab("ovs", "inter", &["--backend", "sampling"])),
         (
             "cross-sampling",
             lab("flannel", "intra", &["--backend", "sampling"]),
