@@ -147,10 +147,19 @@ pub(super) fn pair_ns(entry: &Value, component: &str) -> Option<f64> {
 /// with the kprobe-traced components (bridge, veth) reading higher under tracing and the
 /// fentry-traced one (netfilter) lower, as kprobes cost more than fentry. 20 pp keeps a margin
 /// over that and still fails if one backend puts a major component's work elsewhere. The
-/// absolute shares are printed for the record. Bridge and netfilter can be within a point of
-/// each other (their order flipped once), so only the cheapest component (veth, clearly
-/// apart) is compared by rank.
+/// absolute shares are printed for the record.
 pub(super) const CROSS_CHECK_PP: f64 = 20.0;
+
+/// How far above sampling's cheapest component (in points of bridge + netfilter + veth)
+/// tracing's cheapest may read under sampling and still count as "the same cheapest".
+///
+/// Ranks are noisy where two parts are close: in 2 s the three components get ~200 of the
+/// ~4000 samples, so a part has a standard error of ~2.5 pp. Bridge and netfilter have been
+/// within a point of each other (their order flipped once), and veth and bridge, usually 7-13
+/// pp apart, once came within 0.5 pp on 6.1 (12.8% bridge, 13.3% veth by sampling) and swapped
+/// places. 5 pp is two standard errors: a backend that put a component's work elsewhere still
+/// moves its part by far more.
+pub(super) const CHEAPEST_TOLERANCE_PP: f64 = 5.0;
 
 /// Checks one kernel's results; returns the summary lines and the failures.
 pub(super) fn check(
@@ -300,14 +309,6 @@ pub(super) fn check(
                 rank(&sampled),
                 rank(&traced)
             ));
-            expect(
-                rank(&sampled).last() == rank(&traced).last(),
-                format!(
-                    "flannel intra: the cheapest component is the same for both backends ({:?} / {:?})",
-                    rank(&sampled).last(),
-                    rank(&traced).last()
-                ),
-            );
             let part = |shares: &[(&'static str, f64)], component: &str| {
                 let sum: f64 = shares.iter().map(|(_, v)| v).sum();
                 shares
@@ -315,6 +316,20 @@ pub(super) fn check(
                     .find(|(name, _)| *name == component)
                     .map_or(0.0, |(_, v)| if sum > 0.0 { v / sum * 100.0 } else { 0.0 })
             };
+            // Tracing's cheapest component must be (within sampling noise) sampling's cheapest.
+            let (sampled_cheapest, traced_cheapest) = (
+                rank(&sampled).last().copied().unwrap_or_default(),
+                rank(&traced).last().copied().unwrap_or_default(),
+            );
+            let above = part(&sampled, traced_cheapest) - part(&sampled, sampled_cheapest);
+            expect(
+                above <= CHEAPEST_TOLERANCE_PP,
+                format!(
+                    "flannel intra: the cheapest component is the same for both backends \
+                     (sampling {sampled_cheapest}, tracing {traced_cheapest}: {above:.1} pp apart \
+                     by sampling, within {CHEAPEST_TOLERANCE_PP} pp)"
+                ),
+            );
             for component in majors {
                 let sampled_share = share(&s, component) * 100.0;
                 let traced_share = share(&t, component) * 100.0;
