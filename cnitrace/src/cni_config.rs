@@ -1,6 +1,6 @@
-//! CNI network configurations as a node keeps them (/etc/cni/net.d): the file a container
-//! runtime would use, its plugin chain, the datapath components that chain implies, and
-//! whether the lab can run it on one machine (`lab bench --cni-conf`).
+//! CNI on a node: its network configurations (/etc/cni/net.d: the file a container runtime
+//! would use, its plugin chain, the datapath components that chain implies), its plugins
+//! (CNI_PATH), and whether the lab can run a configuration on one machine (`--cni-conf`).
 
 use std::path::{Path, PathBuf};
 
@@ -59,6 +59,62 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found
+}
+
+/// Directories searched for plugins when `CNI_PATH` is not set: the usual install location,
+/// then Debian's.
+const DEFAULT_CNI_PATH: &[&str] = &["/opt/cni/bin", "/usr/lib/cni"];
+
+/// The plugin search path: `CNI_PATH` if set, else the defaults.
+pub fn search_path() -> Vec<PathBuf> {
+    std::env::var_os("CNI_PATH").map_or_else(
+        || DEFAULT_CNI_PATH.iter().map(PathBuf::from).collect(),
+        |path| std::env::split_paths(&path).collect(),
+    )
+}
+
+/// The executable of plugin `kind`, or a clear error naming where it was looked for.
+pub fn find_plugin(kind: &str) -> Result<PathBuf, Error> {
+    if kind.is_empty() || kind.contains('/') {
+        return Err(Error::InvalidArgument(format!(
+            "CNI plugin type `{kind}` is not a plugin name"
+        )));
+    }
+    let path = search_path();
+    path.iter()
+        .map(|dir| dir.join(kind))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "CNI plugin `{kind}` not found in {} (install containernetworking-plugins or set \
+                 CNI_PATH)",
+                path.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":")
+            ))
+        })
+}
+
+/// Whether the lab can run a user's list here: no plugin that needs a cluster daemon, every
+/// plugin installed. Errors name the file and the plugin.
+pub fn check_runnable(loaded: &Loaded) -> Result<(), Error> {
+    if let Some(problem) = emulation_problem(loaded) {
+        return Err(Error::InvalidArgument(problem));
+    }
+    for kind in chain(&loaded.conflist) {
+        find_plugin(&kind).map_err(|e| {
+            Error::InvalidArgument(format!("{}: {}", loaded.file.display(), without_prefix(&e)))
+        })?;
+    }
+    Ok(())
+}
+
+fn without_prefix(e: &Error) -> String {
+    match e {
+        Error::InvalidArgument(message) => message.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// A configuration read from a file.
@@ -268,7 +324,7 @@ pub fn summarize(dir: &Path) -> Vec<ConfigSummary> {
                         summary
                             .plugins
                             .iter()
-                            .find_map(|kind| crate::lab::cni::find_plugin(kind).err())
+                            .find_map(|kind| find_plugin(kind).err())
                             .map(|e| e.to_string())
                     });
                 }
@@ -389,6 +445,13 @@ mod tests {
             ]}),
         };
         assert_eq!(emulation_problem(&fine), None);
+    }
+
+    #[test]
+    fn plugins_are_looked_for_by_name_only() {
+        assert!(find_plugin("../etc/passwd").is_err());
+        let err = find_plugin("no-such-plugin-here").unwrap_err().to_string();
+        assert!(err.contains("CNI_PATH"), "{err}");
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub fn validate(options: &BenchOptions) -> Result<(), Error> {
         ));
     }
     if let Some(loaded) = &options.cni_conf {
-        super::cni::check_user(loaded)?;
+        crate::cni_config::check_runnable(loaded)?;
     }
     crate::probe::sampling::validate_frequency(options.sampler.frequency_hz)
 }

@@ -357,8 +357,8 @@ pub fn ipip_available() -> bool {
         || has_module_file("ipip")
 }
 
-/// Whether the kernel has the macvlan or ipvlan driver: built in or loaded (its functions are
-/// in /proc/kallsyms), or a module file modprobe can load.
+/// Whether the kernel has a driver (macvlan, ipvlan, openvswitch): built in or loaded (its
+/// functions are in /proc/kallsyms, or /sys/module has it), or a module file modprobe can load.
 fn has_driver(module: &str) -> bool {
     let release = crate::window::kernel_release();
     let prefix = format!(" {module}_");
@@ -404,7 +404,7 @@ pub fn unavailable_reason(model: Model) -> Option<String> {
             .iter()
             .chain(std::iter::once(&serde_json::json!({"type": "host-local"})))
             .filter_map(|p| p["type"].as_str())
-            .filter_map(|kind| super::cni::find_plugin(kind).err())
+            .filter_map(|kind| crate::cni_config::find_plugin(kind).err())
             .map(|e| e.to_string())
             .collect();
         return (!missing.is_empty()).then(|| format!("unavailable here: {}", missing.join("; ")));
@@ -520,8 +520,8 @@ async fn build(model: Model) -> Result<Lab, Error> {
                 host.add_route(pod_ip(other, 0), 24, "wire", Some(wire_ip(other)))
                     .await?;
             }
-            // One L2 segment over the wire: nothing to route. A user's list has pods on one
-            // host only.
+            // One L2 segment over the wire, or (ovs) over the datapaths' VXLAN ports: nothing
+            // to route. A user's list has pods on one host only.
             Model::CniMacvlan | Model::CniIpvlan | Model::CniConf | Model::Ovs => {}
             Model::CalicoIpip => {
                 host.add_ipip("tunl1", wire_ip(n), wire_ip(other)).await?;
