@@ -15,6 +15,17 @@ use std::{
 use cnitrace_tests::{Shape, Topology, cnitrace_bin, privileged, remove_stale, run};
 use serde_json::Value;
 
+/// The start of every lab test: skip (saying why) without privileges, else take the serial
+/// lock and remove any lab an earlier failed test left.
+fn begin(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !privileged(test) {
+        return None;
+    }
+    let serial = cnitrace_tests::serial();
+    let _ = cnitrace(&["lab", "down"]);
+    Some(serial)
+}
+
 fn cnitrace(args: &[&str]) -> Output {
     Command::new(cnitrace_bin())
         .args(args)
@@ -88,11 +99,10 @@ fn cpp(entry: &Value, component: &str) -> f64 {
 
 #[test]
 fn every_model_carries_traffic_and_shows_its_defining_components() {
-    if !privileged("every_model_carries_traffic_and_shows_its_defining_components") {
+    let Some(_serial) = begin("every_model_carries_traffic_and_shows_its_defining_components")
+    else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     let out = cnitrace(&[
         "lab",
         "bench",
@@ -222,11 +232,10 @@ fn every_model_carries_traffic_and_shows_its_defining_components() {
 
 #[test]
 fn lab_up_leaves_a_working_lab_that_down_removes_with_its_programs() {
-    if !privileged("lab_up_leaves_a_working_lab_that_down_removes_with_its_programs") {
+    let Some(_serial) = begin("lab_up_leaves_a_working_lab_that_down_removes_with_its_programs")
+    else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     lab_up("cilium");
     // The lab outlives the command: namespaces, and tc programs held by their filters.
     assert_eq!(lab_namespaces().len(), 5, "{:?}", lab_namespaces());
@@ -245,11 +254,9 @@ fn lab_up_leaves_a_working_lab_that_down_removes_with_its_programs() {
 
 #[test]
 fn a_lab_that_fails_halfway_removes_what_it_made() {
-    if !privileged("a_lab_that_fails_halfway_removes_what_it_made") {
+    let Some(_serial) = begin("a_lab_that_fails_halfway_removes_what_it_made") else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     // Without iptables-restore on PATH, calico-wp fails after every device and route exists,
     // at its policy step: a real failure in the last step.
     let out = Command::new(cnitrace_bin())
@@ -340,11 +347,9 @@ fn netfilter_report_attributes_forward_rules_per_packet_and_removes_its_counters
 
 #[test]
 fn rule_sweep_fits_a_rising_line_and_removes_its_rules() {
-    if !privileged("rule_sweep_fits_a_rising_line_and_removes_its_rules") {
+    let Some(_serial) = begin("rule_sweep_fits_a_rising_line_and_removes_its_rules") else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     let out = cnitrace(&[
         "lab",
         "sweep",
@@ -397,13 +402,11 @@ const SERVICES: u64 = 5000;
 
 #[test]
 fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mode() {
-    if !privileged(
-        "services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mode",
-    ) {
+    let Some(_serial) =
+        begin("services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mode")
+    else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     let services = format!("1,{SERVICES}");
     let out = cnitrace(&[
         "lab",
@@ -494,11 +497,9 @@ fn services_cost_grows_with_their_number_in_iptables_mode_and_not_in_nftables_mo
 
 #[test]
 fn every_node_carries_the_rules_of_its_cni_and_kube_proxy() {
-    if !privileged("every_node_carries_the_rules_of_its_cni_and_kube_proxy") {
+    let Some(_serial) = begin("every_node_carries_the_rules_of_its_cni_and_kube_proxy") else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     // Rules counted on a live node of each CNI (iptables-save, every table), with a few pods;
     // the lab's host 1 has two.
     for (model, counted) in [
@@ -560,11 +561,11 @@ fn iptables_save_in(netns: &str) -> String {
 
 #[test]
 fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
-    if !privileged("cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made") {
+    let Some(_serial) =
+        begin("cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made")
+    else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     // Up by the plugins: their devices, their rules, their leases.
     lab_up("cni-bridge");
     let rules = iptables_save_in("cnl-cni-bridge-h1");
@@ -687,11 +688,9 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
 
 #[test]
 fn a_cni_plugin_failing_halfway_is_undone_through_the_plugins() {
-    if !privileged("a_cni_plugin_failing_halfway_is_undone_through_the_plugins") {
+    let Some(_serial) = begin("a_cni_plugin_failing_halfway_is_undone_through_the_plugins") else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     // The real plugins, but a firewall plugin that refuses ADD (and accepts DEL): bridge and
     // host-local have made the pod's interface and lease when it fails.
     let dir = std::env::temp_dir().join(format!("cnitrace-cni-{}", std::process::id()));
@@ -739,11 +738,11 @@ fn a_cni_plugin_failing_halfway_is_undone_through_the_plugins() {
 
 #[test]
 fn a_users_cni_configuration_is_benchmarked_with_the_installed_plugins() {
-    if !privileged("a_users_cni_configuration_is_benchmarked_with_the_installed_plugins") {
+    let Some(_serial) =
+        begin("a_users_cni_configuration_is_benchmarked_with_the_installed_plugins")
+    else {
         return;
-    }
-    let _serial = cnitrace_tests::serial();
-    let _ = cnitrace(&["lab", "down"]);
+    };
     // A directory like /etc/cni/net.d: podman's default list first by name, then a file a
     // runtime would not use.
     let dir = std::env::temp_dir().join(format!("cnitrace-netd-{}", std::process::id()));
