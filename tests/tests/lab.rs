@@ -41,6 +41,16 @@ fn lab_up(model: &str) -> String {
     said
 }
 
+/// `lab bench ARGS` with one 2 s repeat, as JSON; the lab must be gone afterwards.
+fn quick_bench(args: &[&str]) -> Value {
+    let mut full = vec!["lab", "bench"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--duration", "2", "--repeat", "1", "--format", "json"]);
+    let entries = json_of(&cnitrace(&full));
+    assert_lab_gone();
+    entries
+}
+
 fn json_of(out: &Output) -> Value {
     assert!(
         out.status.success(),
@@ -103,18 +113,7 @@ fn every_model_carries_traffic_and_shows_its_defining_components() {
     else {
         return;
     };
-    let out = cnitrace(&[
-        "lab",
-        "bench",
-        "--duration",
-        "2",
-        "--repeat",
-        "1",
-        "--format",
-        "json",
-    ]);
-    let entries = json_of(&out);
-    assert_lab_gone();
+    let entries = quick_bench(&[]);
     let mut by_key: HashMap<(String, String), &Value> = HashMap::new();
     for entry in entries.as_array().unwrap() {
         let key = (
@@ -593,23 +592,13 @@ fn cni_plugin_models_carry_traffic_and_the_plugins_remove_what_they_made() {
     );
 
     // Both models, both scenarios, measured.
-    let out = cnitrace(&[
-        "lab",
-        "bench",
+    let entries = quick_bench(&[
         "cni-bridge",
         "cni-ptp",
         "cni-macvlan",
         "cni-ipvlan",
         "cni-bandwidth",
-        "--duration",
-        "2",
-        "--repeat",
-        "1",
-        "--format",
-        "json",
     ]);
-    let entries = json_of(&out);
-    assert_lab_gone();
     assert!(!std::path::Path::new(CNI_STATE).exists());
     // The bandwidth plugin's ifb devices lived in the lab hosts' namespaces: none is left.
     let links = run("ip", &["-o", "link", "show"]).expect("ip link");
@@ -783,20 +772,7 @@ fn a_users_cni_configuration_is_benchmarked_with_the_installed_plugins() {
     );
 
     // Bench: measured through the user's chain, the inter-host scenario refused with why.
-    let out = cnitrace(&[
-        "lab",
-        "bench",
-        "--cni-conf",
-        dir_arg,
-        "--duration",
-        "2",
-        "--repeat",
-        "1",
-        "--format",
-        "json",
-    ]);
-    let entries = json_of(&out);
-    assert_lab_gone();
+    let entries = quick_bench(&["--cni-conf", dir_arg]);
     assert!(!std::path::Path::new(CNI_STATE).exists());
     let entries = entries.as_array().unwrap();
     assert_eq!(entries.len(), 2, "{entries:?}");
