@@ -100,10 +100,9 @@ pub(super) fn fetch_kernel(package: &str) -> Result<(PathBuf, String)> {
 /// Open vSwitch's daemons here). Returns the binary and the directory of the extra library.
 fn fetch_ovs_dpctl() -> Result<(PathBuf, PathBuf)> {
     let dir = vm_dir().join("ovs");
-    let mut root = PathBuf::new();
-    for package in ["openvswitch-switch", "libxdp1"] {
-        root = fetch_package(package, &dir)?;
-    }
+    // Both unpack into the same root.
+    fetch_package("libxdp1", &dir)?;
+    let root = fetch_package("openvswitch-switch", &dir)?;
     Ok((
         root.join("usr/bin/ovs-dpctl"),
         root.join("usr/lib/x86_64-linux-gnu"),
