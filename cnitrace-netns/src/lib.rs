@@ -58,7 +58,14 @@ pub fn inode(name: &str) -> Result<u32, Error> {
 
 /// Checks that a named namespace exists.
 pub fn validate(name: &str) -> Result<(), Error> {
-    if name.is_empty() || name.contains('/') || !path(name).exists() {
+    // `.` and `..` name directories, not namespaces; a namespace is a bind-mounted file.
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains(['/', '\0'])
+        || name == "."
+        || name == ".."
+        || !path(name).is_file()
+    {
         return Err(Error::Invalid(format!(
             "unknown network namespace `{name}`: no {} (list them with `ip netns list`)",
             path(name).display()

@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     sync::{
         Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -33,6 +33,60 @@ pub struct Limits {
     /// Read the iptables/nftables rulesets around each session (the `netfilter` section's
     /// chains and rules per packet).
     pub read_rulesets: bool,
+    /// The sampler's rate per CPU while a session is open.
+    pub session_hz: u64,
+    /// Its rate while only continuous readers (scrapes, rolling windows) want data; 0 keeps
+    /// it detached then. With no reader at all it is always detached.
+    pub continuous_hz: u64,
+    /// The most of the node's CPU time the agent may take, percent: the rates are lowered
+    /// to fit it.
+    pub max_overhead_pct: f64,
+    /// What one sample costs the CPU it interrupts, ns (calibrated by `cargo xtask bench`;
+    /// raised to the sampler's measured run time when BPF statistics show more).
+    pub sample_cost_ns: f64,
+}
+
+/// How long after its last read a continuous reader (a scrape, a rolling window) keeps the
+/// sampler attached: longer than any usual scrape interval, so a scraper that misses a few
+/// scrapes does not lose its counters.
+pub const READER_GONE_S: u64 = 300;
+
+/// The default budget, percent of the node's CPU time (see the README's overhead section).
+pub const DEFAULT_MAX_OVERHEAD_PCT: f64 = 2.0;
+/// The default cost of one sample, ns: the sampler's program under traffic plus the timer
+/// interrupt it rides on, as measured on a 2-vCPU VM (BENCHMARKS.md, fixed-load rounds).
+pub const DEFAULT_SAMPLE_COST_NS: f64 = 15_000.0;
+
+/// The agent process's share of the node's CPU time, smoothed over about ten seconds.
+#[derive(Debug, Default)]
+struct ProcessCpu {
+    last: Option<(Instant, f64)>,
+    share: f64,
+}
+
+impl ProcessCpu {
+    /// Folds in the CPU seconds used since the last call.
+    fn update(&mut self) {
+        let Some(used) = process_cpu_seconds() else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some((then, before)) = self.last {
+            let elapsed = now.duration_since(then).as_secs_f64();
+            if elapsed > 0.0 {
+                let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+                let share = (used - before) / elapsed / cpus;
+                self.share += (share - self.share) * 0.1;
+            }
+        }
+        self.last = Some((now, used));
+    }
+}
+
+/// This process's user and system CPU seconds.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+    Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
 }
 
 impl Default for Limits {
@@ -42,6 +96,10 @@ impl Default for Limits {
             max_duration_s: 3600.0,
             keep_stopped: 64,
             read_rulesets: true,
+            session_hz: crate::probe::sampling::DEFAULT_FREQUENCY_HZ,
+            continuous_hz: crate::probe::sampling::DEFAULT_CONTINUOUS_HZ,
+            max_overhead_pct: DEFAULT_MAX_OVERHEAD_PCT,
+            sample_cost_ns: DEFAULT_SAMPLE_COST_NS,
         }
     }
 }
@@ -68,6 +126,20 @@ struct SessionEntry {
     /// A stopped session's sampled stacks as gzipped JSON: kept for its flame graph and
     /// profile, a tenth of their size in memory.
     stacks_gz: Option<Vec<u8>>,
+    /// Its stacks were dropped to keep [`MAX_STOPPED_STACKS_BYTES`].
+    stacks_dropped: bool,
+}
+
+/// The most memory stopped sessions' stacks may take together; past it the oldest sessions'
+/// stacks go (their breakdowns stay), and asking for their flame graph says why.
+pub const MAX_STOPPED_STACKS_BYTES: usize = 32 << 20;
+
+/// What the agent holds between windows and what its budgets dropped, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Held {
+    pub epochs: crate::probe::Maintenance,
+    pub stopped_stacks_bytes: usize,
+    pub stopped_stacks_dropped: u64,
 }
 
 fn gzip_json(value: &impl serde::Serialize) -> Option<Vec<u8>> {
@@ -95,6 +167,19 @@ pub struct Agent {
     /// The longest rolling window asked for lately, and when (seconds since start): the ring
     /// keeps that much history, not always the longest allowed.
     rolling_longest: Mutex<(u64, u64)>,
+    /// When a scrape last read the counters (seconds since start; [`NEVER`] before the first).
+    scraped_s: AtomicU64,
+    /// Sessions between validation and insertion: their windows open at the session rate.
+    opening: AtomicUsize,
+    /// Serializes rate decisions, so two of them cannot interleave detach and attach.
+    rate_lock: Mutex<()>,
+    process_cpu: Mutex<ProcessCpu>,
+    /// The sampler's run time per sample measured by BPF statistics (ns, as f64 bits; 0
+    /// before a session measured it).
+    measured_sample_ns: AtomicU64,
+    /// The last map maintenance's figures.
+    maintenance: Mutex<crate::probe::Maintenance>,
+    stopped_stacks_dropped: AtomicU64,
     started: Instant,
 }
 
@@ -123,6 +208,13 @@ impl Agent {
             ticks: AtomicU64::new(0),
             rolling_read_s: AtomicU64::new(NEVER),
             rolling_longest: Mutex::new((0, 0)),
+            scraped_s: AtomicU64::new(NEVER),
+            opening: AtomicUsize::new(0),
+            rate_lock: Mutex::new(()),
+            process_cpu: Mutex::new(ProcessCpu::default()),
+            measured_sample_ns: AtomicU64::new(0),
+            maintenance: Mutex::new(crate::probe::Maintenance::default()),
+            stopped_stacks_dropped: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -178,7 +270,147 @@ impl Agent {
         // epoch's keys while the old one drains.
         let advance_at =
             cnitrace_common::MAX_SAMPLE_KEYS.min(cnitrace_common::MAX_STACKS) as usize / 4;
-        self.probes.maintain(oldest, advance_at)
+        let done = self.probes.maintain(oldest, advance_at)?;
+        *lock(&self.maintenance) = done;
+        Ok(done)
+    }
+
+    /// What is held between windows and what the budgets dropped.
+    pub fn held(&self) -> Held {
+        let stopped_stacks_bytes = lock(&self.sessions)
+            .values()
+            .filter_map(|s| s.stacks_gz.as_ref().map(Vec::len))
+            .sum();
+        Held {
+            epochs: *lock(&self.maintenance),
+            stopped_stacks_bytes,
+            stopped_stacks_dropped: self.stopped_stacks_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Drops the oldest stopped sessions' stacks until the rest fit the budget.
+    fn keep_stacks_within(&self, sessions: &mut BTreeMap<u64, SessionEntry>) {
+        let mut total: usize = sessions
+            .values()
+            .filter_map(|s| s.stacks_gz.as_ref().map(Vec::len))
+            .sum();
+        for entry in sessions.values_mut() {
+            if total <= MAX_STOPPED_STACKS_BYTES {
+                break;
+            }
+            if let Some(stacks) = entry.stacks_gz.take() {
+                total -= stacks.len();
+                entry.stacks_dropped = true;
+                self.stopped_stacks_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A scrape read the counters: the sampler runs at least at the continuous rate for
+    /// [`READER_GONE_S`] from now.
+    pub fn scraped(&self) {
+        self.scraped_s
+            .store(self.started.elapsed().as_secs(), Ordering::Relaxed);
+        self.apply_rate();
+    }
+
+    /// Whether a scrape read the counters in the last [`READER_GONE_S`].
+    pub fn scraper_present(&self) -> bool {
+        self.recent(self.scraped_s.load(Ordering::Relaxed))
+    }
+
+    fn recent(&self, read_s: u64) -> bool {
+        read_s != NEVER && self.started.elapsed().as_secs().saturating_sub(read_s) <= READER_GONE_S
+    }
+
+    /// The rate the readers need now: the session rate while a session is open or opening,
+    /// the continuous rate while a scraper or a rolling reader came lately, else none.
+    fn asked_rate(&self) -> u64 {
+        if self.opening.load(Ordering::Relaxed) > 0 || Self::running(&lock(&self.sessions)) > 0 {
+            return self.limits.session_hz;
+        }
+        if self.scraper_present() || self.recent(self.rolling_read_s.load(Ordering::Relaxed)) {
+            return self.limits.continuous_hz;
+        }
+        0
+    }
+
+    /// The rate asked for, lowered to what the budget allows (at least 1 Hz while anyone
+    /// reads), and why it was lowered.
+    fn wanted_rate(&self) -> (u64, Option<String>) {
+        let asked = self.asked_rate();
+        let allowed = self.budget_rate();
+        if asked <= allowed {
+            return (asked, None);
+        }
+        let cost = self.cost();
+        let why = format!(
+            "sampling at {allowed} Hz instead of {asked} Hz: --max-overhead {}% allows that \
+             much at {:.1} us per sample with the agent process at {:.2}% of the CPUs",
+            self.limits.max_overhead_pct, cost.sample_cost_us, cost.process_cpu_percent
+        );
+        (allowed.max(1), Some(why))
+    }
+
+    /// The cost of one sample in use, ns.
+    fn sample_cost_ns(&self) -> f64 {
+        let measured = f64::from_bits(self.measured_sample_ns.load(Ordering::Relaxed));
+        self.limits.sample_cost_ns.max(measured)
+    }
+
+    /// The highest rate per CPU the budget leaves room for, after the process's own CPU.
+    fn budget_rate(&self) -> u64 {
+        let process = lock(&self.process_cpu).share;
+        let room = self.limits.max_overhead_pct / 100.0 - process;
+        if room <= 0.0 {
+            return 1;
+        }
+        (room / (self.sample_cost_ns() / 1e9)).floor() as u64
+    }
+
+    /// What the agent estimates it costs now, for the Breakdown and `/metrics`.
+    pub fn cost(&self) -> crate::contract::AgentCost {
+        let process = lock(&self.process_cpu).share;
+        let rate = self.probes.rate();
+        let per_sample = self.sample_cost_ns();
+        crate::contract::AgentCost {
+            max_overhead_percent: self.limits.max_overhead_pct,
+            estimated_percent: (rate as f64 * per_sample / 1e9 + process) * 100.0,
+            process_cpu_percent: process * 100.0,
+            sample_cost_us: per_sample / 1e3,
+            rate_hz: rate,
+            limited: None,
+        }
+    }
+
+    /// Measures the process's CPU and applies the rate (called once a second).
+    pub fn keep_budget(&self) {
+        lock(&self.process_cpu).update();
+        self.apply_rate();
+    }
+
+    /// Sets the sampler to the rate the readers need. Called on every change of readers and
+    /// once a second (readers that went away).
+    pub fn apply_rate(&self) {
+        let _serial = lock(&self.rate_lock);
+        let (hz, limited) = self.wanted_rate();
+        if self.probes.rate() == hz {
+            return;
+        }
+        if let Some(why) = limited {
+            tracing::warn!("{why}");
+        }
+        if let Err(e) = self.probes.set_rate(hz) {
+            tracing::warn!("cannot set the sampling rate to {hz} Hz: {e}");
+        }
+    }
+
+    /// The agent's cost and budget, with why the rate is low if it is.
+    fn cost_report(&self) -> crate::contract::AgentCost {
+        crate::contract::AgentCost {
+            limited: self.wanted_rate().1,
+            ..self.cost()
+        }
     }
 
     /// How many snapshots the ring holds now.
@@ -253,6 +485,21 @@ impl Agent {
     pub fn start_session(&self, request: &SessionRequest) -> Result<SessionView, AgentError> {
         let spec = self.validate(request)?;
         self.check_slots(&lock(&self.sessions))?;
+        // The window opens at the session rate; whatever happens next, the rate follows the
+        // sessions that are left.
+        self.opening.fetch_add(1, Ordering::Relaxed);
+        self.apply_rate();
+        let inserted = self.open_and_insert(request, spec);
+        self.opening.fetch_sub(1, Ordering::Relaxed);
+        self.apply_rate();
+        inserted
+    }
+
+    fn open_and_insert(
+        &self,
+        request: &SessionRequest,
+        spec: WindowSpec,
+    ) -> Result<SessionView, AgentError> {
         let window = OpenWindow::open(self.probes.as_ref(), &spec)?;
         let mut sessions = lock(&self.sessions);
         // Another start may have taken the last slot meanwhile.
@@ -274,6 +521,7 @@ impl Agent {
                 view: view.clone(),
                 window: Some(window),
                 stacks_gz: None,
+                stacks_dropped: false,
             },
         );
         self.forget_old(&mut sessions);
@@ -324,10 +572,19 @@ impl Agent {
                 .ok_or_else(|| AgentError::Conflict(format!("session {id} is already stopped")))?
         };
         let result = window.close(self.probes.as_ref());
+        // Before the sessions lock: the report asks which sessions run.
+        let cost = self.cost_report();
         let mut sessions = lock(&self.sessions);
         let entry = sessions.get_mut(&id).ok_or(AgentError::NotFound(id))?;
         match result {
             Ok(mut breakdown) => {
+                if let Some(ns) = breakdown.quality.probe_cost_ns
+                    && breakdown.quality.probe_runs > 0
+                {
+                    self.measured_sample_ns
+                        .store(ns.to_bits(), Ordering::Relaxed);
+                }
+                breakdown.quality.agent_cost = Some(cost);
                 entry.stacks_gz = breakdown.stacks.take().as_ref().and_then(gzip_json);
                 entry.view.state = SessionState::Stopped;
                 entry.view.breakdown = Some(breakdown);
@@ -337,7 +594,12 @@ impl Agent {
                 entry.view.error = Some(e.to_string());
             }
         }
-        Ok(entry.view.clone())
+        let view = entry.view.clone();
+        self.keep_stacks_within(&mut sessions);
+        drop(sessions);
+        // The rate follows the sessions still running.
+        self.apply_rate();
+        Ok(view)
     }
 
     /// A stopped session's breakdown with its sampled stacks (for flame graphs).
@@ -355,6 +617,13 @@ impl Agent {
                 ),
             }));
         };
+        if entry.stacks_dropped {
+            return Err(AgentError::Conflict(format!(
+                "session {id}'s stacks were dropped to keep the agent's memory budget \
+                 ({} MiB for stopped sessions' stacks; newer sessions keep theirs)",
+                MAX_STOPPED_STACKS_BYTES >> 20
+            )));
+        }
         let mut breakdown = breakdown.clone();
         breakdown.stacks = entry.stacks_gz.as_deref().and_then(gunzip_json);
         Ok(breakdown)
@@ -390,6 +659,7 @@ impl Agent {
             .rolling_read_s
             .swap(self.started.elapsed().as_secs(), Ordering::Relaxed)
             == NEVER;
+        self.apply_rate();
         let Some(start) = start else {
             return Err(AgentError::Conflict(if idle {
                 "no history: the rolling window records only while it is read (it starts now); \
@@ -400,14 +670,16 @@ impl Agent {
             }));
         };
         let end = self.probes.snapshot()?;
-        Ok(window::between(
+        let mut breakdown = window::between(
             self.probes.as_ref(),
             &start,
             &end,
             &PacketSelection::default(),
             None,
             stacks,
-        )?)
+        )?;
+        breakdown.quality.agent_cost = Some(self.cost_report());
+        Ok(breakdown)
     }
 
     /// Running sessions whose duration has elapsed. A session opened without a duration

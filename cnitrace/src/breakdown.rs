@@ -46,6 +46,9 @@ pub struct Faults {
     pub trace_resync: u64,
     pub trace_unmatched_exit: u64,
     pub trace_unknown_function: u64,
+    /// Samples a window may lack because the agent's memory budget dropped the retired
+    /// epoch that held them (an upper bound: the whole epoch's samples).
+    pub samples_dropped: u64,
 }
 
 /// Aggregate CPU time of all CPUs from /proc/stat, in clock ticks.
@@ -117,7 +120,8 @@ pub struct RawWindow {
     pub end: DateTime<Utc>,
     pub duration_s: f64,
     pub clock: Clock,
-    pub frequency_hz: u64,
+    /// The sampler's mean rate over the window (it may change while a window is open).
+    pub frequency_hz: f64,
     pub cpus: u32,
     pub samples: Vec<StackSample>,
     /// Per-device transmit counters of the window.
@@ -541,13 +545,14 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             busy_samples,
             idle_samples,
             lost,
+            samples_dropped: raw.faults.samples_dropped,
             stack_lost: raw.faults.stack_lost,
             sample_map_full: raw.faults.sample_map_full,
             packet_map_full: raw.faults.iface_map_full,
             field_read_errors: raw.faults.field_read,
-            frequency_hz: raw.frequency_hz,
-            expected_samples: (raw.frequency_hz as f64 * raw.duration_s * f64::from(raw.cpus))
-                .round() as u64,
+            frequency_hz: raw.frequency_hz.round() as u64,
+            expected_samples: (raw.frequency_hz * raw.duration_s * f64::from(raw.cpus)).round()
+                as u64,
             self_cycles: cycles_of(SELF_COST),
             user_cycles: cycles_of(OTHER_USER),
             bpf_stats: raw.bpf_stats.clone(),
@@ -557,6 +562,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             probe_cost_ns: (raw.bpf_stats.is_some() && probe_runs > 0)
                 .then(|| probe_ns as f64 / probe_runs as f64),
             tracing,
+            agent_cost: None,
         },
         subcomponents: subcomponents_out,
         stacks: None,
@@ -900,7 +906,7 @@ pub(crate) mod tests {
                 cycles_per_ns: 2.5,
                 calibration: "test".into(),
             },
-            frequency_hz: 1000,
+            frequency_hz: 1000.0,
             cpus: 2,
             samples,
             ifaces: ifaces

@@ -247,6 +247,10 @@ pub struct Quality {
     pub idle_samples: u64,
     /// Samples whose stack or whole record was lost.
     pub lost: u64,
+    /// Samples the window may lack because the agent's memory budget dropped the retired
+    /// sample epoch that held them (an upper bound; 0 outside long agent windows).
+    #[serde(default)]
+    pub samples_dropped: u64,
     pub stack_lost: u64,
     pub sample_map_full: u64,
     pub packet_map_full: u64,
@@ -272,6 +276,28 @@ pub struct Quality {
     /// The tracing backend: what was attached how, the calibrated cost of a probe pair, calls
     /// per packet and CPP net of probe cost (`null` when sampling).
     pub tracing: Option<TracingQuality>,
+    /// The agent's own cost and its budget (absent outside the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cost: Option<AgentCost>,
+}
+
+/// What the agent estimates it costs the node, against the budget it keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AgentCost {
+    /// `--max-overhead`: the most of the node's CPU time the agent lets itself take, percent.
+    pub max_overhead_percent: f64,
+    /// Samples per second per CPU x the cost of a sample + the agent process's CPU, percent
+    /// of the node's CPU time, at the rate in force when the window closed.
+    pub estimated_percent: f64,
+    /// The agent process's own CPU (its user and system time), percent of the node's.
+    pub process_cpu_percent: f64,
+    /// The cost of one sample used: the calibrated figure (`--sample-cost-us`), or the
+    /// sampler's run time measured by BPF statistics when that is higher.
+    pub sample_cost_us: f64,
+    /// The rate the sampler ran at when the window closed, per CPU.
+    pub rate_hz: u64,
+    /// Why the rate is below the one asked for (`null`: it is not).
+    pub limited: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

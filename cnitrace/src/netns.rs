@@ -58,7 +58,26 @@ pub fn has_interface(netns: Option<&str>, iface: &str) -> Result<bool, Error> {
 }
 
 /// Checks every interface exists in this namespace or one of `namespaces`.
+/// Most namespaces and interfaces one window may name: each is opened and searched when the
+/// window opens, so an unbounded list would be an unbounded amount of work for one request.
+pub const MAX_NAMED: usize = 64;
+
 pub fn validate_interfaces(ifaces: &[String], namespaces: &[String]) -> Result<(), Error> {
+    for (what, names) in [("network namespaces", namespaces), ("interfaces", ifaces)] {
+        if names.len() > MAX_NAMED {
+            return Err(Error::InvalidArgument(format!(
+                "{} {what} named: at most {MAX_NAMED}",
+                names.len()
+            )));
+        }
+        let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+        if unique.len() < names.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{what} named more than once: {}",
+                names.join(", ")
+            )));
+        }
+    }
     for ns in namespaces {
         validate(ns)?;
     }
@@ -89,6 +108,23 @@ pub fn validate_interfaces(ifaces: &[String], namespaces: &[String]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directories_long_and_repeated_lists_are_refused() {
+        for name in [".", "..", "", "a/b", "a\0b"] {
+            let err = validate_interfaces(&[], &[name.to_owned()]).unwrap_err();
+            assert!(
+                err.to_string().contains("unknown network namespace"),
+                "{name:?}: {err}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_NAMED).map(|i| format!("ns{i}")).collect();
+        let err = validate_interfaces(&[], &many).unwrap_err();
+        assert!(err.to_string().contains("at most 64"), "{err}");
+        let twice = vec!["lo".to_owned(), "lo".to_owned()];
+        let err = validate_interfaces(&twice, &[]).unwrap_err();
+        assert!(err.to_string().contains("more than once"), "{err}");
+    }
 
     #[test]
     fn loopback_exists_and_nonsense_does_not() {

@@ -96,7 +96,7 @@ pub fn window(
             cycles_per_ns,
             calibration: "imported perf cpu-clock samples; TSC against CLOCK_MONOTONIC".to_owned(),
         },
-        frequency_hz,
+        frequency_hz: frequency_hz as f64,
         cpus,
         samples,
         ifaces: Vec::new(),

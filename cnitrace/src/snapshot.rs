@@ -103,6 +103,8 @@ impl Snapshot {
             trace_unknown_function: a
                 .trace_unknown_function
                 .saturating_sub(b.trace_unknown_function),
+            // Known per window only, from the epochs it spans (see the probes).
+            samples_dropped: 0,
         };
         let trace = self
             .trace

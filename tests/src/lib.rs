@@ -109,9 +109,9 @@ impl Topology {
         for name in [self.node.clone(), self.client.clone(), self.server.clone()] {
             cnitrace_netns::add_namespace(&name).await?;
             self.namespaces.push(name.clone());
-            Ns::open(&name)?
-                .set_up("lo", LinkSettings::default())
-                .await?;
+            let ns = Ns::open(&name)?;
+            quiet(&ns)?;
+            ns.set_up("lo", LinkSettings::default()).await?;
         }
         let tag = &self.tag;
         let node = Ns::open(&self.node)?;
@@ -148,6 +148,16 @@ impl Topology {
                     .await?;
                 node.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
                 add_forward_rules(&self.node, rules)?;
+                // Static neighbours: no ARP probe lands in one window and not in another.
+                let client_ip = Ipv4Addr::new(10, 77, 0, 1);
+                let server_mac = server.mac(&server_iface).await?;
+                let client_mac = client.mac(&self.client_iface).await?;
+                client
+                    .add_neighbour(&self.client_iface, self.server_ip, server_mac)
+                    .await?;
+                server
+                    .add_neighbour(&server_iface, client_ip, client_mac)
+                    .await?;
             }
             Shape::Routed => {
                 node.sysctl("net.ipv4.ip_forward", "1")?;
@@ -224,6 +234,15 @@ impl Topology {
         Ok(Flow::new(&self.client, &self.server, self.server_ip, seconds).start()?)
     }
 
+    /// [`Topology::start_iperf3`] with more client arguments (`-b 2G` for a fixed load).
+    pub fn start_iperf3_with(&self, seconds: u32, client_args: &[&str]) -> Result<Stream> {
+        Ok(
+            Flow::new(&self.client, &self.server, self.server_ip, seconds)
+                .client_args(client_args)
+                .start()?,
+        )
+    }
+
     /// Profiles `seconds` of iperf3 traffic from the client pod with `cnitrace profile`,
     /// counting packets on the client pod's interface, and returns the JSON breakdown.
     pub fn profile_traffic(&self, seconds: u32) -> Result<serde_json::Value> {
@@ -253,6 +272,15 @@ impl Topology {
         eprintln!("iperf3: {gbps:.1} Gbit/s");
         serde_json::from_slice(&out.stdout).context("JSON breakdown")
     }
+}
+
+/// A namespace that sends nothing on its own: IPv6 off before any device arrives (no duplicate
+/// address detection, router solicitation or MLD report), so the devices carry only what a test
+/// sends and packet counts taken by two windows at slightly different times agree.
+fn quiet(ns: &Ns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    Ok(())
 }
 
 fn add_forward_rules(ns: &str, rules: usize) -> Result<()> {
@@ -396,12 +424,40 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A fresh random token: 32 hex digits from the kernel's random source.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut random, &mut bytes);
+    }
+    bytes.iter().fold(String::new(), |mut hex, b| {
+        let _ = std::fmt::Write::write_fmt(&mut hex, format_args!("{b:02x}"));
+        hex
+    })
+}
+
+/// Writes a token where only root can read it: a fresh 0700 directory of its own, not a
+/// predictable path in the shared temporary directory. The directory goes with the file.
+pub fn private_token_file(tag: &str, token: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = std::env::temp_dir().join(format!("cnitrace-{tag}-{}", random_token()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let path = dir.join("token");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
+    Ok(path)
+}
+
 /// A running `cnitrace agent` on a free loopback port; SIGTERM on drop.
 pub struct AgentProcess {
     pub url: String,
     pub token: String,
     child: Option<Child>,
-    token_file: PathBuf,
+    pub token_file: PathBuf,
 }
 
 impl AgentProcess {
@@ -453,12 +509,8 @@ impl AgentProcess {
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
             .context("listen port")?;
-        let token = token.map_or_else(|| format!("t{}{port}", std::process::id()), str::to_owned);
-        let token_file = std::env::temp_dir().join(format!(
-            "cnitrace-token-{}-{port}",
-            listen.replace([':', '.'], "_")
-        ));
-        std::fs::write(&token_file, format!("{token}\n"))?;
+        let token = token.map_or_else(random_token, str::to_owned);
+        let token_file = private_token_file(&format!("agent-{port}"), &token)?;
         let mut command = Command::new(binary);
         command
             .args(["agent", "--listen", &listen, "--token-file"])
@@ -517,6 +569,9 @@ impl Drop for AgentProcess {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(&self.token_file);
+        if let Some(dir) = self.token_file.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{process::Command, thread, time::Duration};
 
 use cnitrace_tests::{
-    AgentProcess, Shape, Topology, cnitrace_bin, privileged, programs_left_after_exit,
+    AgentProcess, Shape, Topology, cnitrace_bin, http, privileged, programs_left_after_exit,
     remove_stale, run,
 };
 use serde_json::{Value, json};
@@ -31,6 +31,10 @@ fn agent_session_round_trip_metrics_and_sigterm() {
     let agent = AgentProcess::start(&[], &[("NODE_NAME", "node-under-test")]).expect("agent");
     let (status, body) = agent.request("GET", "/api/v1/node", None).unwrap();
     assert_eq!(status, 200, "{body}");
+    // A scraper's first scrape starts its measurement: a baseline, no counters yet.
+    let (status, text) = agent.request("GET", "/metrics", None).unwrap();
+    assert_eq!(status, 200);
+    assert!(!text.contains("cnitrace_component_cycles_total{"), "{text}");
     let traffic = topo.start_iperf3(5).expect("iperf3");
     thread::sleep(Duration::from_millis(700));
     // The node namespace holds the 50 FORWARD rules: naming it has the agent read its ruleset.
@@ -129,9 +133,7 @@ fn agent_session_round_trip_metrics_and_sigterm() {
         .unwrap();
     assert_eq!(tokenless.status().as_u16(), 401);
     // `diff` reads sessions from the agent: a session against itself changes nothing.
-    let token_file =
-        std::env::temp_dir().join(format!("cnitrace-diff-token-{}", std::process::id()));
-    std::fs::write(&token_file, &agent.token).unwrap();
+    let token_file = cnitrace_tests::private_token_file("diff", &agent.token).unwrap();
     let id_text = id.to_string();
     let out = Command::new(cnitrace_bin())
         .args(["diff", "--agent", &agent.url, "--token-file"])
@@ -139,7 +141,7 @@ fn agent_session_round_trip_metrics_and_sigterm() {
         .args([&id_text, &id_text, "--format", "json"])
         .output()
         .unwrap();
-    let _ = std::fs::remove_file(&token_file);
+    let _ = std::fs::remove_dir_all(token_file.parent().unwrap());
     assert!(
         out.status.success(),
         "{}",
@@ -176,9 +178,7 @@ fn collect_across_two_agents_sums_them() {
     let sender = AgentProcess::start(&[], &[("NODE_NAME", "sender")]).expect("agent 1");
     let receiver = AgentProcess::start(&[], &[("NODE_NAME", "receiver")]).expect("agent 2");
     // Both agents must accept the same token for one --token-file: give them the sender's.
-    let token_file =
-        std::env::temp_dir().join(format!("cnitrace-collect-token-{}", std::process::id()));
-    std::fs::write(&token_file, &sender.token).unwrap();
+    let token_file = cnitrace_tests::private_token_file("collect", &sender.token).unwrap();
     drop(receiver);
     let receiver = AgentProcess::start_with_token(&sender.token, &[("NODE_NAME", "receiver")])
         .expect("agent 2");
@@ -220,7 +220,7 @@ fn collect_across_two_agents_sums_them() {
         ])
         .output()
         .unwrap();
-    let _ = std::fs::remove_file(&token_file);
+    let _ = std::fs::remove_dir_all(token_file.parent().unwrap());
     drop(server);
     assert!(
         out.status.success(),
@@ -449,4 +449,56 @@ fn agent_over_tls_with_collect_trusting_its_certificate() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(status.success(), "SIGTERM exit: {status:?}");
     assert!(programs_left_after_exit().unwrap().is_empty());
+}
+
+/// Two scopes of credential from files, rotated without a restart: the read-only token reads
+/// metrics and is refused sessions; a new operator token replaces the old one within seconds;
+/// a wrong token is counted.
+#[test]
+fn tokens_rotate_without_restart_and_the_read_only_one_opens_no_session() {
+    if !privileged("tokens_rotate_without_restart_and_the_read_only_one_opens_no_session") {
+        return;
+    }
+    let _serial = cnitrace_tests::serial();
+    let read_only = cnitrace_tests::random_token();
+    let read_only_file = cnitrace_tests::private_token_file("read-only", &read_only).unwrap();
+    let agent = AgentProcess::start(
+        &["--read-only-token-file", read_only_file.to_str().unwrap()],
+        &[],
+    )
+    .expect("agent");
+    let url = |path: &str| format!("{}{path}", agent.url);
+    let (status, _) = http("GET", &url("/metrics"), Some(&read_only), None).unwrap();
+    assert_eq!(status, 200, "the scraper's token reads metrics");
+    let (status, body) = http(
+        "POST",
+        &url("/api/v1/sessions"),
+        Some(&read_only),
+        Some(&json!({})),
+    )
+    .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("read-only"), "{body}");
+
+    // Rotation: the Secret's file changes; no restart.
+    let rotated = cnitrace_tests::random_token();
+    std::fs::write(&agent.token_file, format!("{rotated}\n")).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    let (status, body) = http("GET", &url("/api/v1/sessions"), Some(&rotated), None).unwrap();
+    assert_eq!(status, 200, "the new token: {body}");
+    let started = std::time::Instant::now();
+    let (status, _) = http("GET", &url("/api/v1/sessions"), Some(&agent.token), None).unwrap();
+    assert_eq!(status, 401, "the old token is gone");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "a refusal is slowed"
+    );
+    let (_, text) = http("GET", &url("/metrics"), Some(&rotated), None).unwrap();
+    let failures = text
+        .lines()
+        .find(|l| l.starts_with("cnitrace_auth_failures_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(failures.is_some_and(|f| f >= 1.0), "{text}");
+    let _ = std::fs::remove_dir_all(read_only_file.parent().unwrap());
 }

@@ -552,6 +552,23 @@ fn lab_bad_input_is_a_clear_error() {
 }
 
 const CNI_STATE: &str = "/run/cnitrace-lab/cni";
+/// Where host-local keeps the node's own leases for a network named "podman".
+const NODE_LEASES: &str = "/var/lib/cni/networks/podman";
+
+/// The sorted names in a directory with their sizes (None when it does not exist): a test
+/// compares it before and after instead of assuming the machine never ran podman.
+fn listing(dir: &str) -> Option<Vec<(String, u64)>> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut names: Vec<(String, u64)> = entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let size = e.metadata().map_or(0, |m| m.len());
+            (e.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect();
+    names.sort();
+    Some(names)
+}
 
 fn iptables_save_in(netns: &str) -> String {
     let out = run("ip", &["netns", "exec", netns, "iptables-save"]).expect("iptables-save");
@@ -747,6 +764,8 @@ fn a_users_cni_configuration_is_benchmarked_with_the_installed_plugins() {
     std::fs::write(dir.join("87-podman.conflist"), podman).unwrap();
     std::fs::write(dir.join("99-unused.conflist"), "{not json").unwrap();
     let dir_arg = dir.to_str().unwrap();
+    // podman itself may keep leases there on this machine: compare, do not assume it is absent.
+    let node_leases_before = listing(NODE_LEASES);
 
     // Up: the user's IPAM chose the pods' addresses, in the user's range.
     let out = cnitrace(&["lab", "up", "--cni-conf", dir_arg]);
@@ -766,8 +785,9 @@ fn a_users_cni_configuration_is_benchmarked_with_the_installed_plugins() {
     assert!(out.status.success());
     assert_lab_gone();
     assert!(!std::path::Path::new(CNI_STATE).exists());
-    assert!(
-        !std::path::Path::new("/var/lib/cni/networks/podman").exists(),
+    assert_eq!(
+        listing(NODE_LEASES),
+        node_leases_before,
         "host-local's leases stay in the lab's state, never the node's"
     );
 

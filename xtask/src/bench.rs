@@ -34,6 +34,10 @@ pub struct Args {
     /// Non-matching FORWARD rules on the path (a netfilter cost to measure).
     #[arg(long, default_value_t = 100)]
     rules: usize,
+    /// Offer a fixed load (iperf3 -b, Gbit/s) below saturation and compare busy CPU per
+    /// packet of the whole node (from /proc/stat) instead of throughput alone.
+    #[arg(long)]
+    target_gbps: Option<f64>,
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -46,6 +50,9 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The agent's continuous rate in the agent rows (its default).
+const AGENT_CONTINUOUS_HZ: u64 = 49;
+
 /// What runs beside iperf3.
 #[derive(Clone, Copy)]
 enum Config {
@@ -57,8 +64,10 @@ enum Config {
     PerfRecord(u64),
     /// An equivalent profile probe: kernel stacks counted in a BPF map.
     Bpftrace(u64),
-    /// `cnitrace agent` with no session open (its probes stay attached).
+    /// `cnitrace agent` with no session open and nobody reading (its sampler detached).
     AgentIdle,
+    /// `cnitrace agent` with no session, scraped once at the start: its continuous rate.
+    AgentScraped,
 }
 
 impl Config {
@@ -69,7 +78,18 @@ impl Config {
             Config::Cnitrace(hz) => format!("cnitrace {hz} Hz"),
             Config::PerfRecord(hz) => format!("perf record -g {hz} Hz"),
             Config::Bpftrace(hz) => format!("bpftrace profile {hz} Hz"),
-            Config::AgentIdle => "cnitrace agent, idle".to_owned(),
+            Config::AgentIdle => "agent, nobody reading".to_owned(),
+            Config::AgentScraped => "agent, scraped".to_owned(),
+        }
+    }
+
+    /// Samples per second per CPU this configuration takes (the agent's continuous rate is
+    /// its default).
+    fn rate_hz(self) -> u64 {
+        match self {
+            Config::Cnitrace(hz) | Config::PerfRecord(hz) | Config::Bpftrace(hz) => hz,
+            Config::AgentScraped => AGENT_CONTINUOUS_HZ,
+            Config::Nothing | Config::NothingAgain | Config::AgentIdle => 0,
         }
     }
 
@@ -121,12 +141,13 @@ impl Config {
                 thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
                 child
             }
-            Config::AgentIdle => {
+            Config::AgentIdle | Config::AgentScraped => {
                 let port = std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?
                     .port();
                 let child = Command::new(bin)
                     .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+                    .args(["--continuous-frequency", &AGENT_CONTINUOUS_HZ.to_string()])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?;
@@ -137,6 +158,11 @@ impl Config {
                 // The first seconds of an agent are its start-up (symbols, doctor report):
                 // the row is about the agent idling, not starting.
                 thread::sleep(Duration::from_millis(500));
+                if matches!(self, Config::AgentScraped) {
+                    ureq::get(format!("http://127.0.0.1:{port}/metrics"))
+                        .call()
+                        .context("scrape the agent")?;
+                }
                 child
             }
         };
@@ -240,18 +266,44 @@ struct Cost {
     segments_per_s: f64,
 }
 
+/// Busy CPU seconds of all CPUs so far (everything but idle and iowait), from /proc/stat.
+fn busy_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    // USER_HZ is 100 on every Linux architecture cnitrace targets.
+    Ok((total - idle) as f64 / 100.0)
+}
+
+/// One run: throughput, and busy CPU seconds of the node during the iperf3 transfer.
+struct Run {
+    gbps: f64,
+    busy_s: f64,
+}
+
 /// One iperf3 run beside `config`; with `cost`, cnitrace's in-kernel and process cost too.
 fn measure(
     config: Config,
     bin: &std::path::Path,
     topo: &Topology,
-    seconds: u32,
+    load: &Load,
     cpus: f64,
     cost: bool,
-) -> Result<(f64, Option<Cost>)> {
+) -> Result<(Run, Option<Cost>)> {
+    let seconds = load.seconds;
     let started = std::time::Instant::now();
     let profiler = config.start(bin, seconds)?;
-    let gbps = topo.start_iperf3(seconds)?.finish()?;
+    let busy_before = busy_cpu_seconds()?;
+    let gbps = load.gbps(topo)?;
+    let busy_s = busy_cpu_seconds()? - busy_before;
     let mut measured = None;
     if let Some(mut p) = profiler {
         if cost {
@@ -267,7 +319,7 @@ fn measure(
                 segments_per_s: 0.0,
             });
         }
-        if matches!(config, Config::AgentIdle) {
+        if matches!(config, Config::AgentIdle | Config::AgentScraped) {
             let _ = Command::new("kill").arg(p.id().to_string()).status();
         }
         let status = p.wait()?;
@@ -278,7 +330,41 @@ fn measure(
             );
         }
     }
-    Ok((gbps, measured))
+    Ok((Run { gbps, busy_s }, measured))
+}
+
+/// The traffic of every run: saturating, or at a fixed offered rate.
+struct Load {
+    seconds: u32,
+    target: Option<String>,
+}
+
+impl Load {
+    fn gbps(&self, topo: &Topology) -> Result<f64> {
+        let stream = match &self.target {
+            None => topo.start_iperf3(self.seconds)?,
+            Some(target) => topo.start_iperf3_with(self.seconds, &["-b", target.as_str()])?,
+        };
+        Ok(stream.finish()?)
+    }
+}
+
+/// Two-sided 97.5% quantiles of Student's t for 1..=10 degrees of freedom.
+const T_975: [f64; 10] = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+];
+
+/// Mean and 95% interval half-width (Student's t) of paired differences.
+fn mean_ci(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n < 2 {
+        return (values.first().copied().unwrap_or(f64::NAN), f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // Past ten degrees of freedom, the normal's quantile.
+    let t = T_975.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (var / n as f64).sqrt())
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -300,23 +386,33 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     if !args.cnitrace_only {
-        configs.push(Config::AgentIdle);
+        configs.extend([Config::AgentIdle, Config::AgentScraped]);
     }
+    let load = Load {
+        seconds: args.seconds,
+        target: args.target_gbps.map(|g| format!("{g}G")),
+    };
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    // Busy CPU nanoseconds per wire segment, per configuration and round.
+    let mut busy_per_packet: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut costs: Vec<Vec<Cost>> = (0..configs.len()).map(|_| Vec::new()).collect();
     for round in 0..args.rounds as usize {
         for step in 0..configs.len() {
             // Rotate the order each round so no configuration always runs first.
             let index = (step + round) % configs.len();
             let config = configs[index];
-            let (gbps, _) = measure(config, &bin, &topo, args.seconds, cpus, false)?;
+            let (run, _) = measure(config, &bin, &topo, &load, cpus, false)?;
+            let segments = run.gbps * 1e9 / 8.0 / 1448.0 * f64::from(args.seconds);
+            let ns_per_packet = run.busy_s * 1e9 / segments;
             eprintln!(
-                "bench: round {}/{} {:>24}: {gbps:.2} Gbit/s",
+                "bench: round {}/{} {:>24}: {:.2} Gbit/s, {ns_per_packet:.0} busy ns/packet",
                 round + 1,
                 args.rounds,
-                config.label()
+                config.label(),
+                run.gbps
             );
-            results[index].push(gbps);
+            results[index].push(run.gbps);
+            busy_per_packet[index].push(ns_per_packet);
         }
     }
     // In-kernel cost: separate rounds with run-time statistics on (they tax every program,
@@ -325,11 +421,14 @@ pub fn run(args: &Args) -> Result<()> {
         let _stats = BpfStats::enable()?;
         for _ in 0..args.rounds.min(3) {
             for (index, &config) in configs.iter().enumerate() {
-                if matches!(config, Config::Cnitrace(_) | Config::AgentIdle) {
-                    let (gbps, cost) = measure(config, &bin, &topo, args.seconds, cpus, true)?;
+                if matches!(
+                    config,
+                    Config::Cnitrace(_) | Config::AgentIdle | Config::AgentScraped
+                ) {
+                    let (run, cost) = measure(config, &bin, &topo, &load, cpus, true)?;
                     if let Some(mut cost) = cost {
                         // Wire segments of 1448 payload bytes: the packets of the stream.
-                        cost.segments_per_s = gbps * 1e9 / 8.0 / 1448.0;
+                        cost.segments_per_s = run.gbps * 1e9 / 8.0 / 1448.0;
                         costs[index].push(cost);
                     }
                 }
@@ -398,5 +497,55 @@ pub fn run(args: &Args) -> Result<()> {
         out,
         "process CPU: utime+stime of the profiler process over elapsed x CPUs."
     );
-    crate::report::publish("overhead", &out)
+    if args.target_gbps.is_some() {
+        fixed_load_table(&mut out, &configs, &busy_per_packet, args);
+    }
+    crate::report::publish(
+        if args.target_gbps.is_some() {
+            "overhead-fixed-load"
+        } else {
+            "overhead"
+        },
+        &out,
+    )
+}
+
+/// Busy CPU per packet of the whole node at a fixed offered load: what each configuration
+/// adds over the same round's run without a profiler, with a 95% interval over rounds, and
+/// that cost per sample taken.
+fn fixed_load_table(out: &mut String, configs: &[Config], busy: &[Vec<f64>], args: &Args) {
+    let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let _ = writeln!(
+        out,
+        "\nFixed load: iperf3 -b {}G, busy CPU per packet of the whole node (/proc/stat), {} rounds",
+        args.target_gbps.unwrap_or_default(),
+        args.rounds
+    );
+    let _ = writeln!(
+        out,
+        "{:<26} {:>12} {:>22} {:>20}",
+        "configuration", "busy ns/pkt", "added ns/pkt (95% CI)", "added us/sample"
+    );
+    for (config, values) in configs.iter().zip(busy) {
+        let added: Vec<f64> = values.iter().zip(&busy[0]).map(|(a, b)| a - b).collect();
+        let (mean, half) = mean_ci(&added);
+        let base = values.iter().sum::<f64>() / values.len().max(1) as f64;
+        // Added busy ns per packet x packets per second = added busy ns per second of the
+        // node; over the samples per second of the node: the cost of one sample.
+        let packets_per_s = args.target_gbps.unwrap_or_default() * 1e9 / 8.0 / 1448.0;
+        let per_sample = match config.rate_hz() {
+            0 => "-".to_owned(),
+            hz => format!("{:.1}", mean * packets_per_s / (hz as f64 * cpus) / 1e3),
+        };
+        let _ = writeln!(
+            out,
+            "{:<26} {base:>12.0} {:>22} {per_sample:>20}",
+            config.label(),
+            format!("{mean:+.1} ± {half:.1}")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "added: each round's run minus the same round's `no profiler` run; mean over rounds ± the 95% half-width (Student's t). The A/A row is the noise floor. Per sample: added busy time per second over samples per second (rate x CPUs)."
+    );
 }

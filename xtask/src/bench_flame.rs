@@ -158,9 +158,7 @@ pub fn run(args: &Args) -> Result<()> {
         Command::new("ip").args(["netns", "exec", &topo.node, "iptables", "-F", "FORWARD"]),
     )?;
     let without = session(&agent, &topo, args.window)?;
-    let token_file =
-        std::env::temp_dir().join(format!("cnitrace-bench-flame-{}", std::process::id()));
-    std::fs::write(&token_file, &agent.token)?;
+    let token_file = cnitrace_tests::private_token_file("bench-flame", &agent.token)?;
     let diff_svg = docs.join("diff-0-vs-1000-rules.svg");
     let started = Instant::now();
     let diff = Command::new(&bin)
@@ -174,7 +172,7 @@ pub fn run(args: &Args) -> Result<()> {
         .arg(&diff_svg)
         .output()?;
     let diff_s = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&token_file);
+    let _ = std::fs::remove_dir_all(token_file.parent().context("token dir")?);
     if !diff.status.success() {
         bail!("diff: {}", String::from_utf8_lossy(&diff.stderr));
     }

@@ -31,6 +31,17 @@ pub struct Args {
     /// veth pairs created and deleted over the run.
     #[arg(long, default_value_t = 5000)]
     pairs: u64,
+    /// Who scrapes `/metrics`: two scrapers every second, nobody, or two with a wrong token
+    /// (a scraper left behind by a token rotation).
+    #[arg(long, value_enum, default_value_t = Scrapers::Two)]
+    scrapers: Scrapers,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Scrapers {
+    Two,
+    None,
+    Unauthorized,
 }
 
 #[derive(Default)]
@@ -177,13 +188,26 @@ pub fn run(args: &Args) -> Result<()> {
             }
         })
     });
-    // Two scrapers every second, and the page's polling every two.
-    for _ in 0..2 {
+    // Two scrapers every second (or none, or two refused), and the page's polling every two.
+    for _ in 0..if args.scrapers == Scrapers::None {
+        0
+    } else {
+        2
+    } {
         let (agent, stop, counts) = (Arc::clone(&agent), Arc::clone(&stop), Arc::clone(&counts));
+        let refused = args.scrapers == Scrapers::Unauthorized;
         workers.push(thread::spawn(move || {
+            let url = format!("{}/metrics", agent.url);
             while !stop.load(Ordering::Relaxed) {
-                match agent.request("GET", "/metrics", None) {
-                    Ok((200, _)) => counts.scrapes.fetch_add(1, Ordering::Relaxed),
+                let answer = if refused {
+                    cnitrace_tests::http("GET", &url, Some("a-token-that-was-rotated-away"), None)
+                } else {
+                    agent.request("GET", "/metrics", None)
+                };
+                match (answer, refused) {
+                    (Ok((200, _)), false) | (Ok((401, _)), true) => {
+                        counts.scrapes.fetch_add(1, Ordering::Relaxed)
+                    }
                     _ => counts.failures.fetch_add(1, Ordering::Relaxed),
                 };
                 thread::sleep(Duration::from_secs(1));
@@ -332,6 +356,18 @@ pub fn run(args: &Args) -> Result<()> {
             .collect();
         let _ = writeln!(out, "  {}", row.join("  "));
     }
+    // The level of the first five minutes against the last five (RSS every 10 s).
+    let level = |part: &[(u64, u64)]| {
+        part.iter().map(|(now, _)| mb(*now)).sum::<f64>() / part.len().max(1) as f64
+    };
+    let window = rss.len().min(30);
+    let (early, late) = (level(&rss[..window]), level(&rss[rss.len() - window..]));
+    let _ = writeln!(
+        out,
+        "scrapers: {:?}; RSS level first 5 min {early:.1} MB, last 5 min {late:.1} MB ({:+.1}%)",
+        args.scrapers,
+        (late / early - 1.0) * 100.0
+    );
     let first = rss.first().map_or(0.0, |(now, _)| mb(*now));
     let final_rss = rss.last().map_or(0.0, |(now, _)| mb(*now));
     let peak = rss.iter().map(|(_, p)| mb(*p)).fold(0.0, f64::max);

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 
 use cnitrace::{
-    agent::{Agent, Limits},
+    agent::{Agent, DEFAULT_MAX_OVERHEAD_PCT, DEFAULT_SAMPLE_COST_NS, Limits},
     doctor,
-    probe::{AttachMode, Backend, BackendKind, KernelProbes},
-    server::{AppState, ServeLimits, router, serve, tls_acceptor},
+    probe::{
+        AttachMode, Backend, BackendKind, KernelProbes,
+        sampling::{DEFAULT_CONTINUOUS_HZ, validate_frequency},
+    },
+    server::{AppState, Auth, ServeLimits, router, serve, tls_acceptor},
 };
 
-use super::{interrupted, read_token};
+use super::interrupted;
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -17,9 +20,14 @@ pub struct AgentArgs {
     /// --token-file) to serve the cluster.
     #[arg(long, default_value = "127.0.0.1:9560")]
     pub listen: std::net::SocketAddr,
-    /// File holding the bearer token every request (except /healthz and /) must carry.
+    /// File holding the operator's bearer token (at least 16 bytes): every request except
+    /// /healthz and / must carry it or the read-only one. Read again when the file changes.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// File holding a read-only token (GET only: /metrics, breakdowns, results; no
+    /// sessions), for scrapers. Read again when the file changes.
+    #[arg(long, requires = "token_file")]
+    pub read_only_token_file: Option<std::path::PathBuf>,
     /// Serve HTTPS with this certificate chain (PEM; with --tls-key).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -39,6 +47,21 @@ pub struct AgentArgs {
     pub max_connections: u64,
     #[command(flatten)]
     pub probes: super::ProbeArgs,
+    /// Sampling rate per CPU while only scrapes and rolling windows read (sessions run at
+    /// --frequency); 0 samples only during sessions. With no reader at all the sampler is
+    /// detached.
+    #[arg(long, default_value_t = DEFAULT_CONTINUOUS_HZ, value_parser = continuous_rate)]
+    pub continuous_frequency: u64,
+    /// The most of the node's CPU time the agent may take, percent: the sampler's estimated
+    /// cost (rate x --sample-cost-us) plus the agent's own CPU. Rates are lowered to fit,
+    /// and every Breakdown says so.
+    #[arg(long, default_value_t = DEFAULT_MAX_OVERHEAD_PCT, value_parser = percent)]
+    pub max_overhead: f64,
+    /// What one sample costs the CPU it interrupts, in microseconds (the program and the timer
+    /// interrupt; `cargo xtask bench --target-gbps` measures it). Raised to the sampler's
+    /// run time when BPF statistics measure more.
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_COST_NS / 1e3, value_parser = sample_cost)]
+    pub sample_cost_us: f64,
     /// auto is sampling; tracing puts a probe pair on every call of each component's entry
     /// points (fixed for the agent's life).
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
@@ -53,6 +76,30 @@ pub struct AgentArgs {
     /// without one is stopped after this long.
     #[arg(long, default_value_t = 3600.0)]
     pub max_duration: f64,
+}
+
+fn percent(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!("`{text}` is not a percentage in (0, 100]")),
+    }
+}
+
+fn sample_cost(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(us) if us > 0.0 && us <= 10_000.0 => Ok(us),
+        _ => Err(format!("`{text}` is not a cost in (0, 10000] microseconds")),
+    }
+}
+
+fn continuous_rate(text: &str) -> Result<u64, String> {
+    let hz: u64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number of Hz"))?;
+    if hz != 0 {
+        validate_frequency(hz).map_err(|e| e.to_string())?;
+    }
+    Ok(hz)
 }
 
 /// Gives memory freed by the last second's windows back to the system: their symbolized
@@ -75,8 +122,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.max_sessions == 0 {
         anyhow::bail!("--max-sessions must be at least 1");
     }
-    let token = args.token_file.as_deref().map(read_token).transpose()?;
-    if token.is_none() && !args.listen.ip().is_loopback() {
+    let auth = args
+        .token_file
+        .as_deref()
+        .map(|operator| Auth::from_files(operator, args.read_only_token_file.as_deref()))
+        .transpose()?;
+    if auth.is_none() && !args.listen.ip().is_loopback() {
         if !args.insecure_no_auth {
             anyhow::bail!(
                 "refusing to serve {} without a token: pass --token-file FILE (or \
@@ -105,16 +156,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let limits = Limits {
         max_sessions: args.max_sessions,
         max_duration_s: args.max_duration,
+        session_hz: args.probes.frequency,
+        continuous_hz: args.continuous_frequency,
+        max_overhead_pct: args.max_overhead,
+        sample_cost_ns: args.sample_cost_us * 1e3,
         ..Limits::default()
     };
-    let loopback_only = token.is_none() && args.listen.ip().is_loopback();
+    let loopback_only = auth.is_none() && args.listen.ip().is_loopback();
     let state = Arc::new(AppState::new(
         Agent::new(Box::new(probes), limits),
         doctor::report(),
-        token,
+        auth,
         loopback_only,
     ));
-    state.metrics.prime(&state.agent)?;
+    // Attached at start to prove it can be; detached until someone reads.
+    state.agent.apply_rate();
     // Once a second: a snapshot for rolling windows, map maintenance, and stop sessions whose
     // time is up.
     let ticker = {
@@ -128,6 +184,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     if let Err(e) = state.agent.tick() {
                         tracing::warn!("snapshot failed: {e}");
                     }
+                    state.metrics.forget_if_unscraped(&state.agent);
+                    state.agent.keep_budget();
                     if let Err(e) = state.agent.maintain(state.metrics.baseline_taken()) {
                         tracing::warn!("map maintenance failed: {e}");
                     }

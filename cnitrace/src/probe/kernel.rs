@@ -32,7 +32,10 @@ use crate::{
 /// The loaded and attached probes: the packet and softirq counters, and either the stack
 /// sampler or the tracer. Dropping it detaches and unloads every program.
 pub struct KernelProbes {
-    ebpf: Ebpf,
+    /// Locked to read maps, and to attach or detach the sampler when its rate changes.
+    ebpf: std::sync::Mutex<Ebpf>,
+    /// The sampler's attachment (`None` for the tracing backend).
+    sampler: std::sync::Mutex<Option<Sampler>>,
     packets: PacketSource,
     softirq: SoftirqSource,
     /// Set when this is the tracing backend.
@@ -44,8 +47,16 @@ pub struct KernelProbes {
     /// The sampler's epoch and the retired one waiting for deletion.
     epochs: std::sync::Mutex<Epochs>,
     clock: Clock,
-    frequency_hz: u64,
+    cpu_list: Vec<u32>,
     cpus: u32,
+}
+
+/// The sampler's perf events at the current rate (none while detached) and the rates it ran
+/// at.
+struct Sampler {
+    links: sampling::SamplerLinks,
+    source: ClockSource,
+    rates: sampling::RateHistory,
 }
 
 impl KernelProbes {
@@ -112,7 +123,8 @@ impl KernelProbes {
             let tracer = trace::attach(&mut ebpf, mode, &kallsyms)?;
             let calibration = clock::calibrate(std::time::Duration::from_millis(100));
             return Ok(Self {
-                ebpf,
+                ebpf: std::sync::Mutex::new(ebpf),
+                sampler: std::sync::Mutex::new(None),
                 packets,
                 softirq,
                 tracer: Some(tracer),
@@ -127,17 +139,24 @@ impl KernelProbes {
                         calibration.method
                     ),
                 },
-                frequency_hz: 0,
                 cpus: cpus.len() as u32,
+                cpu_list: cpus,
             });
         }
         let prog: &mut PerfEvent = program_mut(&mut ebpf, program::SAMPLER)?;
         prog.load()
             .map_err(|e| Error::program(format!("load {}", program::SAMPLER), e))?;
-        let clock = sampling::attach(prog, &cpus, config)?;
+        let (links, source) = sampling::attach(prog, &cpus, config.frequency_hz, config.clock)?;
+        let clock = sampling::clock_of(source);
         tracing::debug!(?clock, cpus = cpus.len(), "sampler attached");
+        let sampler = Sampler {
+            links,
+            source,
+            rates: sampling::RateHistory::new(std::time::Instant::now(), config.frequency_hz),
+        };
         Ok(Self {
-            ebpf,
+            ebpf: std::sync::Mutex::new(ebpf),
+            sampler: std::sync::Mutex::new(Some(sampler)),
             packets,
             softirq,
             tracer: None,
@@ -145,9 +164,58 @@ impl KernelProbes {
             symbols: std::sync::Mutex::new(None),
             epochs: std::sync::Mutex::new(Epochs::default()),
             clock,
-            frequency_hz: config.frequency_hz,
             cpus: cpus.len() as u32,
+            cpu_list: cpus,
         })
+    }
+
+    fn ebpf(&self) -> std::sync::MutexGuard<'_, Ebpf> {
+        self.ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn sampler(&self) -> std::sync::MutexGuard<'_, Option<Sampler>> {
+        self.sampler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Samples at `hz` per CPU from now on; 0 detaches the sampler (nothing of it runs).
+    /// The perf events are made anew at the new rate: between the old ones' detach and the
+    /// new ones' attach (well under a millisecond) no sample is taken.
+    pub fn set_rate(&self, hz: u64) -> Result<(), Error> {
+        if hz != 0 {
+            validate_frequency(hz)?;
+        }
+        let mut guard = self.sampler();
+        let Some(sampler) = guard.as_mut() else {
+            return Ok(());
+        };
+        if sampler.rates.current() == hz {
+            return Ok(());
+        }
+        sampler.links.clear();
+        let now = std::time::Instant::now();
+        if hz == 0 {
+            sampler.rates.set(now, 0);
+            tracing::debug!("sampler detached");
+            return Ok(());
+        }
+        let mut ebpf = self.ebpf();
+        let prog: &mut PerfEvent = program_mut(&mut ebpf, program::SAMPLER)?;
+        match sampling::reattach(prog, &self.cpu_list, hz, sampler.source) {
+            Ok(links) => {
+                sampler.links = links;
+                sampler.rates.set(now, hz);
+                tracing::debug!(hz, "sampler rate set");
+                Ok(())
+            }
+            Err(e) => {
+                sampler.rates.set(now, 0);
+                Err(e)
+            }
+        }
     }
 
     pub fn clock(&self) -> &Clock {
@@ -159,16 +227,25 @@ impl KernelProbes {
         self.tracer.as_ref()
     }
 
+    /// The sampler's rate now (0 when detached or tracing).
     pub fn frequency_hz(&self) -> u64 {
-        self.frequency_hz
+        self.sampler().as_ref().map_or(0, |s| s.rates.current())
+    }
+
+    /// The sampler's mean rate between two instants.
+    fn mean_frequency_hz(&self, start: std::time::Instant, end: std::time::Instant) -> f64 {
+        self.sampler()
+            .as_ref()
+            .map_or(0.0, |s| s.rates.mean_hz(start, end))
     }
 
     /// Reads the cumulative aggregates. Cheap enough to call every second.
     pub fn snapshot(&self) -> Result<Snapshot, Error> {
         let wall = chrono::Utc::now();
         let mono = std::time::Instant::now();
+        let ebpf = self.ebpf();
         let samples_map: PerCpuHashMap<&MapData, SampleKey, SampleValue> =
-            map_ref(&self.ebpf, map::SAMPLES)?;
+            map_ref(&ebpf, map::SAMPLES)?;
         let mut samples = HashMap::new();
         for entry in &samples_map {
             let (key, per_cpu) = entry.map_err(|e| Error::map(map::SAMPLES, e))?;
@@ -182,7 +259,7 @@ impl KernelProbes {
         match self.packets {
             PacketSource::Exact => {
                 let ifaces_map: PerCpuHashMap<&MapData, u64, IfaceCounters> =
-                    map_ref(&self.ebpf, map::IFACES)?;
+                    map_ref(&ebpf, map::IFACES)?;
                 for entry in &ifaces_map {
                     let (key, per_cpu) = entry.map_err(|e| Error::map(map::IFACES, e))?;
                     let total = per_cpu
@@ -201,7 +278,7 @@ impl KernelProbes {
         let softirq = match self.softirq {
             SoftirqSource::Exact => {
                 let softirq_map: PerCpuArray<&MapData, SoftirqStats> =
-                    map_ref(&self.ebpf, map::SOFTIRQ)?;
+                    map_ref(&ebpf, map::SOFTIRQ)?;
                 (0..NR_SOFTIRQS)
                     .map(|vector| {
                         let per_cpu = softirq_map
@@ -216,7 +293,7 @@ impl KernelProbes {
             SoftirqSource::Sampled => proc_softirqs()?,
         };
         let cpu = cpu_ticks()?;
-        let faults_map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::FAULTS)?;
+        let faults_map: PerCpuArray<&MapData, u64> = map_ref(&ebpf, map::FAULTS)?;
         let fault_sum = |index: u32| -> Result<u64, Error> {
             let per_cpu = faults_map
                 .get(&index, 0)
@@ -233,9 +310,10 @@ impl KernelProbes {
             trace_resync: fault_sum(fault::TRACE_RESYNC)?,
             trace_unmatched_exit: fault_sum(fault::TRACE_UNMATCHED_EXIT)?,
             trace_unknown_function: fault_sum(fault::TRACE_UNKNOWN_FUNCTION)?,
+            samples_dropped: 0,
         };
         let trace = if self.tracer.is_some() {
-            let trace_map: PerCpuArray<&MapData, TraceCost> = map_ref(&self.ebpf, map::TRACE)?;
+            let trace_map: PerCpuArray<&MapData, TraceCost> = map_ref(&ebpf, map::TRACE)?;
             (0..MAX_TRACE_COMPONENTS)
                 .map(|id| {
                     let per_cpu = trace_map
@@ -271,13 +349,16 @@ impl KernelProbes {
         kallsyms: &Kallsyms,
         bpf_stats_mode: Option<&str>,
     ) -> Result<RawWindow, Error> {
+        let frequency_hz = self.mean_frequency_hz(start.mono, end.mono);
+        let ebpf = self.ebpf();
         let epochs = self
             .epochs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let delta = end.delta_with_retired(start, epochs.retired_after(start.mono));
+        let mut delta = end.delta_with_retired(start, epochs.retired_after(start.mono));
+        delta.faults.samples_dropped = epochs.dropped_since(start.mono);
         let ifaces_for_names: Vec<IfaceCounters> = end.ifaces.values().copied().collect();
-        let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&self.ebpf, map::STACKS)?;
+        let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&ebpf, map::STACKS)?;
         let symbolize = |ips: &[u64]| -> Vec<String> {
             ips.iter()
                 .take_while(|&&ip| ip != 0)
@@ -316,7 +397,7 @@ impl KernelProbes {
             end: end.wall,
             duration_s: end.mono.duration_since(start.mono).as_secs_f64(),
             clock: self.clock.clone(),
-            frequency_hz: self.frequency_hz,
+            frequency_hz,
             cpus: self.cpus,
             samples,
             ifaces: delta.ifaces.into_values().collect(),
@@ -455,7 +536,20 @@ struct Epochs {
     /// Every stack the moved epochs hold, once: the same code path recurs in each epoch
     /// under a different hash.
     frames: std::collections::HashSet<std::sync::Arc<[u64]>>,
+    /// Moved epochs dropped to keep [`MAX_HELD_BYTES`], newest last: when each was retired and
+    /// how many samples it held, for the windows that measured from before.
+    dropped: std::collections::VecDeque<(std::time::Instant, u64)>,
+    /// Samples dropped by the budget since start.
+    dropped_total: u64,
 }
+
+/// The most memory moved epochs may hold: a window open for an hour over a workload whose
+/// stacks keep changing would otherwise keep every epoch of that hour. Past it the oldest
+/// epochs go, and the windows that needed them say how many samples they may lack.
+pub const MAX_HELD_BYTES: usize = 16 << 20;
+
+/// Memory per kept sample key (key, value and the hash table's share).
+const BYTES_PER_KEY: usize = 64;
 
 /// The final values and stacks of a retired epoch's keys, deleted from the kernel map.
 #[derive(Debug)]
@@ -507,6 +601,41 @@ impl Epochs {
 
     fn keys_held(&self) -> usize {
         self.moved.iter().map(|epoch| epoch.samples.len()).sum()
+    }
+
+    /// Memory the moved epochs hold: their keys, and each distinct stack once.
+    fn bytes_held(&self) -> usize {
+        let frames: usize = self.frames.iter().map(|f| f.len() * 8 + 32).sum();
+        self.keys_held() * BYTES_PER_KEY + frames
+    }
+
+    /// Drops the oldest moved epochs until the rest fit in `budget` bytes.
+    fn keep_within(&mut self, budget: usize) {
+        while !self.moved.is_empty() && self.bytes_held() > budget {
+            let oldest = self.moved.remove(0);
+            let samples = oldest.samples.values().map(|v| v.count).sum();
+            drop(oldest);
+            self.frames
+                .retain(|frames| std::sync::Arc::strong_count(frames) > 1);
+            self.dropped.push_back((std::time::Instant::now(), samples));
+            self.dropped_total += samples;
+            if self.dropped.len() > 1024 {
+                self.dropped.pop_front();
+            }
+            tracing::warn!(
+                samples,
+                "a retired sample epoch was dropped to keep the agent's memory budget"
+            );
+        }
+    }
+
+    /// Samples of dropped epochs that a window measuring from `start` may lack.
+    fn dropped_since(&self, start: std::time::Instant) -> u64 {
+        self.dropped
+            .iter()
+            .filter(|(at, _)| *at > start)
+            .map(|(_, samples)| samples)
+            .sum()
     }
 }
 
@@ -565,6 +694,7 @@ impl KernelProbes {
         oldest_baseline: Option<std::time::Instant>,
         advance_at: usize,
     ) -> Result<Maintenance, Error> {
+        let ebpf = self.ebpf();
         let mut epochs = self
             .epochs
             .lock()
@@ -574,11 +704,11 @@ impl KernelProbes {
             ..Maintenance::default()
         };
         let samples: PerCpuHashMap<&MapData, SampleKey, SampleValue> =
-            map_ref(&self.ebpf, map::SAMPLES)?;
-        let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&self.ebpf, map::STACKS)?;
+            map_ref(&ebpf, map::SAMPLES)?;
+        let stacks: BpfHashMap<&MapData, u64, StackFrames> = map_ref(&ebpf, map::STACKS)?;
         let (samples_data, stacks_data) = (
-            map_data(&self.ebpf, map::SAMPLES)?,
-            map_data(&self.ebpf, map::STACKS)?,
+            map_data(&ebpf, map::SAMPLES)?,
+            map_data(&ebpf, map::STACKS)?,
         );
         epochs.forget_moved(oldest_baseline);
         if let Some((retired, at)) = epochs.retired.take() {
@@ -626,11 +756,16 @@ impl KernelProbes {
             // Nothing measures from before the retirement: the values are not needed.
             if oldest_baseline.is_some_and(|oldest| oldest < at) {
                 epochs.moved.push(moved);
+                epochs.keep_within(MAX_HELD_BYTES);
             }
             done.keys_held = epochs.keys_held();
+            done.bytes_held = epochs.bytes_held();
+            done.samples_dropped = epochs.dropped_total;
             return Ok(done);
         }
         done.keys_held = epochs.keys_held();
+        done.bytes_held = epochs.bytes_held();
+        done.samples_dropped = epochs.dropped_total;
         let keys = samples.keys().count();
         let stored = stacks.keys().count();
         if keys.max(stored) <= advance_at {
@@ -639,7 +774,7 @@ impl KernelProbes {
         let next = epochs.current.wrapping_add(1);
         map_elem(
             BPF_MAP_UPDATE_ELEM,
-            map_data(&self.ebpf, map::EPOCH)?,
+            map_data(&ebpf, map::EPOCH)?,
             bytes_of(&0u32),
             Some(bytes_of(&next)),
         )
@@ -713,6 +848,14 @@ impl Probes for KernelProbes {
         KernelProbes::snapshot(self)
     }
 
+    fn set_rate(&self, hz: u64) -> Result<(), Error> {
+        KernelProbes::set_rate(self, hz)
+    }
+
+    fn rate(&self) -> u64 {
+        self.frequency_hz()
+    }
+
     fn maintain(
         &self,
         oldest_baseline: Option<std::time::Instant>,
@@ -754,5 +897,64 @@ impl Probes for KernelProbes {
                 })
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use cnitrace_common::{SampleKey, SampleValue};
+
+    use super::{BYTES_PER_KEY, Epochs, RetiredEpoch};
+
+    fn epoch(epochs: &mut Epochs, retired_at: Instant, id: u32, keys: u64) -> RetiredEpoch {
+        let mut moved = RetiredEpoch {
+            retired_at,
+            samples: std::collections::HashMap::new(),
+            stacks: std::collections::HashMap::new(),
+        };
+        for hash in 0..keys {
+            let key = SampleKey {
+                stack_hash: hash + 1,
+                flags: 0,
+                epoch: id,
+            };
+            moved.samples.insert(
+                key,
+                SampleValue {
+                    count: 2,
+                    period: 2,
+                },
+            );
+            let frames = epochs.intern(&[hash, hash + 1]);
+            moved.stacks.insert(hash + 1, frames);
+        }
+        moved
+    }
+
+    /// Past the budget the oldest epochs go; a window from before them learns how many
+    /// samples it may lack, one from after them nothing.
+    #[test]
+    fn the_memory_budget_drops_the_oldest_epochs_and_says_how_much() {
+        let t0 = Instant::now();
+        let mut epochs = Epochs::default();
+        for id in 0..4u32 {
+            let retired = t0 + Duration::from_secs(u64::from(id) + 1);
+            let moved = epoch(&mut epochs, retired, id, 1000);
+            epochs.moved.push(moved);
+        }
+        // The same code paths recur in every epoch: their stacks are held once.
+        let frames = 1000 * (2 * 8 + 32);
+        assert_eq!(epochs.bytes_held(), 4000 * BYTES_PER_KEY + frames);
+        let two_epochs = 2000 * BYTES_PER_KEY + frames;
+        let before_drop = Instant::now();
+        epochs.keep_within(two_epochs);
+        assert_eq!(epochs.moved.len(), 2, "two epochs fit");
+        assert_eq!(epochs.bytes_held(), two_epochs);
+        assert_eq!(epochs.dropped_total, 2 * 1000 * 2);
+        assert_eq!(epochs.dropped_since(t0), 4000, "a window from before both");
+        assert_eq!(epochs.dropped_since(Instant::now()), 0);
+        assert!(epochs.dropped_since(before_drop) <= 4000);
     }
 }

@@ -49,6 +49,15 @@ pub trait Probes: Send + Sync + 'static {
     ) -> Result<Maintenance, Error> {
         Ok(Maintenance::default())
     }
+    /// Samples at `hz` per CPU from now on, 0 detaching the sampler; a no-op where nothing
+    /// samples (the tracing backend, synthetic probes).
+    fn set_rate(&self, _hz: u64) -> Result<(), Error> {
+        Ok(())
+    }
+    /// The sampling rate now (0 when detached or not sampling).
+    fn rate(&self) -> u64 {
+        0
+    }
     /// Switches BPF run-time statistics on while the returned guard (shared by every window
     /// that asked) lives; `None` if the kernel refuses.
     fn bpf_stats(&self) -> Option<Arc<bpf_stats::StatsGuard>> {
@@ -68,8 +77,12 @@ pub struct Maintenance {
     /// Keys and stacks deleted from the kernel maps by this call.
     pub keys_deleted: usize,
     pub stacks_deleted: usize,
-    /// Final values of deleted keys still kept in user space for open windows.
+    /// Final values of deleted keys still kept in user space for open windows, and the
+    /// memory they (and their stacks) take.
     pub keys_held: usize,
+    pub bytes_held: usize,
+    /// Samples of retired epochs dropped by the memory budget since start.
+    pub samples_dropped: u64,
 }
 
 /// How cycles are attributed to components: stack sampling, or entry/exit probes on each

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -24,6 +24,12 @@ struct NodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    node: String,
+    store: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VectorLabels {
     node: String,
     vector: String,
@@ -38,6 +44,15 @@ pub struct Metrics {
     samples: Family<NodeLabels, Counter>,
     lost: Family<NodeLabels, Counter>,
     softirq_cycles: Family<VectorLabels, Counter>,
+    sampler_hz: Family<NodeLabels, Gauge>,
+    self_overhead: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    self_process: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    budget: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    auth_failures: Family<NodeLabels, Counter>,
+    held_bytes: Family<StoreLabels, Gauge>,
+    dropped: Family<StoreLabels, Gauge>,
+    /// The refused requests already added to `auth_failures`.
+    auth_failures_seen: std::sync::atomic::AtomicU64,
     last: Mutex<Option<Snapshot>>,
 }
 
@@ -58,6 +73,14 @@ impl Metrics {
             samples: Family::default(),
             lost: Family::default(),
             softirq_cycles: Family::default(),
+            sampler_hz: Family::default(),
+            self_overhead: Family::default(),
+            self_process: Family::default(),
+            budget: Family::default(),
+            auth_failures: Family::default(),
+            held_bytes: Family::default(),
+            dropped: Family::default(),
+            auth_failures_seen: std::sync::atomic::AtomicU64::new(0),
             registry: Registry::default(),
             last: Mutex::new(None),
         };
@@ -96,14 +119,50 @@ impl Metrics {
             "Softirq handler cycles per vector",
             metrics.softirq_cycles.clone(),
         );
+        registry.register(
+            "cnitrace_sampler_hz",
+            "The stack sampler's rate per CPU now (0: detached, nobody reads)",
+            metrics.sampler_hz.clone(),
+        );
+        registry.register(
+            "cnitrace_self_estimated_overhead_ratio",
+            "The agent's estimated share of the node's CPU time: samples x cost per sample + its process",
+            metrics.self_overhead.clone(),
+        );
+        registry.register(
+            "cnitrace_self_process_cpu_ratio",
+            "The agent process's own share of the node's CPU time",
+            metrics.self_process.clone(),
+        );
+        registry.register(
+            "cnitrace_self_budget_ratio",
+            "The share of the node's CPU time the agent allows itself (--max-overhead)",
+            metrics.budget.clone(),
+        );
+        registry.register(
+            "cnitrace_auth_failures",
+            "Requests refused for a missing or wrong bearer token (each answered after a delay)",
+            metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "cnitrace_held_bytes",
+            "Memory held between windows, by store: retired sample epochs kept for open windows (epochs), stopped sessions' stacks (stopped_stacks)",
+            metrics.held_bytes.clone(),
+        );
+        registry.register(
+            "cnitrace_budget_dropped",
+            "What the memory budgets dropped since start: samples of retired epochs (epochs), sessions' stacks (stopped_stacks)",
+            metrics.dropped.clone(),
+        );
         Self {
             registry,
             ..metrics
         }
     }
 
-    /// Takes the baseline snapshot the first scrape measures from.
+    /// Takes the baseline snapshot the first scrape measures from, as a scrape would.
     pub fn prime(&self, agent: &Agent) -> Result<(), crate::Error> {
+        agent.scraped();
         let snapshot = agent.probes().snapshot()?;
         *self
             .last
@@ -121,8 +180,68 @@ impl Metrics {
             .map(|s| s.mono)
     }
 
-    /// Adds the interval since the previous scrape to the counters and encodes them.
-    pub fn scrape(&self, agent: &Agent) -> Result<String, crate::Error> {
+    fn held_gauges(&self, agent: &Agent) {
+        let node = crate::window::node_name();
+        let held = agent.held();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (store, bytes, dropped) in [
+            (
+                "epochs",
+                held.epochs.bytes_held as u64,
+                held.epochs.samples_dropped,
+            ),
+            (
+                "stopped_stacks",
+                held.stopped_stacks_bytes as u64,
+                held.stopped_stacks_dropped,
+            ),
+        ] {
+            let labels = StoreLabels {
+                node: node.clone(),
+                store: store.to_owned(),
+            };
+            self.held_bytes.get_or_create(&labels).set(as_i64(bytes));
+            self.dropped.get_or_create(&labels).set(as_i64(dropped));
+        }
+    }
+
+    fn cost_gauges(&self, agent: &Agent) {
+        self.held_gauges(agent);
+        let node = NodeLabels {
+            node: crate::window::node_name(),
+        };
+        let cost = agent.cost();
+        self.sampler_hz
+            .get_or_create(&node)
+            .set(i64::try_from(cost.rate_hz).unwrap_or(i64::MAX));
+        self.self_overhead
+            .get_or_create(&node)
+            .set(cost.estimated_percent / 100.0);
+        self.self_process
+            .get_or_create(&node)
+            .set(cost.process_cpu_percent / 100.0);
+        self.budget
+            .get_or_create(&node)
+            .set(cost.max_overhead_percent / 100.0);
+    }
+
+    /// Drops the baseline once no scrape came for [`crate::agent::READER_GONE_S`]: nothing
+    /// then holds the sampler's retired epochs (or the snapshot) for a scraper that is gone.
+    pub fn forget_if_unscraped(&self, agent: &Agent) {
+        if !agent.scraper_present() {
+            self.last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+        }
+    }
+
+    /// Adds the interval since the previous scrape to the counters and encodes them. The
+    /// first scrape after none for a while only takes the baseline: the sampler was detached
+    /// (or the baseline forgotten) in between, so that interval has no honest figure.
+    pub fn scrape(&self, agent: &Agent, auth_failures: u64) -> Result<String, crate::Error> {
+        let returning = agent.scraper_present();
+        agent.scraped();
         let probes = agent.probes();
         // Held from the snapshot to the counters: two scrapes at once (annotations and a
         // ServiceMonitor, say) then measure consecutive intervals, never one interval twice.
@@ -130,6 +249,9 @@ impl Metrics {
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !returning {
+            last.take();
+        }
         let now = probes.snapshot()?;
         let previous = last.replace(now.clone());
         if let Some(previous) = previous {
@@ -167,6 +289,15 @@ impl Metrics {
             }
         }
         drop(last);
+        self.cost_gauges(agent);
+        let seen = self
+            .auth_failures_seen
+            .fetch_max(auth_failures, std::sync::atomic::Ordering::Relaxed);
+        self.auth_failures
+            .get_or_create(&NodeLabels {
+                node: crate::window::node_name(),
+            })
+            .inc_by(auth_failures.saturating_sub(seen));
         let mut text = String::new();
         encode(&mut text, &self.registry)
             .map_err(|e| crate::Error::io("encode metrics", std::io::Error::other(e)))?;

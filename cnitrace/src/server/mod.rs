@@ -2,6 +2,7 @@
 //! OpenAPI document and a page that draws the breakdown. `router(state)` is all of it, so tests
 //! drive it with `oneshot`, no socket needed.
 
+mod auth;
 mod listen;
 mod metrics;
 mod page;
@@ -14,13 +15,12 @@ use axum::{
         DefaultBodyLimit, Path, Query, Request, State,
         rejection::{BytesRejection, JsonRejection},
     },
-    http::{HeaderMap, StatusCode, header},
+    http::{StatusCode, header},
     middleware::{self, Next},
     response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
 use serde::Deserialize;
-use subtle::ConstantTimeEq as _;
 use utoipa::OpenApi;
 
 use crate::{
@@ -29,6 +29,7 @@ use crate::{
     doctor::NodeReport,
 };
 
+pub use auth::{Auth, AuthError, Scope};
 pub use listen::{ServeLimits, serve, tls_acceptor};
 pub use metrics::Metrics;
 
@@ -39,8 +40,8 @@ pub struct AppState {
     pub agent: Agent,
     /// What `doctor` found at start-up.
     pub node: NodeReport,
-    /// Bearer token required on every path except /healthz and the page itself.
-    pub token: Option<String>,
+    /// Bearer credentials required on every path except /healthz and the page itself.
+    pub auth: Option<Auth>,
     /// Without a token the agent only serves loopback, and then every request must name a
     /// loopback host: a web page whose name an attacker re-points at 127.0.0.1 (DNS
     /// rebinding) gets 403 instead of this node's data.
@@ -57,11 +58,11 @@ pub const MAX_CONCURRENT_WORK: usize = 4;
 const WORK_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl AppState {
-    pub fn new(agent: Agent, node: NodeReport, token: Option<String>, loopback_only: bool) -> Self {
+    pub fn new(agent: Agent, node: NodeReport, auth: Option<Auth>, loopback_only: bool) -> Self {
         Self {
             agent,
             node,
-            token,
+            auth,
             loopback_only,
             metrics: Metrics::new(),
             work: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WORK)),
@@ -437,7 +438,10 @@ async fn rolling_folded(
 )]
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let text = blocking(&state, |s| {
-        s.metrics.scrape(&s.agent).map_err(AgentError::Probe)
+        let failures = s.auth.as_ref().map_or(0, Auth::failures);
+        s.metrics
+            .scrape(&s.agent, failures)
+            .map_err(AgentError::Probe)
     })
     .await?;
     Ok((
@@ -504,34 +508,34 @@ fn is_public(path: &str) -> bool {
     path == "/healthz" || path == "/"
 }
 
-fn token_matches(headers: &HeaderMap, token: &str) -> bool {
-    let Some(presented) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    // Constant time, so response timing does not reveal how much of a guess was right.
-    presented.as_bytes().ct_eq(token.as_bytes()).into()
-}
-
 async fn require_token(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = &state.token
-        && !is_public(request.uri().path())
-        && !token_matches(request.headers(), token)
-    {
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer ...)".to_owned(),
-        )
-        .into_response();
+    let Some(auth) = &state.auth else {
+        return next.run(request).await;
+    };
+    if is_public(request.uri().path()) {
+        return next.run(request).await;
     }
-    next.run(request).await
+    match auth.scope_of(request.headers()) {
+        Some(granted) if granted >= Scope::needed_for(request.method()) => next.run(request).await,
+        Some(_) => ApiError(
+            StatusCode::FORBIDDEN,
+            "this token is read-only: opening and stopping sessions needs the operator token"
+                .to_owned(),
+        )
+        .into_response(),
+        None => {
+            tokio::time::sleep(auth::FAILURE_DELAY).await;
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer ...)".to_owned(),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// The host part of a `Host` header or an `Origin` URL (`[::1]:9560` -> `[::1]`).

@@ -33,6 +33,8 @@ struct SyntheticProbe {
     /// Snapshots being taken now, and the most ever at once.
     in_flight: AtomicU64,
     peak_in_flight: Arc<AtomicU64>,
+    /// The sampling rate asked for last.
+    rate: Arc<AtomicU64>,
 }
 
 impl Probes for SyntheticProbe {
@@ -93,7 +95,7 @@ impl Probes for SyntheticProbe {
                 cycles_per_ns: 2.0,
                 calibration: "synthetic".into(),
             },
-            frequency_hz: 999,
+            frequency_hz: 999.0,
             cpus: 2,
             samples: delta
                 .samples
@@ -132,6 +134,15 @@ impl Probes for SyntheticProbe {
     fn bpf_stats(&self) -> Option<Arc<StatsGuard>> {
         None
     }
+
+    fn set_rate(&self, hz: u64) -> Result<(), crate::Error> {
+        self.rate.store(hz, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn rate(&self) -> u64 {
+        self.rate.load(Ordering::SeqCst)
+    }
 }
 
 fn app(token: Option<&str>, limits: Limits) -> (Router, Arc<AppState>) {
@@ -168,7 +179,7 @@ fn app_on(
     let state = Arc::new(AppState::new(
         agent,
         node,
-        token.map(str::to_owned),
+        token.map(|t| Auth::fixed(t.to_owned())),
         loopback_only,
     ));
     (router(Arc::clone(&state)), state)
@@ -502,6 +513,7 @@ async fn session_errors() {
         max_duration_s: 60.0,
         keep_stopped: 4,
         read_rulesets: false,
+        ..Limits::default()
     };
     let (app, _) = app(None, limits);
     let cases: &[(&str, StatusCode)] = &[
@@ -838,4 +850,113 @@ async fn flame_graphs_of_sessions_and_of_the_rolling_window() {
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT);
+}
+
+/// Nobody reading: nothing sampled. A scraper: the continuous rate. A session: the session
+/// rate while it runs, then the continuous rate again.
+#[tokio::test]
+async fn the_sampling_rate_follows_its_readers() {
+    let rate = Arc::new(AtomicU64::new(999));
+    let probe = SyntheticProbe {
+        rate: Arc::clone(&rate),
+        ..SyntheticProbe::default()
+    };
+    let limits = Limits {
+        session_hz: 999,
+        continuous_hz: 19,
+        ..Limits::default()
+    };
+    let (app, state) = app_on(probe, None, limits, false);
+    state.agent.apply_rate();
+    assert_eq!(rate.load(Ordering::SeqCst), 0, "no reader: detached");
+    let (status, _, _) = call(&app, Method::GET, "/metrics", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rate.load(Ordering::SeqCst), 19, "a scraper: continuous");
+    let (status, view, _) = call(&app, Method::POST, "/api/v1/sessions", Some("{}"), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(
+        rate.load(Ordering::SeqCst),
+        999,
+        "a session: the session rate"
+    );
+    state.agent.apply_rate();
+    assert_eq!(rate.load(Ordering::SeqCst), 999, "still running");
+    let id = view["id"].as_u64().unwrap();
+    let uri = format!("/api/v1/sessions/{id}/stop");
+    let (status, _, _) = call(&app, Method::POST, &uri, None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        rate.load(Ordering::SeqCst),
+        19,
+        "after it: continuous again"
+    );
+}
+
+/// Without a scraper the metrics baseline is not kept (it would pin retired epochs), and the
+/// first scrape after a gap only takes a new baseline.
+#[tokio::test]
+async fn an_absent_scraper_holds_no_baseline() {
+    let (app, state) = app(None, Limits::default());
+    assert_eq!(
+        state.metrics.baseline_taken(),
+        None,
+        "nothing before a scrape"
+    );
+    let (_, _, text) = call(&app, Method::GET, "/metrics", None, None).await;
+    assert!(
+        !text.contains("cnitrace_busy_cycles_total{"),
+        "first scrape: baseline only\n{text}"
+    );
+    assert!(state.metrics.baseline_taken().is_some());
+    let (_, _, text) = call(&app, Method::GET, "/metrics", None, None).await;
+    assert!(text.contains("cnitrace_busy_cycles_total{"), "{text}");
+    state.metrics.forget_if_unscraped(&state.agent);
+    assert!(
+        state.metrics.baseline_taken().is_some(),
+        "the scraper is still here"
+    );
+}
+
+/// A budget too small for the session rate: the sampler runs at what fits, and the
+/// session's Breakdown says why.
+#[tokio::test]
+async fn the_budget_lowers_the_rate_and_says_so() {
+    let rate = Arc::new(AtomicU64::new(0));
+    let probe = SyntheticProbe {
+        rate: Arc::clone(&rate),
+        ..SyntheticProbe::default()
+    };
+    // 1% of each CPU at 100 us a sample: 100 samples a second.
+    let limits = Limits {
+        session_hz: 999,
+        continuous_hz: 19,
+        max_overhead_pct: 1.0,
+        sample_cost_ns: 100_000.0,
+        ..Limits::default()
+    };
+    let (app, _) = app_on(probe, None, limits, false);
+    let (status, view, _) = call(&app, Method::POST, "/api/v1/sessions", Some("{}"), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(rate.load(Ordering::SeqCst), 100);
+    let uri = format!("/api/v1/sessions/{}/stop", view["id"]);
+    let (status, view, _) = call(&app, Method::POST, &uri, None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let cost = &view["breakdown"]["quality"]["agent_cost"];
+    assert_eq!(cost["rate_hz"], 100, "{cost}");
+    assert!(
+        cost["limited"]
+            .as_str()
+            .is_some_and(|why| why.contains("100 Hz instead of 999 Hz")),
+        "{cost}"
+    );
+    assert!(
+        (cost["estimated_percent"].as_f64().unwrap() - 1.0).abs() < 0.01,
+        "{cost}"
+    );
+    let (_, _, text) = call(&app, Method::GET, "/metrics", None, None).await;
+    assert!(text.contains("cnitrace_sampler_hz"), "{text}");
+    assert!(
+        text.contains("cnitrace_self_estimated_overhead_ratio"),
+        "{text}"
+    );
 }
