@@ -103,8 +103,77 @@ pub async fn remove(name: &str) -> Result<(), Error> {
     delete_namespace(name).await
 }
 
+/// Longest a program run by [`output_in`] may take: a hung tool (an `iptables-save` stuck on
+/// a lock, a CNI plugin waiting for a daemon) is killed rather than stalling its caller.
+pub const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_mins(1);
+/// Most output kept from each of its streams: a ruleset a tenant grew without bound cannot
+/// grow the caller's memory without bound.
+pub const MAX_OUTPUT: u64 = 64 << 20;
+
+/// Reads a child's stream up to [`MAX_OUTPUT`] bytes, then drains the rest (so the child
+/// never blocks on a full pipe); says whether there was more.
+fn capped<R: std::io::Read + Send + 'static>(
+    pipe: Option<R>,
+) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let Some(pipe) = pipe else {
+            return (kept, false);
+        };
+        let mut pipe = std::io::Read::take(pipe, MAX_OUTPUT + 1);
+        let _ = std::io::Read::read_to_end(&mut pipe, &mut kept);
+        let over = kept.len() as u64 > MAX_OUTPUT;
+        if over {
+            kept.truncate(MAX_OUTPUT as usize);
+            let _ = std::io::copy(&mut pipe.into_inner(), &mut std::io::sink());
+        }
+        (kept, over)
+    })
+}
+
+/// Waits for a child at most `deadline` (then kills it), its output capped.
+fn finish_within(
+    mut child: std::process::Child,
+    program: &str,
+    deadline: std::time::Duration,
+) -> Result<std::process::Output, Error> {
+    let (stdout, stderr) = (capped(child.stdout.take()), capped(child.stderr.take()));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| Error::io(format!("wait for {program}"), e))?
+        {
+            break status;
+        }
+        if started.elapsed() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Invalid(format!(
+                "{program} did not finish within {} s: killed",
+                deadline.as_secs()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let join = |reader: std::thread::JoinHandle<(Vec<u8>, bool)>| reader.join().unwrap_or_default();
+    let ((stdout, stdout_over), (stderr, _)) = (join(stdout), join(stderr));
+    if stdout_over {
+        return Err(Error::Invalid(format!(
+            "{program} wrote more than {} MiB: not read",
+            MAX_OUTPUT >> 20
+        )));
+    }
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 /// Runs a program in the named network namespace (`None`: this process's) and returns its
-/// output. `Ok(None)` when the program is not installed.
+/// output. `Ok(None)` when the program is not installed. It is killed after
+/// [`RUN_DEADLINE`], and more than [`MAX_OUTPUT`] on stdout is an error.
 pub fn output_in(
     netns: Option<&str>,
     program: &str,
@@ -147,10 +216,7 @@ pub fn output_in(
             pipe.write_all(input.as_bytes())
                 .map_err(|e| Error::io(format!("write to {program}"), e))?;
         }
-        child
-            .wait_with_output()
-            .map(Some)
-            .map_err(|e| Error::io(format!("run {program}"), e))
+        finish_within(child, &program, RUN_DEADLINE).map(Some)
     })
     .join()
     .unwrap_or_else(|_| {
@@ -220,5 +286,50 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(out.status.success());
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use std::time::{Duration, Instant};
+
+    use super::finish_within;
+
+    fn spawn(script: &str) -> std::process::Child {
+        std::process::Command::new("sh")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_hung_program_is_killed_at_its_deadline() {
+        let started = Instant::now();
+        let err =
+            finish_within(spawn("sleep 30"), "sleep", Duration::from_millis(300)).unwrap_err();
+        assert!(err.to_string().contains("did not finish within"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn output_is_kept_and_an_endless_stream_is_refused() {
+        let out = finish_within(
+            spawn("echo hello; echo oops >&2"),
+            "sh",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.stdout, b"hello\n");
+        assert_eq!(out.stderr, b"oops\n");
+        assert!(out.status.success());
+        let err = finish_within(
+            spawn("head -c 80000000 /dev/zero"),
+            "head",
+            Duration::from_mins(1),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("more than 64 MiB"), "{err}");
     }
 }

@@ -11,8 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::Utc;
-
 use crate::{
     breakdown::PacketSelection,
     contract::{Breakdown, SessionRequest, SessionState, SessionView},
@@ -686,15 +684,15 @@ impl Agent {
     /// ends after the longest one allowed: a client that dies (or forgets) cannot hold a slot
     /// and keep BPF statistics on for good.
     pub fn due_sessions(&self) -> Vec<u64> {
-        let now = Utc::now();
+        // On the monotonic clock: a wall clock stepped back would keep a session forever.
         lock(&self.sessions)
             .values()
-            .filter(|s| s.view.state == SessionState::Running)
-            .filter(|s| {
+            .filter_map(|s| Some((s, s.window.as_ref()?)))
+            .filter(|(s, window)| {
                 let deadline = s.view.duration_s.unwrap_or(self.limits.max_duration_s);
-                (now - s.view.started).num_milliseconds() as f64 >= deadline * 1000.0
+                window.start().mono.elapsed().as_secs_f64() >= deadline
             })
-            .map(|s| s.view.id)
+            .map(|(s, _)| s.view.id)
             .collect()
     }
 }

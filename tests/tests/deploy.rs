@@ -1,5 +1,6 @@
-//! The DaemonSet's contract with the binary: its exact arguments and environment start a working
-//! agent; and `collect` finds agents through DNS (a headless Service's A records).
+//! The DaemonSet's contract with the binary: its exact arguments and environment (as the kubelet
+//! expands them) start a working agent, in a PID namespace of its own, listening on the node's
+//! address only; and `collect` finds agents through DNS (a headless Service's A records).
 
 use std::{
     process::{Command, Stdio},
@@ -12,6 +13,9 @@ use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
 const NODE: &str = "node-from-downward-api";
+/// The node's address as the downward API's status.hostIP gives it. A loopback address other
+/// than 127.0.0.1, so that 127.0.0.1 tells whether the agent took every address instead.
+const HOST_IP: &str = "127.0.0.2";
 
 fn daemonset() -> Yaml {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
@@ -24,6 +28,75 @@ fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
     cnitrace_tests::http(method, url, token, None).unwrap_or_default()
 }
 
+/// `$(NAME)` replaced as the kubelet does in a container's args: by the container's variable
+/// of that name (left as written when there is none); `$$` is a literal `$`.
+fn expand(text: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match env.iter().find(|(key, _)| key == name) {
+                Some((_, value)) => out.push_str(value),
+                None => out.push_str(&rest[i..i + 3 + end]),
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn args_are_expanded_as_the_kubelet_does() {
+    let env = [("HOST_IP".to_owned(), "10.0.0.7".to_owned())];
+    assert_eq!(expand("$(HOST_IP):9560", &env), "10.0.0.7:9560");
+    assert_eq!(expand("[$(HOST_IP)]:9560", &env), "[10.0.0.7]:9560");
+    assert_eq!(expand("$(NOPE):1", &env), "$(NOPE):1");
+    assert_eq!(expand("$$(HOST_IP) $x $(", &env), "$(HOST_IP) $x $(");
+}
+
+/// The process `parent` forked, if any (from every process's /proc/PID/stat).
+fn child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|entry| {
+            let candidate: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let its_parent: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (its_parent == parent).then_some(candidate)
+        })
+}
+
+/// Kills `unshare` if the test ends early; its --kill-child then sends the agent SIGTERM.
+struct Unshare(std::process::Child);
+
+impl Drop for Unshare {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
     if !privileged("the_daemonsets_arguments_and_environment_start_a_working_agent") {
@@ -33,20 +106,51 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
     let ds = daemonset();
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["hostNetwork"].as_bool(), Some(true));
-    assert_eq!(spec["hostPID"].as_bool(), Some(true));
+    assert_ne!(
+        spec["hostPID"].as_bool(),
+        Some(true),
+        "the agent needs no host PIDs"
+    );
     let container = &spec["containers"][0];
-    let args: Vec<String> = container["args"]
+    // The container's seccompProfile would override the pod's.
+    let seccomp = [
+        &container["securityContext"]["seccompProfile"]["type"],
+        &spec["securityContext"]["seccompProfile"]["type"],
+    ]
+    .into_iter()
+    .find_map(Yaml::as_str);
+    assert_eq!(seccomp, Some("RuntimeDefault"));
+    let raw_args: Vec<String> = container["args"]
         .as_vec()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap().to_owned())
         .collect();
-    let token_path = args[args
-        .iter()
-        .position(|a| a == "--token-file")
-        .expect("--token-file")
-        + 1]
-    .clone();
+    // The environment as the kubelet builds it: fieldRef spec.nodeName becomes the node name,
+    // status.hostIP the node's address; then $(VAR) in the arguments is expanded from it.
+    let mut env = Vec::new();
+    for var in container["env"].as_vec().unwrap() {
+        let name = var["name"].as_str().unwrap().to_owned();
+        let value = if let Some(v) = var["value"].as_str() {
+            v.to_owned()
+        } else {
+            match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("spec.nodeName") => NODE.to_owned(),
+                Some("status.hostIP") => HOST_IP.to_owned(),
+                other => panic!("{name}: fieldRef {other:?} is not emulated"),
+            }
+        };
+        env.push((name, value));
+    }
+    let args: Vec<String> = raw_args.iter().map(|a| expand(a, &env)).collect();
+    let value_of = |flag: &str| args[args.iter().position(|a| a == flag).expect(flag) + 1].clone();
+    let token_path = value_of("--token-file");
+    let port = container["ports"][0]["containerPort"].as_i64().unwrap();
+    assert_eq!(
+        value_of("--listen"),
+        format!("{HOST_IP}:{port}"),
+        "the agent listens on the node's address (status.hostIP) only"
+    );
     let secret_mount = container["volumeMounts"]
         .as_vec()
         .unwrap()
@@ -60,42 +164,37 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         token_path.starts_with(&secret_mount),
         "the token file is in the Secret's mount"
     );
-    // The environment as the kubelet builds it: fieldRef spec.nodeName becomes the node name.
-    let mut env = Vec::new();
-    for var in container["env"].as_vec().unwrap() {
-        let name = var["name"].as_str().unwrap().to_owned();
-        let value = if let Some(v) = var["value"].as_str() {
-            v.to_owned()
-        } else {
-            assert_eq!(
-                var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
-                Some("spec.nodeName"),
-                "{name}"
-            );
-            NODE.to_owned()
-        };
-        env.push((name, value));
+    // The probes go to the pod's IP (no `host`), which with hostNetwork is the node's.
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert!(
+            container[probe]["httpGet"]["host"].is_badvalue(),
+            "{probe} names a host"
+        );
     }
     let probe = &container["readinessProbe"]["httpGet"];
     let health = format!(
-        "http://127.0.0.1:{}{}",
+        "http://{HOST_IP}:{}{}",
         probe["port"].as_i64().unwrap(),
         probe["path"].as_str().unwrap()
     );
-    let base = format!(
-        "http://127.0.0.1:{}",
-        container["ports"][0]["containerPort"].as_i64().unwrap()
-    );
+    let base = format!("http://{HOST_IP}:{port}");
+    let port = u16::try_from(port).unwrap();
+    let loopback_free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
 
     // The Secret, emulated in a private mount namespace (a tmpfs over /run), so the host's
-    // filesystem is untouched; then exactly the container's arguments.
-    let token = format!("tok{}", std::process::id());
+    // filesystem is untouched; a PID namespace of its own with its own /proc, as the container
+    // has without hostPID (the agent is its PID 1, as the image's entrypoint is); then exactly
+    // the container's arguments.
+    let token = format!("deploy-test-token-{}", std::process::id());
     let script = r#"mount -t tmpfs tmpfs /run && mkdir -p "$(dirname "$1")" && printf %s "$2" > "$1" && shift 2 && exec "$@""#;
-    let mut child = Command::new("unshare")
+    let child = Command::new("unshare")
         .args([
             "--mount",
             "--propagation",
             "private",
+            "--pid",
+            "--mount-proc",
+            "--kill-child=SIGTERM",
             "sh",
             "-c",
             script,
@@ -112,6 +211,7 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         .stderr(Stdio::null())
         .spawn()
         .expect("unshare (util-linux)");
+    let mut child = Unshare(child);
     let deadline = Instant::now() + Duration::from_secs(15);
     while http("GET", &health, None).0 != 200 {
         assert!(
@@ -119,6 +219,24 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
             "the readiness probe never passed"
         );
         thread::sleep(Duration::from_millis(100));
+    }
+    // unshare forked the agent into the new PID namespace, where it is PID 1.
+    let agent = child_of(child.0.id()).expect("the agent, unshare's child");
+    let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap();
+    assert_eq!(
+        nspid.split_whitespace().last(),
+        Some("1"),
+        "the agent is PID 1 of a namespace of its own: {nspid}"
+    );
+    if loopback_free {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "the agent took 127.0.0.1:{port} as well: it listens on more than the node's address"
+        );
     }
     assert_eq!(
         http("GET", &format!("{base}/api/v1/node"), None).0,
@@ -142,11 +260,12 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         view["breakdown"]["node"], NODE,
         "NODE_NAME from the downward API names the node"
     );
+    // SIGTERM to the agent itself, as the kubelet stops a container (unshare blocks it).
     Command::new("kill")
-        .arg(child.id().to_string())
+        .arg(agent.to_string())
         .status()
         .unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "SIGTERM exit {status:?}");
     assert!(programs_left_after_exit().unwrap().is_empty());
 }
@@ -162,7 +281,7 @@ fn collect_discovers_agents_through_dns() {
         .local_addr()
         .unwrap()
         .port();
-    let token = format!("dns{}", std::process::id());
+    let token = format!("dns-test-token-{}", std::process::id());
     let a = AgentProcess::start_at(
         &format!("127.0.0.1:{port}"),
         &token,

@@ -1,12 +1,15 @@
 //! `cargo xtask image [--check]`: builds the agent's OCI image from deploy/Dockerfile with
 //! podman, and checks it by running it exactly as deploy/daemonset.yaml says (host network
-//! and PID, every capability dropped but the manifest's, read-only root, the manifest's
-//! mounts, its arguments and environment, the token from a mounted Secret file).
+//! but its own PID namespace, the runtime's default seccomp profile, every capability dropped
+//! but the manifest's, read-only root, the manifest's mounts, its arguments with `$(HOST_IP)`
+//! expanded and its environment, the token from a mounted Secret file).
 //!
 //! No registry is reachable from the build machines, so the binary is built on the host and
 //! handed to the Dockerfile as its `builder` stage (`--build-context builder=DIR`, which
-//! `docker buildx build` understands too), and the Debian base the runtime files come from
-//! is made from Debian's packages with mmdebstrap when it is not already present.
+//! `docker buildx build` understands too), and when the Dockerfile's digest-pinned Debian
+//! base is neither present nor pullable, a base is made from Debian's packages with
+//! mmdebstrap under a local name of its own and passed as `--build-arg RUNTIME_BASE` (its
+//! digest cannot be the official image's, so the pin cannot hold for it).
 //! `docker build -f deploy/Dockerfile .` on a machine with registry access builds the same
 //! image without any of this.
 
@@ -36,8 +39,23 @@ pub struct Args {
     pub without: Vec<String>,
 }
 
-/// The Dockerfile's bases; the builder's is replaced by the binary built here.
-const RUNTIME_BASE: &str = "docker.io/library/debian:bookworm-slim";
+/// Where the base made from Debian's packages is kept: a name of its own, so that it is never
+/// taken for the official image (which the Dockerfile pins by digest).
+const LOCAL_RUNTIME_BASE: &str = "localhost/cnitrace-debian-minbase:bookworm";
+
+/// The Dockerfile's `ARG NAME=DEFAULT` (its pinned bases; the builder's is replaced by the
+/// binary built here, so only RUNTIME_BASE is used).
+fn dockerfile_arg(name: &str) -> Result<String> {
+    let text = std::fs::read_to_string(workspace_root().join("deploy/Dockerfile"))?;
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("ARG ")?
+                .strip_prefix(name)?
+                .strip_prefix('=')
+        })
+        .map(|value| value.trim().to_owned())
+        .with_context(|| format!("deploy/Dockerfile has no `ARG {name}=...`"))
+}
 
 /// podman with runc: crun refuses hosts whose cgroups are mounted in hybrid (v1 + v2) mode,
 /// as the build machines' are. Every podman call goes through here.
@@ -93,13 +111,17 @@ pub fn build(tag: &str) -> Result<u64> {
         binary_dir.join("cnitrace"),
     )
     .context("copy the release binary into the build context")?;
-    ensure_base(&work)?;
+    let mut build = podman();
+    build
+        .args(["build", "--network", "host", "--pull=never"])
+        .args(ulimits())
+        .arg("--build-context")
+        .arg(format!("builder={}", builder.display()));
+    if let Some(base) = ensure_base(&work)? {
+        build.arg("--build-arg").arg(format!("RUNTIME_BASE={base}"));
+    }
     run_command(
-        podman()
-            .args(["build", "--network", "host", "--pull=never"])
-            .args(ulimits())
-            .arg("--build-context")
-            .arg(format!("builder={}", builder.display()))
+        build
             .args(["-f", "deploy/Dockerfile", "-t", tag, "."])
             .current_dir(workspace_root()),
     )?;
@@ -112,27 +134,36 @@ pub fn build(tag: &str) -> Result<u64> {
         .context("podman image inspect: size")
 }
 
-/// The Debian base, from the local store, a registry, or else Debian's packages.
-fn ensure_base(work: &Path) -> Result<()> {
+/// The Debian base: the Dockerfile's pinned one from the local store or a registry (`None`:
+/// nothing to override), or else one made from Debian's packages (its name, for
+/// `--build-arg RUNTIME_BASE`).
+fn ensure_base(work: &Path) -> Result<Option<String>> {
+    let pinned = dockerfile_arg("RUNTIME_BASE")?;
     let exists = |name: &str| {
         podman()
             .args(["image", "exists", name])
             .status()
             .is_ok_and(|s| s.success())
     };
-    if exists(RUNTIME_BASE) {
-        return Ok(());
+    if exists(&pinned) {
+        return Ok(None);
     }
     let pulled = podman()
-        .args(["pull", "--quiet", RUNTIME_BASE])
+        .args(["pull", "--quiet", &pinned])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if pulled {
-        return Ok(());
+        return Ok(None);
     }
-    eprintln!("xtask: {RUNTIME_BASE} cannot be pulled here: making it from Debian's packages");
+    if exists(LOCAL_RUNTIME_BASE) {
+        eprintln!("xtask: {pinned} cannot be pulled here: using {LOCAL_RUNTIME_BASE}");
+        return Ok(Some(LOCAL_RUNTIME_BASE.to_owned()));
+    }
+    eprintln!(
+        "xtask: {pinned} cannot be pulled here: making {LOCAL_RUNTIME_BASE} from Debian's packages"
+    );
     // What the official slim image is: Debian's minimal base system, without documentation.
     let tarball = work.join("debian-bookworm-slim.tar");
     run_command(
@@ -153,14 +184,15 @@ fn ensure_base(work: &Path) -> Result<()> {
             .args(["import", "--change", "CMD [\"bash\"]", "--message"])
             .arg("Debian bookworm minbase by mmdebstrap (cargo xtask image)")
             .arg(&tarball)
-            .arg(RUNTIME_BASE),
+            .arg(LOCAL_RUNTIME_BASE),
     )?;
     std::fs::remove_file(&tarball)?;
-    Ok(())
+    Ok(Some(LOCAL_RUNTIME_BASE.to_owned()))
 }
 
 /// The container as deploy/daemonset.yaml runs it, read from the manifest.
 struct Deployment {
+    /// With `$(VAR)` expanded as the kubelet does.
     args: Vec<String>,
     env: Vec<(String, String)>,
     caps: Vec<String>,
@@ -174,16 +206,65 @@ struct Deployment {
 }
 
 const NODE: &str = "node-from-downward-api";
+/// The node's address as the downward API's status.hostIP gives it: on the host network,
+/// loopback stands for it (the probes and the scrape below go to it, as the kubelet's and
+/// Prometheus's go to the pod's IP, which is the node's).
+const HOST_IP: &str = "127.0.0.1";
+
+/// `$(NAME)` replaced as the kubelet does in a container's args: by the container's variable
+/// of that name (left as written when there is none); `$$` is a literal `$`.
+fn expand(text: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match env.iter().find(|(key, _)| key == name) {
+                Some((_, value)) => out.push_str(value),
+                None => out.push_str(&rest[i..i + 3 + end]),
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
 
 fn deployment() -> Result<Deployment> {
     let path = workspace_root().join("deploy/daemonset.yaml");
     let text = std::fs::read_to_string(&path)?;
     let ds = YamlLoader::load_from_str(&text)?.remove(0);
     let spec = &ds["spec"]["template"]["spec"];
-    if spec["hostNetwork"].as_bool() != Some(true) || spec["hostPID"].as_bool() != Some(true) {
-        bail!("the check runs the container with host network and PID, as the manifest did");
+    if spec["hostNetwork"].as_bool() != Some(true) || spec["hostPID"].as_bool() == Some(true) {
+        bail!(
+            "the check runs the container with host network and its own PID namespace, as the \
+             manifest did: update the check"
+        );
     }
     let container = &spec["containers"][0];
+    // The container's seccompProfile overrides the pod's.
+    let seccomp = [
+        &container["securityContext"]["seccompProfile"]["type"],
+        &spec["securityContext"]["seccompProfile"]["type"],
+    ]
+    .into_iter()
+    .find_map(Yaml::as_str);
+    if seccomp != Some("RuntimeDefault") {
+        bail!(
+            "the check stands podman's default seccomp profile in for RuntimeDefault, and the \
+             manifest now asks for {seccomp:?}: update the check"
+        );
+    }
     let strings = |y: &Yaml| -> Vec<String> {
         y.as_vec()
             .map(|v| {
@@ -193,25 +274,31 @@ fn deployment() -> Result<Deployment> {
             })
             .unwrap_or_default()
     };
-    let args = strings(&container["args"]);
-    let token_path = args
-        .iter()
-        .position(|a| a == "--token-file")
-        .and_then(|i| args.get(i + 1))
-        .context("the manifest's args have no --token-file")?
-        .clone();
+    let raw_args = strings(&container["args"]);
     let mut env = Vec::new();
     for var in container["env"].as_vec().into_iter().flatten() {
         let name = var["name"].as_str().context("env name")?.to_owned();
-        let value = match var["value"].as_str() {
-            Some(v) => v.to_owned(),
-            None if var["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("spec.nodeName") => {
-                NODE.to_owned()
-            }
-            None => bail!("env {name}: only values and spec.nodeName are emulated"),
+        let value = match (
+            var["value"].as_str(),
+            var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Some(v), _) => v.to_owned(),
+            (None, Some("spec.nodeName")) => NODE.to_owned(),
+            (None, Some("status.hostIP")) => HOST_IP.to_owned(),
+            _ => bail!("env {name}: only values, spec.nodeName and status.hostIP are emulated"),
         };
         env.push((name, value));
     }
+    let args: Vec<String> = raw_args.iter().map(|a| expand(a, &env)).collect();
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .with_context(|| format!("the manifest's args have no {flag}"))
+    };
+    let token_path = value_of("--token-file")?;
+    let listen = value_of("--listen")?;
     let security = &container["securityContext"];
     let caps = strings(&security["capabilities"]["add"]);
     if strings(&security["capabilities"]["drop"]) != ["ALL"] {
@@ -241,12 +328,21 @@ fn deployment() -> Result<Deployment> {
         }
     }
     let probe = &container["readinessProbe"]["httpGet"];
+    let port = probe["port"].as_i64().context("readinessProbe port")?;
+    // The probe goes to the pod's IP (no `host`), the node's on the host network: the
+    // agent has to listen there, and nowhere else.
+    if !probe["host"].is_badvalue() {
+        bail!("the readinessProbe names a host: the check probes the node's address");
+    }
+    if listen != format!("{HOST_IP}:{port}") {
+        bail!("--listen {listen}: not the node's address (status.hostIP) and the probe's port");
+    }
     Ok(Deployment {
         args,
         env,
         caps,
         read_only: security["readOnlyRootFilesystem"].as_bool() == Some(true),
-        port: probe["port"].as_i64().context("readinessProbe port")?,
+        port,
         health_path: probe["path"]
             .as_str()
             .context("readinessProbe path")?
@@ -304,7 +400,10 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
     let name = format!("cnitrace-image-check-{}", std::process::id());
     let mut run = podman();
     run.args(["run", "--detach", "--name", &name])
-        .args(["--network", "host", "--pid", "host", "--user", "0"])
+        // Its own PID namespace (no hostPID); podman's default seccomp profile stands in for
+        // the kubelet's RuntimeDefault (both allow bpf, perf_event_open and setns with
+        // CAP_SYS_ADMIN), as `isolation` checks.
+        .args(["--network", "host", "--user", "0"])
         .args(["--security-opt", "no-new-privileges", "--cap-drop", "ALL"])
         .args(ulimits());
     for cap in &deployment.caps {
@@ -337,7 +436,8 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
     let topology = Topology::new(Shape::Bridged { rules: 50 })?;
     run_command(&mut run)?;
     let container = Container(name.clone());
-    let result = exercise(&deployment, &scrape, &token, &topology, &mut report);
+    let result = isolation(&name, &mut report)
+        .and_then(|()| exercise(&deployment, &scrape, &token, &topology, &mut report));
     if result.is_err() {
         let logs = podman().args(["logs", &name]).output()?;
         eprintln!(
@@ -371,6 +471,37 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
     Ok(report)
 }
 
+/// What the manifest does not grant, seen from the host: the agent has a PID namespace of its
+/// own, and a seccomp filter.
+fn isolation(name: &str, report: &mut String) -> Result<()> {
+    let out = podman()
+        .args(["inspect", "--format", "{{.State.Pid}}", name])
+        .output()?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    pid.parse::<u32>()
+        .with_context(|| format!("podman inspect: pid {pid:?}"))?;
+    let pid_ns = |pid: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .with_context(|| format!("/proc/{pid}/ns/pid"))
+    };
+    if pid_ns(&pid)? == pid_ns("self")? {
+        bail!("the container shares the host's PID namespace");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let seccomp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    if seccomp != Some("2") {
+        bail!("the agent runs without a seccomp filter (Seccomp: {seccomp:?})");
+    }
+    let _ = writeln!(
+        report,
+        "  ok    own PID namespace; seccomp filter on (podman's default profile)"
+    );
+    Ok(())
+}
+
 fn exercise(
     deployment: &Deployment,
     scrape: &str,
@@ -378,7 +509,8 @@ fn exercise(
     topology: &Topology,
     report: &mut String,
 ) -> Result<()> {
-    let base = format!("http://127.0.0.1:{}", deployment.port);
+    // Where the kubelet's probes and Prometheus go: the pod's IP, the node's address.
+    let base = format!("http://{HOST_IP}:{}", deployment.port);
     cnitrace_tests::wait_until_ok(
         &format!("{base}{}", deployment.health_path),
         Duration::from_secs(30),
@@ -472,4 +604,45 @@ fn exercise(
         body.lines().filter(|l| !l.starts_with('#')).count()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_reads_the_manifest_with_host_ip_expanded() {
+        let deployment = deployment().unwrap();
+        let listen = deployment
+            .args
+            .iter()
+            .position(|a| a == "--listen")
+            .map(|i| deployment.args[i + 1].clone());
+        assert_eq!(listen, Some(format!("{HOST_IP}:{}", deployment.port)));
+        assert!(
+            deployment
+                .env
+                .contains(&("HOST_IP".to_owned(), HOST_IP.to_owned()))
+        );
+    }
+
+    #[test]
+    fn args_are_expanded_as_the_kubelet_does() {
+        let env = [("HOST_IP".to_owned(), "10.0.0.7".to_owned())];
+        assert_eq!(expand("$(HOST_IP):9560", &env), "10.0.0.7:9560");
+        assert_eq!(expand("[$(HOST_IP)]:9560", &env), "[10.0.0.7]:9560");
+        assert_eq!(expand("$(NOPE):1", &env), "$(NOPE):1");
+        assert_eq!(expand("$$(HOST_IP) $x $(", &env), "$(HOST_IP) $x $(");
+    }
+
+    #[test]
+    fn the_runtime_base_is_pinned_by_digest() {
+        let base = dockerfile_arg("RUNTIME_BASE").unwrap();
+        let (_, digest) = base.split_once("@sha256:").expect("a digest");
+        assert!(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{base}"
+        );
+        assert_ne!(base, LOCAL_RUNTIME_BASE);
+    }
 }

@@ -42,6 +42,11 @@ pub struct AgentArgs {
     /// closed after the same time.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub header_timeout: u64,
+    /// Also keep the reserved connection slots (the last 8) for this client address, as for
+    /// loopback and the node's own: where the kubelet probes from a bridge or gateway address
+    /// rather than the node's (repeatable).
+    #[arg(long = "reserve-for", value_name = "IP")]
+    pub reserve_for: Vec<std::net::IpAddr>,
     /// Connections open at once (a client address gets at most an eighth of them).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(8..=65536))]
     pub max_connections: u64,
@@ -163,14 +168,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ..Limits::default()
     };
     let loopback_only = auth.is_none() && args.listen.ip().is_loopback();
-    let state = Arc::new(AppState::new(
-        Agent::new(Box::new(probes), limits),
-        doctor::report(),
-        auth,
-        loopback_only,
-    ));
-    // Attached at start to prove it can be; detached until someone reads.
-    state.agent.apply_rate();
+    let agent = Agent::new(Box::new(probes), limits);
+    // Attached at start to prove it can be; detached until someone reads (before the slow
+    // doctor report, so an agent nobody reads samples for no longer than it takes to attach).
+    agent.apply_rate();
+    let state = Arc::new(AppState::new(agent, doctor::report(), auth, loopback_only));
     // Once a second: a snapshot for rolling windows, map maintenance, and stop sessions whose
     // time is up.
     let ticker = {
@@ -179,6 +181,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 interval.tick().await;
+                let state = Arc::clone(&state);
+                // Expiry first and apart: each due session is stopped on its own worker, so a
+                // slow ruleset read in one stop delays neither the others nor the upkeep.
+                for id in state.agent.due_sessions() {
+                    let state = Arc::clone(&state);
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = state.agent.stop_session(id) {
+                            tracing::debug!("session {id}: {e}");
+                        }
+                    });
+                }
                 let state = Arc::clone(&state);
                 let _ = tokio::task::spawn_blocking(move || {
                     if let Err(e) = state.agent.tick() {
@@ -190,11 +203,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                         tracing::warn!("map maintenance failed: {e}");
                     }
                     release_freed_memory();
-                    for id in state.agent.due_sessions() {
-                        if let Err(e) = state.agent.stop_session(id) {
-                            tracing::debug!("session {id}: {e}");
-                        }
-                    }
+                    state.upkeep_done();
                 })
                 .await;
             }
@@ -210,6 +219,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         header_read_timeout: std::time::Duration::from_secs(args.header_timeout),
         max_connections,
         max_connections_per_client: (max_connections / 8).max(1),
+        // Loopback, and the addresses the kubelet probes from where that is not the node's
+        // own (which is always reserved): leaked once, they live as long as the agent.
+        reserved_clients: Vec::leak(
+            [
+                std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+                std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ]
+            .into_iter()
+            .chain(args.reserve_for.iter().copied())
+            .collect(),
+        ),
         ..ServeLimits::default()
     };
     serve(

@@ -50,7 +50,15 @@ pub struct AppState {
     /// Window computations (snapshots, symbolization, ruleset reads) running at once; the
     /// rest wait, so a burst of requests cannot take every CPU or pile up memory.
     work: Arc<tokio::sync::Semaphore>,
+    /// When the last upkeep round (expiry, maintenance) completed, in ms since `born`.
+    upkeep_done_ms: std::sync::atomic::AtomicU64,
+    born: std::time::Instant,
 }
+
+/// Seconds without a completed upkeep round after which `/healthz` says degraded (503): long
+/// enough for a round that reads rulesets with a slow tool, short enough that a hung one gets
+/// the pod restarted.
+pub const UPKEEP_STALL_S: u64 = 90;
 
 /// Window computations that may run at once.
 pub const MAX_CONCURRENT_WORK: usize = 4;
@@ -66,7 +74,25 @@ impl AppState {
             loopback_only,
             metrics: Metrics::new(),
             work: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WORK)),
+            upkeep_done_ms: std::sync::atomic::AtomicU64::new(0),
+            born: std::time::Instant::now(),
         }
+    }
+
+    /// An upkeep round completed.
+    pub fn upkeep_done(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.upkeep_done_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Seconds since the last completed upkeep round (or since start).
+    pub fn upkeep_stalled_s(&self) -> u64 {
+        let done = self
+            .upkeep_done_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(done) / 1000
     }
 }
 
@@ -135,9 +161,20 @@ async fn blocking<T: Send + 'static>(
     .map_err(ApiError::from)
 }
 
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, description = "alive"),
+    (status = 503, description = "degraded: the once-a-second upkeep (session expiry, map maintenance) stalled"),
+))]
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let stalled = state.upkeep_stalled_s();
+    if stalled > UPKEEP_STALL_S {
+        let body = serde_json::json!({
+            "status": "degraded",
+            "reason": format!("the once-a-second upkeep has not completed for {stalled} s"),
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
 #[utoipa::path(get, path = "/api/v1/node", responses((status = 200, body = NodeReport)))]
@@ -538,6 +575,78 @@ async fn require_token(
     }
 }
 
+/// The page's policy: its own inline script and style, API calls to itself, the flame graph
+/// from a blob in a frame, nothing else; no site may frame it.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src \
+    'unsafe-inline'; connect-src 'self'; frame-src blob:; img-src 'self' data:; base-uri \
+    'none'; form-action 'none'; frame-ancestors 'none'";
+/// A flame graph opened directly: its zoom and search scripts run, in an opaque origin that
+/// cannot reach the agent's API or the page's token.
+const SVG_POLICY: &str = "sandbox allow-scripts; default-src 'none'; script-src \
+    'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'self'";
+
+/// The usual headers on every answer: no type sniffing, no framing by other sites, no
+/// referrer, and a content security policy for the page and the SVGs.
+async fn security_headers(mut response: Response) -> Response {
+    use axum::http::HeaderValue;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let policy = if content_type.starts_with("text/html") {
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        Some(PAGE_POLICY)
+    } else if content_type.starts_with("image/svg+xml") {
+        Some(SVG_POLICY)
+    } else {
+        None
+    };
+    if let Some(policy) = policy {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(policy),
+        );
+    }
+    response
+}
+
+/// Whether a browser's `Origin` is this server as the request addressed it (`Host`): the same
+/// host and port, a default port implied on either side. One port serves one scheme, so the
+/// port also tells an `http://` page from this `https://` server on another port.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => "80",
+        "https" => "443",
+        _ => return false,
+    };
+    let with_port = |authority: &str| {
+        let authority = authority.trim_end_matches('/').to_ascii_lowercase();
+        let has_port = if authority.starts_with('[') {
+            authority.contains("]:")
+        } else {
+            authority.contains(':')
+        };
+        if has_port {
+            authority
+        } else {
+            format!("{authority}:{default_port}")
+        }
+    };
+    with_port(authority) == with_port(host)
+}
+
 /// The host part of a `Host` header or an `Origin` URL (`[::1]:9560` -> `[::1]`).
 fn host_of(authority: &str) -> &str {
     let authority = authority
@@ -605,9 +714,10 @@ async fn refuse_cross_site(
             .into_response();
         }
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        let authority = headers.get(header::HOST).and_then(|v| v.to_str().ok());
         if let Some(origin) = origin
             && origin != "null"
-            && host.is_some_and(|host| !host_of(origin).eq_ignore_ascii_case(host))
+            && authority.is_some_and(|authority| !same_origin(origin, authority))
         {
             return ApiError(
                 StatusCode::FORBIDDEN,
@@ -649,6 +759,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::map_response(security_headers))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,

@@ -35,11 +35,11 @@ td:first-child,th:first-child{text-align:left} .muted{color:#777} button{margin-
 <h2 id="session-title"></h2>
 <div id="session-bar" class="bar" style="display:none"></div><div id="session-legend" class="legend"></div><div id="session-table"></div>
 <p id="session-flame-note" class="muted"></p>
-<iframe id="session-flame" title="flame graph" style="display:none;width:100%;max-width:1200px;height:520px;border:1px solid #ccc"></iframe>
+<iframe id="session-flame" title="flame graph" sandbox="allow-scripts" style="display:none;width:100%;max-width:1200px;height:520px;border:1px solid #ccc"></iframe>
 <script>
 const COLORS=__COLOURS__;
-function headers(){const t=localStorage.getItem("cnitrace-token");return t?{"Authorization":"Bearer "+t}:{};}
-function saveToken(){localStorage.setItem("cnitrace-token",document.getElementById("token").value);document.getElementById("auth").style.display="none";refresh();}
+function headers(){const t=sessionStorage.getItem("cnitrace-token");return t?{"Authorization":"Bearer "+t}:{};}
+function saveToken(){sessionStorage.setItem("cnitrace-token",document.getElementById("token").value);document.getElementById("auth").style.display="none";refresh();}
 async function api(path,opts={}){const r=await fetch(path,{...opts,headers:{...headers(),"Content-Type":"application/json"}});
  if(r.status===401){document.getElementById("auth").style.display="block";throw new Error("token needed");}
  const body=await r.json(); if(!r.ok) throw new Error(body.error||r.status); return body;}
@@ -85,7 +85,8 @@ async function stopSession(id){await api("/api/v1/sessions/"+id+"/stop",{method:
 async function showSession(id){const s=await api("/api/v1/sessions/"+id);document.getElementById("session-title").textContent="Session "+id+" ("+s.state+")";
  if(s.breakdown){draw(s.breakdown,"session");showFlame(id);}}
 // The flame graph needs the token, so it is fetched and shown from a local blob (its search
-// and zoom scripts run inside the frame).
+// and zoom scripts run inside the frame, sandboxed: an opaque origin that cannot read the
+// token, which lives in this tab's sessionStorage only).
 async function showFlame(id){const frame=document.getElementById("session-flame"),note=document.getElementById("session-flame-note");
  const r=await fetch("/api/v1/sessions/"+id+"/flamegraph.svg",{headers:headers()});
  if(!r.ok){frame.style.display="none";note.textContent="no flame graph: "+((await r.json()).error||r.status);return;}
@@ -93,7 +94,7 @@ async function showFlame(id){const frame=document.getElementById("session-flame"
  frame.src=URL.createObjectURL(new Blob([await r.text()],{type:"image/svg+xml"}));frame.style.display="block";}
 function refresh(){refreshLive();refreshSessions();}
 // A token in the fragment (never sent to the server) is stored for the API calls.
-const frag=new URLSearchParams(location.hash.slice(1)); if(frag.get("token")){localStorage.setItem("cnitrace-token",frag.get("token"));history.replaceState(null,"",location.pathname+location.search);}
+const frag=new URLSearchParams(location.hash.slice(1)); if(frag.get("token")){sessionStorage.setItem("cnitrace-token",frag.get("token"));history.replaceState(null,"",location.pathname+location.search);}
 const q=new URLSearchParams(location.search); if(q.get("session"))showSession(q.get("session"));
 refresh(); setInterval(refresh,3000);
 </script></body></html>

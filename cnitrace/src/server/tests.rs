@@ -367,6 +367,21 @@ async fn cross_site_requests_are_refused() {
         .await,
         StatusCode::FORBIDDEN
     );
+    // The same host on another port (another local service's page) is another origin.
+    assert_eq!(
+        status_with(
+            &app,
+            Method::POST,
+            "/api/v1/sessions",
+            &[
+                json,
+                ("origin", "http://127.0.0.1:8080"),
+                ("host", "127.0.0.1:9560")
+            ]
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
     // The agent's own page posts from its own origin.
     assert_eq!(
         status_with(
@@ -959,4 +974,54 @@ async fn the_budget_lowers_the_rate_and_says_so() {
         text.contains("cnitrace_self_estimated_overhead_ratio"),
         "{text}"
     );
+}
+
+#[test]
+fn origins_match_on_host_and_port_with_default_ports_implied() {
+    use super::same_origin;
+    assert!(same_origin("http://node:9560", "node:9560"));
+    assert!(same_origin("https://Node", "node:443"));
+    assert!(same_origin("http://[::1]:9560", "[::1]:9560"));
+    assert!(!same_origin("http://node:8080", "node:9560"));
+    assert!(!same_origin("http://node", "node:443"));
+    assert!(!same_origin("ftp://node:9560", "node:9560"));
+    assert!(!same_origin("node:9560", "node:9560"));
+}
+
+/// The page keeps no token in persistent storage, frames the flame graph in a sandbox, and
+/// every answer carries the usual protective headers.
+#[tokio::test]
+async fn the_page_and_the_svgs_carry_their_security_policies() {
+    let (app, _) = app(None, Limits::default());
+    let page = page::index();
+    assert!(
+        !page.contains("localStorage"),
+        "the token is kept per tab only"
+    );
+    assert!(page.contains(r#"sandbox="allow-scripts""#));
+    let response = app
+        .clone()
+        .oneshot(Request::builder().uri("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let headers = response.headers();
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert!(
+        headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    let response = app
+        .oneshot(
+            Request::builder()
+                .uri("/healthz")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(response.status(), StatusCode::OK);
 }
