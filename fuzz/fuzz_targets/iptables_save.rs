@@ -1,5 +1,8 @@
-//! iptables-save output: parse, difference against itself, walk. Never a panic or a hang.
+//! iptables-save output: parse, difference against itself, walk. Never a panic, a hang or a
+//! stack overflow.
 #![no_main]
+
+mod small_stack;
 
 use cnitrace::netfilter::{
     hooks::Family,
@@ -12,8 +15,10 @@ fuzz_target!(|text: &str| {
         if let Ok(tables) = ruleset::parse_iptables_save(text, backend, Family::Ipv4) {
             let now = Ruleset { tables };
             let (diff, changed) = now.since(&Ruleset::default());
-            let _ = ruleset::walk("host", &diff, changed, &|_, _| Some(1000));
-            let _ = ruleset::walk("host", &diff, changed, &|_, _| None);
+            small_stack::walk(&diff, || {
+                let _ = ruleset::walk("host", &diff, changed, &|_, _| Some(1000));
+                let _ = ruleset::walk("host", &diff, changed, &|_, _| None);
+            });
         }
     }
 });

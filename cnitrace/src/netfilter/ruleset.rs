@@ -426,6 +426,84 @@ struct ChainTotals {
     ended: f64,
 }
 
+/// A chain being walked: how far, with how many packets, and what they added up to so far.
+struct Frame<'a> {
+    chain: &'a Chain,
+    /// Index of the rule evaluated next.
+    next: usize,
+    /// Packets still walking the chain.
+    reach: f64,
+    totals: ChainTotals,
+    /// The jump or goto at `next`, kept while the chain it calls is walked.
+    call: Call,
+}
+
+/// A jump or goto's share of its called chain: the chain's totals are for every packet that
+/// entered it, `entered`, of which this rule sent `matched`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Call {
+    matched: f64,
+    entered: f64,
+    jump: bool,
+}
+
+/// What evaluating a frame's next rule led to.
+enum Step<'a> {
+    /// On to the rule after it.
+    Next,
+    /// The rule calls this chain, which must be walked before the rule can be finished.
+    Enter(&'a Chain),
+    /// The chain has no rules left.
+    Done,
+}
+
+/// The totals of a chain a rule calls, or the chain when they are not known yet.
+enum Called<'a> {
+    Known(ChainTotals),
+    Unwalked(&'a Chain),
+}
+
+impl<'a> Frame<'a> {
+    fn new(chain: &'a Chain, entering: f64) -> Self {
+        Self {
+            chain,
+            next: 0,
+            reach: entering,
+            totals: ChainTotals::default(),
+            call: Call::default(),
+        }
+    }
+
+    fn advance(&mut self) {
+        self.reach = self.reach.max(0.0);
+        self.next += 1;
+    }
+
+    /// Finishes the pending call with the called chain's totals.
+    fn returned_from(&mut self, called: ChainTotals) {
+        let Call {
+            matched,
+            entered,
+            jump,
+        } = self.call;
+        let fraction = if entered > 0.0 {
+            matched / entered
+        } else {
+            0.0
+        };
+        self.totals.evaluated += called.evaluated * fraction;
+        let back = called.returned * fraction;
+        self.reach -= matched;
+        if jump {
+            self.reach += back;
+        } else {
+            self.totals.returned += back;
+        }
+        self.totals.ended += called.ended * fraction;
+        self.advance();
+    }
+}
+
 struct Walker<'a> {
     /// The table's chains by name.
     chains: HashMap<&'a str, &'a Chain>,
@@ -455,66 +533,94 @@ impl<'a> Walker<'a> {
         }
     }
 
-    /// Walks `chain` with `entering` packets. `stack` guards against loops (iptables refuses
-    /// them; a malformed ruleset must not hang the profiler).
-    fn walk(&mut self, chain: &'a Chain, entering: f64, stack: &mut Vec<&'a str>) -> ChainTotals {
-        let mut reach = entering;
-        let mut totals = ChainTotals::default();
-        for rule in &chain.rules {
-            totals.evaluated += reach;
-            let matched = (rule.matches.unwrap_or(0) as f64).min(reach);
-            match &rule.target {
-                Target::Terminal => {
-                    reach -= matched;
-                    totals.ended += matched;
+    /// Walks `chain` with `entering` packets. Called chains wait on a stack of frames on the
+    /// heap, not on the thread's stack: x_tables sets no nesting limit, and a tenant with
+    /// NET_ADMIN in its netns nests thousands of chains in a few hundred KB. `path` holds the
+    /// user chains being walked, to end loops (iptables refuses them; a malformed ruleset
+    /// must not hang the profiler). Each chain is walked once (`memo`), so no depth cap.
+    fn walk(&mut self, chain: &'a Chain, entering: f64) -> ChainTotals {
+        let mut current = Frame::new(chain, entering);
+        let mut callers: Vec<Frame<'a>> = Vec::new();
+        let mut path: HashSet<&'a str> = HashSet::new();
+        loop {
+            match self.step(&mut current, &path) {
+                Step::Next => {}
+                Step::Enter(called) => {
+                    path.insert(called.name.as_str());
+                    let entering = self.entering(&called.name);
+                    callers.push(std::mem::replace(
+                        &mut current,
+                        Frame::new(called, entering),
+                    ));
                 }
-                Target::Return => {
-                    reach -= matched;
-                    totals.returned += matched;
-                }
-                Target::Jump(name) | Target::Goto(name) => {
-                    let called = self.user_chain_totals(name, stack);
-                    let entered = self.entries.get(name.as_str()).copied().unwrap_or(0.0);
-                    let fraction = if entered > 0.0 {
-                        matched / entered
-                    } else {
-                        0.0
+                Step::Done => {
+                    let Some(caller) = callers.pop() else {
+                        return current.totals;
                     };
-                    totals.evaluated += called.evaluated * fraction;
-                    let back = called.returned * fraction;
-                    reach -= matched;
-                    if matches!(rule.target, Target::Jump(_)) {
-                        reach += back;
-                    } else {
-                        totals.returned += back;
-                    }
-                    totals.ended += called.ended * fraction;
+                    let done = std::mem::replace(&mut current, caller);
+                    path.remove(done.chain.name.as_str());
+                    self.memo.insert(&done.chain.name, done.totals);
+                    current.returned_from(done.totals);
                 }
-                Target::Continue => {}
             }
-            reach = reach.max(0.0);
         }
-        totals.returned += reach;
-        totals
     }
 
-    fn user_chain_totals(&mut self, name: &str, stack: &mut Vec<&'a str>) -> ChainTotals {
+    /// Evaluates `frame`'s next rule, up to the call when it calls a chain not walked yet.
+    fn step(&mut self, frame: &mut Frame<'a>, path: &HashSet<&str>) -> Step<'a> {
+        let Some(rule) = frame.chain.rules.get(frame.next) else {
+            frame.totals.returned += frame.reach;
+            return Step::Done;
+        };
+        frame.totals.evaluated += frame.reach;
+        let matched = (rule.matches.unwrap_or(0) as f64).min(frame.reach);
+        match &rule.target {
+            Target::Terminal => {
+                frame.reach -= matched;
+                frame.totals.ended += matched;
+            }
+            Target::Return => {
+                frame.reach -= matched;
+                frame.totals.returned += matched;
+            }
+            Target::Jump(name) | Target::Goto(name) => {
+                frame.call = Call {
+                    matched,
+                    entered: self.entering(name),
+                    jump: matches!(rule.target, Target::Jump(_)),
+                };
+                return match self.called(name, path) {
+                    Called::Known(totals) => {
+                        frame.returned_from(totals);
+                        Step::Next
+                    }
+                    Called::Unwalked(chain) => Step::Enter(chain),
+                };
+            }
+            Target::Continue => {}
+        }
+        frame.advance();
+        Step::Next
+    }
+
+    fn entering(&self, name: &str) -> f64 {
+        self.entries.get(name).copied().unwrap_or(0.0)
+    }
+
+    /// A called chain's totals when they need no walk: walked already, not a chain of the
+    /// table, or a loop back into a chain on `path` (counted as nothing: a bound).
+    fn called(&mut self, name: &str, path: &HashSet<&str>) -> Called<'a> {
         if let Some(totals) = self.memo.get(name) {
-            return *totals;
+            return Called::Known(*totals);
         }
         let Some(&chain) = self.chains.get(name) else {
-            return ChainTotals::default();
+            return Called::Known(ChainTotals::default());
         };
-        if stack.contains(&chain.name.as_str()) {
+        if path.contains(name) {
             self.approximate = true;
-            return ChainTotals::default();
+            return Called::Known(ChainTotals::default());
         }
-        stack.push(&chain.name);
-        let entering = self.entries.get(name).copied().unwrap_or(0.0);
-        let totals = self.walk(chain, entering, stack);
-        stack.pop();
-        self.memo.insert(&chain.name, totals);
-        totals
+        Called::Unwalked(chain)
     }
 
     /// The chain and every user chain reachable from it (names of the first
@@ -561,13 +667,12 @@ pub fn walk(
         for chain in table.chains.iter().filter(|c| c.hook.is_some()) {
             let hook = chain.hook.expect("base chain");
             let (chains, chain_count, rules) = walker.reachable(chain);
-            let mut stack = Vec::new();
             let counted = hook_entries(table.family, hook);
             let (packets, source) = match (counted, chain.policy_packets) {
                 (Some(n), _) => (Some(n as f64), "counted at the hook by cnitrace".to_owned()),
                 (None, Some(policy)) => {
                     // Entries = packets that reached the policy + packets whose walk ended.
-                    let ended = walker.walk(chain, f64::INFINITY, &mut stack).ended;
+                    let ended = walker.walk(chain, f64::INFINITY).ended;
                     (
                         Some(policy as f64 + ended),
                         "policy and rule counters".to_owned(),
@@ -582,7 +687,7 @@ pub fn walk(
                     ),
                 ),
             };
-            let evaluated = packets.map(|p| walker.walk(chain, p, &mut stack).evaluated);
+            let evaluated = packets.map(|p| walker.walk(chain, p).evaluated);
             out.push(ChainWalk {
                 netns: netns.to_owned(),
                 backend: table.backend.as_str().to_owned(),
@@ -739,6 +844,104 @@ COMMIT
                 parse_iptables_save(bad, Backend::IptablesNft, Family::Ipv4).is_err(),
                 "{bad}"
             );
+        }
+    }
+
+    /// The deep-walk tests' stack. The recursive walk this replaced overflowed it below 700
+    /// nested chains (a 2 MiB blocking thread of the agent below 5,500), so these tests caught it.
+    const SMALL_STACK: usize = 256 * 1024;
+
+    fn on_small_stack<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(SMALL_STACK)
+            .spawn(work)
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    /// FORWARD jumps to C0, each Ci to C(i+1), the last one to `bottom`: what a tenant with
+    /// NET_ADMIN can load into x_tables, which sets no nesting limit.
+    fn nested_save(depth: usize, bottom: &str) -> String {
+        use std::fmt::Write as _;
+        let mut text = String::from("*filter\n:FORWARD ACCEPT [5:0]\n");
+        for i in 0..depth {
+            let _ = writeln!(text, ":C{i} - [0:0]");
+        }
+        text.push_str("[10:0] -A FORWARD -j C0\n");
+        for i in 1..depth {
+            let _ = writeln!(text, "[10:0] -A C{} -j C{i}", i - 1);
+        }
+        let _ = writeln!(text, "[10:0] -A C{} -j {bottom}", depth - 1);
+        text.push_str("COMMIT\n");
+        text
+    }
+
+    fn walk_save_on_small_stack(text: String) -> ChainWalk {
+        on_small_stack(move || {
+            let tables = parse_iptables_save(&text, Backend::IptablesLegacy, Family::Ipv4).unwrap();
+            walk("host", &Ruleset { tables }, false, &|_, _| None).remove(0)
+        })
+    }
+
+    #[test]
+    fn thousands_of_nested_iptables_chains_walk_on_a_small_stack() {
+        for depth in [8_000, 20_000] {
+            let forward = walk_save_on_small_stack(nested_save(depth, "ACCEPT"));
+            assert_eq!(forward.chain_count as usize, depth + 1);
+            assert_eq!(forward.rules as usize, depth + 1);
+            // 15 enter (5 reach the policy, 10 are accepted at the bottom); all evaluate
+            // FORWARD's rule, and the 10 jumping evaluate every chain's.
+            assert_eq!(forward.packets, Some(15));
+            assert_eq!(forward.rules_evaluated, Some(15 + 10 * depth as u64));
+            assert!(!forward.approximate, "{depth}");
+        }
+    }
+
+    #[test]
+    fn a_loop_below_thousands_of_nested_chains_ends_and_makes_the_walk_a_bound() {
+        let forward = walk_save_on_small_stack(nested_save(8_000, "C0"));
+        assert_eq!(forward.chain_count, 8_001);
+        assert!(forward.rules_evaluated.is_some());
+        assert!(forward.approximate);
+    }
+
+    /// The same nesting as [`nested_save`] in `nft -j list ruleset` form, every rule counted.
+    fn nested_nft_json(depth: usize) -> String {
+        let chain = |name: String, hook: Option<&str>| {
+            serde_json::json!({"chain": {"family": "inet", "table": "fw", "name": name,
+                "hook": hook}})
+        };
+        let rule = |chain: String, verdict: serde_json::Value| {
+            serde_json::json!({"rule": {"family": "inet", "table": "fw", "chain": chain,
+                "expr": [{"counter": {"packets": 10, "bytes": 0}}, verdict]}})
+        };
+        let jump = |to: String| serde_json::json!({"jump": {"target": to}});
+        let mut items = vec![
+            serde_json::json!({"table": {"family": "inet", "name": "fw"}}),
+            chain("fwd".into(), Some("forward")),
+        ];
+        items.extend((0..depth).map(|i| chain(format!("c{i}"), None)));
+        items.push(rule("fwd".into(), jump("c0".into())));
+        items.extend((1..depth).map(|i| rule(format!("c{}", i - 1), jump(format!("c{i}")))));
+        items.push(rule(
+            format!("c{}", depth - 1),
+            serde_json::json!({"accept": null}),
+        ));
+        serde_json::json!({ "nftables": items }).to_string()
+    }
+
+    #[test]
+    fn thousands_of_nested_nft_chains_walk_on_a_small_stack() {
+        for depth in [8_000, 20_000] {
+            let text = nested_nft_json(depth);
+            let fwd = on_small_stack(move || {
+                let tables = parse_nft_json(&text, &[]).unwrap();
+                walk("host", &Ruleset { tables }, false, &|_, _| Some(10)).remove(0)
+            });
+            assert_eq!(fwd.chain_count as usize, depth + 1);
+            assert_eq!(fwd.rules_evaluated, Some(10 * (depth as u64 + 1)));
+            assert!(!fwd.approximate, "{depth}");
         }
     }
 
