@@ -266,8 +266,11 @@ impl Agent {
         // A quarter full: every snapshot held (ring, sessions, scrape baseline) copies the
         // sample keys, so fewer keys is less memory; the rest of the map takes the new
         // epoch's keys while the old one drains.
-        let advance_at =
-            cnitrace_common::MAX_SAMPLE_KEYS.min(cnitrace_common::MAX_STACKS) as usize / 4;
+        let advance_at = self
+            .probes
+            .sample_capacity()
+            .min(cnitrace_common::MAX_STACKS as usize)
+            / 4;
         let done = self.probes.maintain(oldest, advance_at)?;
         *lock(&self.maintenance) = done;
         Ok(done)

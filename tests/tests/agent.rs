@@ -382,7 +382,7 @@ fn agent_over_tls_with_collect_trusting_its_certificate() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    std::fs::write(&token, "tls-token\n").unwrap();
+    std::fs::write(&token, format!("{}\n", cnitrace_tests::random_token())).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -501,4 +501,45 @@ fn tokens_rotate_without_restart_and_the_read_only_one_opens_no_session() {
         .and_then(|v| v.parse::<f64>().ok());
     assert!(failures.is_some_and(|f| f >= 1.0), "{text}");
     let _ = std::fs::remove_dir_all(read_only_file.parent().unwrap());
+}
+
+/// Removes an (empty) directory on drop: the test's cgroup, also when it fails.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// An agent whose memory cgroup allows less than the node needs refuses to start, saying how
+/// much it needs and why, instead of meeting the OOM killer later.
+#[test]
+fn a_memory_limit_too_small_for_the_node_is_refused_at_start() {
+    if !privileged("a_memory_limit_too_small_for_the_node_is_refused_at_start") {
+        return;
+    }
+    // A cgroup of the test's own (v1 here; v2 where that is what the machine mounts).
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+    let (root, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
+        (v1.to_path_buf(), "memory.limit_in_bytes")
+    } else {
+        (std::path::PathBuf::from("/sys/fs/cgroup"), "memory.max")
+    };
+    let group = root.join(format!("cnitrace-test-{}", std::process::id()));
+    std::fs::create_dir(&group).expect("make a memory cgroup");
+    let _remove = RemoveDir(group.clone());
+    std::fs::write(group.join(limit_file), "67108864").unwrap();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {} agent --listen 127.0.0.1:0",
+        group.display(),
+        cnitrace_bin().display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("memory limit (64 MiB)") && stderr.contains("raise the limit"),
+        "{stderr}"
+    );
 }

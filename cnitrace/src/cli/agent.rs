@@ -154,6 +154,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    // Before loading anything: a limit too small for this node is said now, not found by
+    // the OOM killer later.
+    cnitrace::probe::memory::check_limit()?;
     let probes = KernelProbes::start(
         Backend::requested(args.backend, args.attach)?,
         &args.probes.config(),

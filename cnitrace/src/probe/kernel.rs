@@ -16,7 +16,8 @@ use cnitrace_common::{
 };
 
 use super::{
-    Backend, EBPF_OBJECT, Maintenance, Probes, bpf_stats, btf, clock, devices, map_ref, privileges,
+    Backend, EBPF_OBJECT, Maintenance, Probes, bpf_stats, btf, clock, devices, map_ref, memory,
+    privileges,
     program_mut,
     sampling::{self, PacketSource, ProbeConfig, SoftirqSource, validate_frequency},
     trace,
@@ -49,6 +50,7 @@ pub struct KernelProbes {
     clock: Clock,
     cpu_list: Vec<u32>,
     cpus: u32,
+    sample_keys: u32,
 }
 
 /// The sampler's perf events at the current rate (none while detached) and the rates it ran
@@ -79,6 +81,12 @@ impl KernelProbes {
             Backend::Sampling => config.softirq,
         };
         let mut loader = EbpfLoader::new();
+        // Per-CPU maps are allocated for every possible CPU: sized from their number.
+        let possible = aya::util::nr_cpus().unwrap_or(1);
+        let sample_keys = memory::sample_keys(possible);
+        loader
+            .map_max_entries(map::SAMPLES, sample_keys)
+            .map_max_entries(map::IFACES, memory::iface_slots(possible));
         // Struct offsets (from the kernel's BTF) are only needed by the exact packet counter.
         let offsets = if packets == PacketSource::Exact {
             Some(btf::packet_offsets()?)
@@ -141,6 +149,7 @@ impl KernelProbes {
                 },
                 cpus: cpus.len() as u32,
                 cpu_list: cpus,
+                sample_keys,
             });
         }
         let prog: &mut PerfEvent = program_mut(&mut ebpf, program::SAMPLER)?;
@@ -166,6 +175,7 @@ impl KernelProbes {
             clock,
             cpus: cpus.len() as u32,
             cpu_list: cpus,
+            sample_keys,
         })
     }
 
@@ -854,6 +864,10 @@ impl Probes for KernelProbes {
 
     fn rate(&self) -> u64 {
         self.frequency_hz()
+    }
+
+    fn sample_capacity(&self) -> usize {
+        self.sample_keys as usize
     }
 
     fn maintain(

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod clock;
 pub mod devices;
 mod kernel;
+pub mod memory;
 pub mod privileges;
 pub mod sampling;
 pub mod trace;
@@ -57,6 +58,10 @@ pub trait Probes: Send + Sync + 'static {
     /// The sampling rate now (0 when detached or not sampling).
     fn rate(&self) -> u64 {
         0
+    }
+    /// Distinct sample keys the kernel aggregate holds (sized from the CPU count).
+    fn sample_capacity(&self) -> usize {
+        cnitrace_common::MAX_SAMPLE_KEYS as usize
     }
     /// Switches BPF run-time statistics on while the returned guard (shared by every window
     /// that asked) lives; `None` if the kernel refuses.
