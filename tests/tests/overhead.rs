@@ -298,8 +298,8 @@ fn a_window_spanning_a_rate_change_weights_each_part_by_its_rate() {
     let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
-    let agent = AgentProcess::start(&["--continuous-frequency", "99", "-F", "999"], &[])
-        .expect("agent");
+    let agent =
+        AgentProcess::start(&["--continuous-frequency", "99", "-F", "999"], &[]).expect("agent");
     // A scraper (the continuous rate) and a rolling reader (the ring starts with this read).
     samples_total(&agent);
     let (status, _) = agent
@@ -338,7 +338,10 @@ fn a_window_spanning_a_rate_change_weights_each_part_by_its_rate() {
     );
     // CPP of two windows of one steady stream varies ~15% here: 0.75-1.33 allows that and
     // refuses the ~0.55 a single-rate reading would give.
-    assert!((0.75..=1.33).contains(&ratio), "rolling {rolling}\nsession {session}");
+    assert!(
+        (0.75..=1.33).contains(&ratio),
+        "rolling {rolling}\nsession {session}"
+    );
     // ~10 s, about half at each rate: 549 Hz, give or take a second at either end.
     assert!((350.0..=750.0).contains(&mean_hz), "{q}");
     assert!((0.75..=1.15).contains(&taken), "{q}");

@@ -17,8 +17,7 @@ use cnitrace_common::{
 
 use super::{
     Backend, EBPF_OBJECT, Maintenance, Probes, bpf_stats, btf, clock, devices, map_ref, memory,
-    privileges,
-    program_mut,
+    privileges, program_mut,
     sampling::{self, PacketSource, ProbeConfig, SoftirqSource, validate_frequency},
     trace,
 };

@@ -20,8 +20,7 @@ const STACK_BYTES: usize = cnitrace_common::STACK_DEPTH * 8 + ELEMENT_OVERHEAD;
 /// soak and agent benchmarks), with room.
 const PROCESS_BYTES: usize = 64 << 20;
 /// What the agent may keep between windows (its memory budgets).
-const HELD_BYTES: usize =
-    super::kernel::MAX_HELD_BYTES + crate::agent::MAX_STOPPED_STACKS_BYTES;
+const HELD_BYTES: usize = super::kernel::MAX_HELD_BYTES + crate::agent::MAX_STOPPED_STACKS_BYTES;
 
 /// Distinct sample keys the aggregate holds on `cpus` possible CPUs: all 32,768 up to 32
 /// CPUs, fewer beyond (at least 4,096: epochs then turn over more often, which costs a little
@@ -36,7 +35,9 @@ pub fn sample_keys(cpus: usize) -> u32 {
 /// Devices the exact packet counter holds on `cpus` possible CPUs (at least 512).
 pub fn iface_slots(cpus: usize) -> u32 {
     let fit = IFACE_VALUES_BUDGET / (size_of::<IfaceCounters>() * cpus.max(1));
-    u32::try_from(fit).unwrap_or(u32::MAX).clamp(512, MAX_IFACES)
+    u32::try_from(fit)
+        .unwrap_or(u32::MAX)
+        .clamp(512, MAX_IFACES)
 }
 
 /// The memory the agent needs on a node, by part.
@@ -69,9 +70,8 @@ impl MemoryNeed {
 /// `memory.limit_in_bytes` (whose "no limit" is a number near 2^63, above any need).
 fn cgroup_limit() -> Option<usize> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let read = |file: String| -> Option<usize> {
-        std::fs::read_to_string(file).ok()?.trim().parse().ok()
-    };
+    let read =
+        |file: String| -> Option<usize> { std::fs::read_to_string(file).ok()?.trim().parse().ok() };
     let v2 = cgroups
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -80,7 +80,10 @@ fn cgroup_limit() -> Option<usize> {
         let path = cgroups.lines().find_map(|l| {
             let (_, rest) = l.split_once(':')?;
             let (controllers, path) = rest.split_once(':')?;
-            controllers.split(',').any(|c| c == "memory").then_some(path)
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then_some(path)
         })?;
         read(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
     })
@@ -143,8 +146,14 @@ mod tests {
         }
         let err = check(Some(64 << 20), MemoryNeed::on(192), 192).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("64 MiB") && text.contains("192 possible CPUs"), "{text}");
+        assert!(
+            text.contains("64 MiB") && text.contains("192 possible CPUs"),
+            "{text}"
+        );
         assert!(text.contains("resources.limits.memory"), "{text}");
-        assert!(check(None, MemoryNeed::on(192), 192).is_ok(), "no limit, no check");
+        assert!(
+            check(None, MemoryNeed::on(192), 192).is_ok(),
+            "no limit, no check"
+        );
     }
 }
