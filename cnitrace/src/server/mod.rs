@@ -622,7 +622,7 @@ async fn security_headers(mut response: Response) -> Response {
 /// Whether a browser's `Origin` is this server as the request addressed it (`Host`): the same
 /// host and port, a default port implied on either side. One port serves one scheme, so the
 /// port also tells an `http://` page from this `https://` server on another port.
-fn same_origin(origin: &str, host: &str) -> bool {
+pub fn same_origin(origin: &str, host: &str) -> bool {
     let Some((scheme, authority)) = origin.split_once("://") else {
         return false;
     };
@@ -648,7 +648,7 @@ fn same_origin(origin: &str, host: &str) -> bool {
 }
 
 /// The host part of a `Host` header or an `Origin` URL (`[::1]:9560` -> `[::1]`).
-fn host_of(authority: &str) -> &str {
+pub fn host_of(authority: &str) -> &str {
     let authority = authority
         .split_once("://")
         .map_or(authority, |(_, rest)| rest)
@@ -663,7 +663,7 @@ fn host_of(authority: &str) -> &str {
         .map_or(authority, |(host, _)| host)
 }
 
-fn is_loopback_host(host: &str) -> bool {
+pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || host
