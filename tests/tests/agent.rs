@@ -354,8 +354,11 @@ fn agent_over_tls_with_collect_trusting_its_certificate() {
     }
     let _serial = cnitrace_tests::serial();
     remove_stale();
-    let dir = std::env::temp_dir().join(format!("cnitrace-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // A private directory of its own (a key and a token go in it), removed also on failure.
+    let token_file =
+        cnitrace_tests::private_token_file("tls", &cnitrace_tests::random_token()).unwrap();
+    let dir = token_file.parent().unwrap().to_path_buf();
+    let _remove = RemoveDirAll(dir.clone());
     let (cert, key, token) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("token"));
     let made = Command::new("openssl")
         .args([
@@ -501,6 +504,15 @@ fn tokens_rotate_without_restart_and_the_read_only_one_opens_no_session() {
         .and_then(|v| v.parse::<f64>().ok());
     assert!(failures.is_some_and(|f| f >= 1.0), "{text}");
     let _ = std::fs::remove_dir_all(read_only_file.parent().unwrap());
+}
+
+/// Removes a directory and what it holds on drop.
+struct RemoveDirAll(std::path::PathBuf);
+
+impl Drop for RemoveDirAll {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Removes an (empty) directory on drop: the test's cgroup, also when it fails.

@@ -1,8 +1,12 @@
 //! The DaemonSet's contract with the binary: its exact arguments and environment (as the kubelet
 //! expands them) start a working agent, in a PID namespace of its own, listening on the node's
-//! address only; and `collect` finds agents through DNS (a headless Service's A records).
+//! address only, over HTTPS with the mounted TLS Secret (and taking up a renewed one without a
+//! restart); the ServiceMonitor scrapes it over verified HTTPS; and `collect` finds agents
+//! through DNS (a headless Service's A records).
 
 use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -17,15 +21,207 @@ const NODE: &str = "node-from-downward-api";
 /// than 127.0.0.1, so that 127.0.0.1 tells whether the agent took every address instead.
 const HOST_IP: &str = "127.0.0.2";
 
-fn daemonset() -> Yaml {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+fn manifest(name: &str) -> Yaml {
+    let path = format!("{}/../deploy/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(path).unwrap();
     YamlLoader::load_from_str(&text).unwrap().remove(0)
 }
 
-/// A request that may find nobody listening yet: (0, "") then.
+fn daemonset() -> Yaml {
+    manifest("daemonset.yaml")
+}
+
+/// A plain-HTTP request that may find nobody listening: (0, "") then.
 fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
     cnitrace_tests::http(method, url, token, None).unwrap_or_default()
+}
+
+/// An HTTPS request (a POST with an empty JSON body), the agent's certificate verified against
+/// `ca`: (status, body), or (0, curl's error) when nobody answers or the certificate fails.
+/// curl, because this crate's ureq is built without TLS. The token goes to curl through its
+/// standard input, not on a command line that every user can read.
+fn https(method: &str, url: &str, token: Option<&str>, ca: &Path) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command
+        .args([
+            "--silent",
+            "--show-error",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "30",
+        ])
+        .args(["--config", "-", "--cacert"])
+        .arg(ca)
+        .args(["--request", method, "--write-out", "\n%{http_code}"]);
+    if method == "POST" {
+        command.args([
+            "--header",
+            "Content-Type: application/json",
+            "--data-binary",
+            "",
+        ]);
+    }
+    let mut child = command
+        .arg(url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let config = token.map_or_else(String::new, |token| {
+        format!("header = \"Authorization: Bearer {token}\"\n")
+    });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    match status.trim().parse() {
+        Ok(status) if status != 0 => (status, body.to_owned()),
+        _ => (0, String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// A directory (0700) under the tests' temporary directory for a throwaway key, removed when
+/// dropped. Not under /run, which the agent's mount namespace covers with a tmpfs.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new(name: &str) -> Self {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let path =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A self-signed P-256 certificate for `ip`, valid a day, as `dir/NAME.crt` and its key
+/// `dir/NAME.key`: (certificate, key). A leaf (CA:FALSE), so that it can be its own trust root.
+fn self_signed(dir: &Path, name: &str, ip: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName=IP:{ip}")])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// The mount path of the Secret volume whose Secret is `secret`.
+fn secret_mount(spec: &Yaml, secret: &str) -> String {
+    let volume = spec["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"].as_str() == Some(secret))
+        .unwrap_or_else(|| panic!("no volume of the Secret {secret}"));
+    let mount = spec["containers"][0]["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .unwrap_or_else(|| panic!("the Secret {secret} is not mounted"));
+    assert!(
+        mount["subPath"].is_badvalue(),
+        "a subPath mount of {secret} is never updated"
+    );
+    mount["mountPath"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_agent_serves_https_and_the_servicemonitor_verifies_it() {
+    let ds = daemonset();
+    let spec = &ds["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let value_of = |flag: &str| args[args.iter().position(|a| *a == flag).expect(flag) + 1];
+    // The keys of a kubernetes.io/tls Secret, in the Secret's mount.
+    let tls = secret_mount(spec, "cnitrace-tls");
+    assert_eq!(value_of("--tls-cert"), format!("{tls}/tls.crt"));
+    assert_eq!(value_of("--tls-key"), format!("{tls}/tls.key"));
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            container[probe]["httpGet"]["scheme"].as_str(),
+            Some("HTTPS"),
+            "{probe}: the agent serves HTTPS only"
+        );
+    }
+    let monitor = manifest("servicemonitor.yaml");
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"].as_str(), Some("https"));
+    assert_eq!(
+        endpoint["authorization"]["credentials"]["name"].as_str(),
+        Some("cnitrace-token")
+    );
+    let tls_config = &endpoint["tlsConfig"];
+    assert_ne!(
+        tls_config["insecureSkipVerify"].as_bool(),
+        Some(true),
+        "the token would go to whoever answers"
+    );
+    assert_eq!(
+        tls_config["ca"]["secret"]["name"].as_str(),
+        Some("cnitrace-tls")
+    );
+    assert_eq!(tls_config["ca"]["secret"]["key"].as_str(), Some("ca.crt"));
+    // One certificate for every node names the headless Service, whatever address is scraped.
+    let service = manifest("service.yaml");
+    assert_eq!(service["spec"]["clusterIP"].as_str(), Some("None"));
+    let name = format!(
+        "{}.{}.svc",
+        service["metadata"]["name"].as_str().unwrap(),
+        service["metadata"]["namespace"].as_str().unwrap()
+    );
+    assert_eq!(tls_config["serverName"].as_str(), Some(name.as_str()));
+    // The ServiceMonitor's port is the Service's, and that goes to the agent's.
+    let port = &service["spec"]["ports"][0];
+    assert_eq!(endpoint["port"].as_str(), port["name"].as_str());
+    assert_eq!(
+        port["targetPort"].as_i64(),
+        container["ports"][0]["containerPort"].as_i64()
+    );
 }
 
 /// `$(NAME)` replaced as the kubelet does in a container's args: by the container's variable
@@ -145,25 +341,22 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
     let args: Vec<String> = raw_args.iter().map(|a| expand(a, &env)).collect();
     let value_of = |flag: &str| args[args.iter().position(|a| a == flag).expect(flag) + 1].clone();
     let token_path = value_of("--token-file");
+    let (tls_cert, tls_key) = (value_of("--tls-cert"), value_of("--tls-key"));
     let port = container["ports"][0]["containerPort"].as_i64().unwrap();
     assert_eq!(
         value_of("--listen"),
         format!("{HOST_IP}:{port}"),
         "the agent listens on the node's address (status.hostIP) only"
     );
-    let secret_mount = container["volumeMounts"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"].as_str() == Some("token"))
-        .unwrap()["mountPath"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token_mount = secret_mount(spec, "cnitrace-token");
     assert!(
-        token_path.starts_with(&secret_mount),
+        token_path.starts_with(&token_mount),
         "the token file is in the Secret's mount"
     );
+    let tls_mount = secret_mount(spec, "cnitrace-tls");
+    // The keys of a kubernetes.io/tls Secret.
+    assert_eq!(tls_cert, format!("{tls_mount}/tls.crt"));
+    assert_eq!(tls_key, format!("{tls_mount}/tls.key"));
     // The probes go to the pod's IP (no `host`), which with hostNetwork is the node's.
     for probe in ["readinessProbe", "livenessProbe"] {
         assert!(
@@ -172,21 +365,32 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         );
     }
     let probe = &container["readinessProbe"]["httpGet"];
+    assert_eq!(probe["scheme"].as_str(), Some("HTTPS"));
     let health = format!(
-        "http://{HOST_IP}:{}{}",
+        "https://{HOST_IP}:{}{}",
         probe["port"].as_i64().unwrap(),
         probe["path"].as_str().unwrap()
     );
-    let base = format!("http://{HOST_IP}:{port}");
+    let base = format!("https://{HOST_IP}:{port}");
     let port = u16::try_from(port).unwrap();
     let loopback_free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
 
-    // The Secret, emulated in a private mount namespace (a tmpfs over /run), so the host's
-    // filesystem is untouched; a PID namespace of its own with its own /proc, as the container
+    // A throwaway certificate for the node's address (what the Secret would hold), trusted
+    // by this test's requests alone.
+    let keys = PrivateDir::new("deploy-tls");
+    let (cert, key) = self_signed(&keys.0, "first", HOST_IP);
+
+    // The Secrets, emulated in a private mount namespace (a tmpfs over /run), so the host's
+    // filesystem is untouched: the token file, and the TLS Secret laid out as the kubelet does
+    // (tls.crt and tls.key link into `..data`, a link to the current version's directory,
+    // which an update swaps); a PID namespace of its own with its own /proc, as the container
     // has without hostPID (the agent is its PID 1, as the image's entrypoint is); then exactly
     // the container's arguments.
     let token = format!("deploy-test-token-{}", std::process::id());
-    let script = r#"mount -t tmpfs tmpfs /run && mkdir -p "$(dirname "$1")" && printf %s "$2" > "$1" && shift 2 && exec "$@""#;
+    let script = r#"mount -t tmpfs tmpfs /run && mkdir -p "$(dirname "$1")" && printf %s "$2" > "$1" \
+        && mkdir -p "$3/..v1" && cp "$4" "$3/..v1/tls.crt" && cp "$5" "$3/..v1/tls.key" \
+        && ln -s ..v1 "$3/..data" && ln -s ..data/tls.crt "$3/tls.crt" \
+        && ln -s ..data/tls.key "$3/tls.key" && shift 5 && exec "$@""#;
     let child = Command::new("unshare")
         .args([
             "--mount",
@@ -201,7 +405,10 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
             "sh",
             &token_path,
             &token,
+            &tls_mount,
         ])
+        .arg(&cert)
+        .arg(&key)
         .arg(cnitrace_bin())
         .args(&args)
         .env_clear()
@@ -213,7 +420,7 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         .expect("unshare (util-linux)");
     let mut child = Unshare(child);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while http("GET", &health, None).0 != 200 {
+    while https("GET", &health, None, &cert).0 != 200 {
         assert!(
             Instant::now() < deadline,
             "the readiness probe never passed"
@@ -239,26 +446,58 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         );
     }
     assert_eq!(
-        http("GET", &format!("{base}/api/v1/node"), None).0,
+        http("GET", &health.replace("https:", "http:"), None).0,
+        0,
+        "the agent answers plain HTTP: the token would cross the network in clear"
+    );
+    assert_eq!(
+        https("GET", &format!("{base}/api/v1/node"), None, &cert).0,
         401,
         "the Secret's token is enforced"
     );
-    let (status, body) = http("POST", &format!("{base}/api/v1/sessions"), Some(&token));
+    let (status, body) = https(
+        "POST",
+        &format!("{base}/api/v1/sessions"),
+        Some(&token),
+        &cert,
+    );
     assert_eq!(status, 201, "{body}");
     let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
         .as_u64()
         .unwrap();
     thread::sleep(Duration::from_secs(1));
-    let (status, body) = http(
+    let (status, body) = https(
         "POST",
         &format!("{base}/api/v1/sessions/{id}/stop"),
         Some(&token),
+        &cert,
     );
     assert_eq!(status, 200, "{body}");
     let view: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         view["breakdown"]["node"], NODE,
         "NODE_NAME from the downward API names the node"
+    );
+    // cert-manager renews the Secret and the kubelet swaps the files in, in the agent's own
+    // mount namespace (reached through its /proc/PID/root): the new certificate is presented
+    // without a restart (the agent looks at most once a second, on a handshake).
+    let (renewed, renewed_key) = self_signed(&keys.0, "renewed", HOST_IP);
+    let volume = PathBuf::from(format!("/proc/{agent}/root{tls_mount}"));
+    std::fs::create_dir(volume.join("..v2")).unwrap();
+    std::fs::copy(&renewed, volume.join("..v2/tls.crt")).unwrap();
+    std::fs::copy(&renewed_key, volume.join("..v2/tls.key")).unwrap();
+    std::os::unix::fs::symlink("..v2", volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+    thread::sleep(Duration::from_millis(1200));
+    let (status, answer) = https("GET", &health, None, &renewed);
+    assert_eq!(
+        status, 200,
+        "the renewed certificate is not presented: {answer}"
+    );
+    assert_eq!(
+        https("GET", &health, None, &cert).0,
+        0,
+        "the first certificate is still presented"
     );
     // SIGTERM to the agent itself, as the kubelet stops a container (unshare blocks it).
     Command::new("kill")

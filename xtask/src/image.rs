@@ -2,7 +2,8 @@
 //! podman, and checks it by running it exactly as deploy/daemonset.yaml says (host network
 //! but its own PID namespace, the runtime's default seccomp profile, every capability dropped
 //! but the manifest's, read-only root, the manifest's mounts, its arguments with `$(HOST_IP)`
-//! expanded and its environment, the token from a mounted Secret file).
+//! expanded and its environment, the token and a generated TLS certificate from mounted Secret
+//! files), talking HTTPS to it as the probes and the ServiceMonitor do.
 //!
 //! No registry is reachable from the build machines, so the binary is built on the host and
 //! handed to the Dockerfile as its `builder` stage (`--build-context builder=DIR`, which
@@ -15,9 +16,10 @@
 
 use std::{
     fmt::Write as _,
-    path::Path,
+    io::Write as _,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -201,8 +203,24 @@ struct Deployment {
     health_path: String,
     /// (host path, container path, propagation)
     host_mounts: Vec<(String, String, String)>,
-    secret_mount: String,
+    /// Secret volumes: (Secret name, container path).
+    secret_mounts: Vec<(String, String)>,
     token_path: String,
+    tls_cert: String,
+    tls_key: String,
+}
+
+impl Deployment {
+    /// The Secret mounted where `path` is, and `path` inside it.
+    fn in_secret(&self, path: &str) -> Result<(&str, PathBuf)> {
+        self.secret_mounts
+            .iter()
+            .find_map(|(secret, mount)| {
+                let inside = Path::new(path).strip_prefix(mount).ok()?;
+                Some((secret.as_str(), inside.to_owned()))
+            })
+            .with_context(|| format!("{path} is in no Secret's mount"))
+    }
 }
 
 const NODE: &str = "node-from-downward-api";
@@ -299,6 +317,12 @@ fn deployment() -> Result<Deployment> {
     };
     let token_path = value_of("--token-file")?;
     let listen = value_of("--listen")?;
+    let (Ok(tls_cert), Ok(tls_key)) = (value_of("--tls-cert"), value_of("--tls-key")) else {
+        bail!(
+            "the check talks HTTPS to the agent, and the manifest has no --tls-cert and \
+             --tls-key: update the check"
+        );
+    };
     let security = &container["securityContext"];
     let caps = strings(&security["capabilities"]["add"]);
     if strings(&security["capabilities"]["drop"]) != ["ALL"] {
@@ -306,7 +330,7 @@ fn deployment() -> Result<Deployment> {
     }
     let volumes = spec["volumes"].as_vec().context("volumes")?;
     let mut host_mounts = Vec::new();
-    let mut secret_mount = None;
+    let mut secret_mounts = Vec::new();
     for mount in container["volumeMounts"].as_vec().into_iter().flatten() {
         let name = mount["name"].as_str().context("mount name")?;
         let target = mount["mountPath"].as_str().context("mountPath")?.to_owned();
@@ -321,8 +345,11 @@ fn deployment() -> Result<Deployment> {
                 _ => "rprivate",
             };
             host_mounts.push((host.to_owned(), target, propagation.to_owned()));
-        } else if volume["secret"].as_hash().is_some() {
-            secret_mount = Some(target);
+        } else if let Some(secret) = volume["secret"]["secretName"].as_str() {
+            if !mount["subPath"].is_badvalue() {
+                bail!("volume {name}: a subPath mount of a Secret is never updated");
+            }
+            secret_mounts.push((secret.to_owned(), target));
         } else {
             bail!("volume {name}: only hostPath and secret volumes are emulated");
         }
@@ -334,10 +361,15 @@ fn deployment() -> Result<Deployment> {
     if !probe["host"].is_badvalue() {
         bail!("the readinessProbe names a host: the check probes the node's address");
     }
+    for name in ["readinessProbe", "livenessProbe"] {
+        if container[name]["httpGet"]["scheme"].as_str() != Some("HTTPS") {
+            bail!("the {name} is not HTTPS, and the agent serves HTTPS only");
+        }
+    }
     if listen != format!("{HOST_IP}:{port}") {
         bail!("--listen {listen}: not the node's address (status.hostIP) and the probe's port");
     }
-    Ok(Deployment {
+    let deployment = Deployment {
         args,
         env,
         caps,
@@ -348,25 +380,254 @@ fn deployment() -> Result<Deployment> {
             .context("readinessProbe path")?
             .to_owned(),
         host_mounts,
-        secret_mount: secret_mount.context("no Secret volume for the token")?,
+        secret_mounts,
         token_path,
-    })
+        tls_cert,
+        tls_key,
+    };
+    deployment.in_secret(&deployment.token_path)?;
+    if deployment.in_secret(&deployment.tls_cert)?.0 != deployment.in_secret(&deployment.tls_key)?.0
+    {
+        bail!("--tls-cert and --tls-key are not in the same Secret");
+    }
+    Ok(deployment)
 }
 
-/// The scrape the ServiceMonitor configures: its path and the bearer token from the Secret.
-fn scrape_path() -> Result<String> {
+/// The scrape the ServiceMonitor configures.
+struct Scrape {
+    path: String,
+    /// The name the certificate is checked for, whatever address is scraped (`serverName`).
+    server_name: Option<String>,
+    /// The CA the certificate is checked against: (Secret, key).
+    ca: (String, String),
+}
+
+/// The ServiceMonitor's scrape: HTTPS with the certificate checked against a CA from a Secret,
+/// and the bearer token from the Secret.
+fn scrape() -> Result<Scrape> {
     let text = std::fs::read_to_string(workspace_root().join("deploy/servicemonitor.yaml"))?;
     let monitor = YamlLoader::load_from_str(&text)?.remove(0);
     let endpoint = &monitor["spec"]["endpoints"][0];
     if endpoint["authorization"]["credentials"]["key"].as_str() != Some("token") {
         bail!("the ServiceMonitor no longer sends the Secret's token: update the check");
     }
-    Ok(endpoint["path"].as_str().unwrap_or("/metrics").to_owned())
+    let tls = &endpoint["tlsConfig"];
+    if endpoint["scheme"].as_str() != Some("https")
+        || tls["insecureSkipVerify"].as_bool() == Some(true)
+    {
+        bail!("the ServiceMonitor does not scrape over verified HTTPS: the token would be exposed");
+    }
+    let ca = &tls["ca"]["secret"];
+    let (Some(secret), Some(key)) = (ca["name"].as_str(), ca["key"].as_str()) else {
+        bail!("the check emulates tlsConfig.ca from a Secret only: update the check");
+    };
+    Ok(Scrape {
+        path: endpoint["path"].as_str().unwrap_or("/metrics").to_owned(),
+        server_name: tls["serverName"].as_str().map(str::to_owned),
+        ca: (secret.to_owned(), key.to_owned()),
+    })
 }
 
-/// A request that may find nobody listening yet: (0, the error) then.
-fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
-    cnitrace_tests::http(method, url, token, None).unwrap_or_else(|e| (0, e.to_string()))
+/// HTTPS requests through curl (xtask's ureq is built without TLS), the agent's certificate
+/// checked against `ca`; `resolve` (curl's `--resolve NAME:PORT:ADDRESS`) connects to a name
+/// the certificate is checked for at the agent's address.
+struct Https {
+    ca: PathBuf,
+    resolve: Option<String>,
+}
+
+impl Https {
+    /// One request: GET, or POST with a JSON body (empty without one), with the bearer token
+    /// when given (through curl's standard input, not its command line). Returns the status
+    /// and body, or (0, curl's error) when nobody answers or the certificate does not pass.
+    fn request(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, String) {
+        let mut command = Command::new("curl");
+        command
+            .args([
+                "--silent",
+                "--show-error",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "60",
+            ])
+            .args(["--config", "-", "--cacert"])
+            .arg(&self.ca)
+            .args(["--request", method, "--write-out", "\n%{http_code}"]);
+        if let Some(resolve) = &self.resolve {
+            command.args(["--resolve", resolve]);
+        }
+        if method == "POST" {
+            let body = body.map(ToString::to_string).unwrap_or_default();
+            command
+                .args([
+                    "--header",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                ])
+                .arg(body);
+        }
+        let config = token.map_or_else(String::new, |token| {
+            format!("header = \"Authorization: Bearer {token}\"\n")
+        });
+        command
+            .arg(url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let run = |mut command: Command| -> Result<std::process::Output> {
+            let mut child = command.spawn().context("curl")?;
+            child
+                .stdin
+                .take()
+                .context("curl's stdin")?
+                .write_all(config.as_bytes())?;
+            Ok(child.wait_with_output()?)
+        };
+        let out = match run(command) {
+            Ok(out) => out,
+            Err(e) => return (0, format!("{e:#}")),
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        match status.trim().parse() {
+            Ok(status) if status != 0 => (status, body.to_owned()),
+            _ => (0, String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        }
+    }
+
+    /// Polls `url` until it answers 200, for at most `timeout`.
+    fn wait_until_ok(&self, url: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.request("GET", url, None, None);
+            if status == 200 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{url} did not answer 200 within {} s: {status} {body}",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A self-signed P-256 certificate (a leaf, so that it can be its own CA) for `names` (`IP:...`
+/// or `DNS:...`), valid a day: written to `cert` and its key to `key`.
+fn self_signed(cert: &Path, key: &Path, names: &[String]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=cnitrace-image-check"])
+        .arg("-addext")
+        .arg(format!("subjectAltName={}", names.join(",")))
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .context("cannot run openssl")?;
+    if !out.status.success() {
+        bail!(
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A Secret volume's files as the kubelet lays them out in `dir`: each a symlink into `..data`,
+/// itself a symlink to the current version's directory, which an update replaces at once (so
+/// the agent sees a renewed certificate and key together). `files`: (name in the Secret, file
+/// to publish as it).
+fn publish_secret(dir: &Path, version: u32, files: &[(&Path, &Path)]) -> Result<()> {
+    let versioned = format!("..v{version}");
+    std::fs::create_dir(dir.join(&versioned))?;
+    for (name, source) in files {
+        std::fs::copy(source, dir.join(&versioned).join(name))
+            .with_context(|| format!("{}", source.display()))?;
+        let link = dir.join(name);
+        if link.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), link)?;
+        }
+    }
+    std::os::unix::fs::symlink(&versioned, dir.join("..data_tmp"))?;
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+    Ok(())
+}
+
+/// The agent's TLS Secret on the host, laid out as the kubelet does ([`publish_secret`]).
+struct TlsSecret {
+    /// The Secret's directory, mounted into the container.
+    dir: PathBuf,
+    /// Where the certificates are made, outside the mount.
+    generated: PathBuf,
+    /// The certificate's, the key's and the CA's names in the Secret.
+    files: [PathBuf; 3],
+    /// The certificate's subject alternative names.
+    names: Vec<String>,
+    version: u32,
+}
+
+impl TlsSecret {
+    /// Issues a new self-signed certificate and key and swaps them into the Secret, the
+    /// certificate as its CA too, as a renewal does; returns the certificate.
+    fn renew(&mut self) -> Result<PathBuf> {
+        self.version += 1;
+        let cert = self.generated.join(format!("v{}.crt", self.version));
+        let key = self.generated.join(format!("v{}.key", self.version));
+        self_signed(&cert, &key, &self.names)?;
+        let [cert_name, key_name, ca_name] = &self.files;
+        publish_secret(
+            &self.dir,
+            self.version,
+            &[
+                (cert_name.as_path(), cert.as_path()),
+                (key_name.as_path(), key.as_path()),
+                (ca_name.as_path(), cert.as_path()),
+            ],
+        )?;
+        Ok(cert)
+    }
+}
+
+/// The check's Secrets on the host: a directory only root can enter, removed whatever happens.
+struct SecretDir(PathBuf);
+
+impl SecretDir {
+    fn create() -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let work = workspace_root().join("target/image");
+        std::fs::create_dir_all(&work)?;
+        let path = work.join(format!("secret-{}", std::process::id()));
+        if path.symlink_metadata().is_ok() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for SecretDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Removes the check's container whatever happens.
@@ -386,17 +647,42 @@ impl Drop for Container {
 pub fn check(tag: &str, without: &[String]) -> Result<String> {
     let mut deployment = deployment()?;
     deployment.caps.retain(|cap| !without.contains(cap));
-    let scrape = scrape_path()?;
+    let scrape = scrape()?;
     let mut report = String::new();
-    let secret_dir = workspace_root().join(format!("target/image/secret-{}", std::process::id()));
-    std::fs::create_dir_all(&secret_dir)?;
+    // The Secrets, one directory each, mounted as the manifest mounts them.
+    let secret_dir = SecretDir::create()?;
+    let secret_path = |secret: &str| secret_dir.0.join(secret);
+    for (secret, _) in &deployment.secret_mounts {
+        std::fs::create_dir(secret_path(secret))?;
+    }
     let token = format!("image-check-{}", std::process::id());
-    let token_file = secret_dir.join(
-        Path::new(&deployment.token_path)
-            .strip_prefix(&deployment.secret_mount)
-            .context("the token file is not in the Secret's mount")?,
-    );
+    let (secret, inside) = deployment.in_secret(&deployment.token_path)?;
+    let token_file = secret_path(secret).join(inside);
+    std::fs::create_dir_all(token_file.parent().context("token file")?)?;
     std::fs::write(&token_file, &token)?;
+    // The TLS Secret: a certificate for the node's address (where the probes and the CLI
+    // connect) and for the name the ServiceMonitor checks, with itself as ca.crt.
+    let (tls_secret, cert_name) = deployment.in_secret(&deployment.tls_cert)?;
+    let (_, key_name) = deployment.in_secret(&deployment.tls_key)?;
+    if scrape.ca.0 != tls_secret {
+        bail!(
+            "the ServiceMonitor's CA is in the Secret {}, not the agent's ({tls_secret}): update the check",
+            scrape.ca.0
+        );
+    }
+    let mut names = vec![format!("IP:{HOST_IP}")];
+    names.extend(scrape.server_name.iter().map(|name| format!("DNS:{name}")));
+    // Outside every mount (a Secret's name cannot start with a dot).
+    let generated = secret_dir.0.join(".generated");
+    std::fs::create_dir(&generated)?;
+    let mut tls = TlsSecret {
+        dir: secret_path(tls_secret),
+        generated,
+        files: [cert_name, key_name, PathBuf::from(&scrape.ca.1)],
+        names,
+        version: 0,
+    };
+    let cert = tls.renew()?;
     let name = format!("cnitrace-image-check-{}", std::process::id());
     let mut run = podman();
     run.args(["run", "--detach", "--name", &name])
@@ -413,11 +699,10 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
         // As in Kubernetes: no tmpfs on /run, /tmp or /var/tmp either.
         run.args(["--read-only", "--read-only-tmpfs=false"]);
     }
-    run.arg("--volume").arg(format!(
-        "{}:{}:ro",
-        secret_dir.display(),
-        deployment.secret_mount
-    ));
+    for (secret, mount) in &deployment.secret_mounts {
+        run.arg("--volume")
+            .arg(format!("{}:{mount}:ro", secret_path(secret).display()));
+    }
     for (host, target, propagation) in &deployment.host_mounts {
         std::fs::create_dir_all(host)?;
         run.arg("--volume")
@@ -436,8 +721,13 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
     let topology = Topology::new(Shape::Bridged { rules: 50 })?;
     run_command(&mut run)?;
     let container = Container(name.clone());
+    let https = Https {
+        ca: cert,
+        resolve: None,
+    };
     let result = isolation(&name, &mut report)
-        .and_then(|()| exercise(&deployment, &scrape, &token, &topology, &mut report));
+        .and_then(|()| exercise(&deployment, &scrape, &https, &token, &topology, &mut report))
+        .and_then(|()| renewal(&deployment, &mut tls, &mut report));
     if result.is_err() {
         let logs = podman().args(["logs", &name]).output()?;
         eprintln!(
@@ -455,7 +745,7 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
     let code = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     drop(container);
     drop(topology);
-    std::fs::remove_dir_all(&secret_dir)?;
+    drop(secret_dir);
     if code != "0" {
         bail!("SIGTERM: the agent exited with {code}");
     }
@@ -469,6 +759,30 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
         "  ok    nothing of cnitrace left loaded on the host"
     );
     Ok(report)
+}
+
+/// cert-manager renews the Secret and the kubelet swaps its files: the running agent presents
+/// the new certificate, without a restart.
+fn renewal(deployment: &Deployment, tls: &mut TlsSecret, report: &mut String) -> Result<()> {
+    let renewed = Https {
+        ca: tls.renew()?,
+        resolve: None,
+    };
+    // The agent looks at the files at most once a second, on a handshake.
+    std::thread::sleep(Duration::from_millis(1500));
+    let health = format!(
+        "https://{HOST_IP}:{}{}",
+        deployment.port, deployment.health_path
+    );
+    let (status, body) = renewed.request("GET", &health, None, None);
+    if status != 200 {
+        bail!("the renewed certificate is not presented: {status} {body}");
+    }
+    let _ = writeln!(
+        report,
+        "  ok    a renewed certificate swapped into the Secret's mount is presented without a restart"
+    );
+    Ok(())
 }
 
 /// What the manifest does not grant, seen from the host: the agent has a PID namespace of its
@@ -504,26 +818,36 @@ fn isolation(name: &str, report: &mut String) -> Result<()> {
 
 fn exercise(
     deployment: &Deployment,
-    scrape: &str,
+    scrape: &Scrape,
+    https: &Https,
     token: &str,
     topology: &Topology,
     report: &mut String,
 ) -> Result<()> {
     // Where the kubelet's probes and Prometheus go: the pod's IP, the node's address.
-    let base = format!("http://{HOST_IP}:{}", deployment.port);
-    cnitrace_tests::wait_until_ok(
-        &format!("{base}{}", deployment.health_path),
-        Duration::from_secs(30),
-    )
-    .context("the readiness probe never passed")?;
+    let base = format!("https://{HOST_IP}:{}", deployment.port);
+    https
+        .wait_until_ok(
+            &format!("{base}{}", deployment.health_path),
+            Duration::from_secs(30),
+        )
+        .context("the readiness probe never passed")?;
     let _ = writeln!(
         report,
-        "  ok    readiness probe {} -> 200",
+        "  ok    readiness probe {} over HTTPS -> 200",
         deployment.health_path
     );
-    let (status, _) = http("GET", &format!("{base}/api/v1/node"), None);
+    let plain = format!(
+        "http://{HOST_IP}:{}{}",
+        deployment.port, deployment.health_path
+    );
+    if let Ok((status, _)) = cnitrace_tests::http("GET", &plain, None, None) {
+        bail!("plain HTTP answered {status}: the token could cross the network in clear");
+    }
+    let _ = writeln!(report, "  ok    no answer over plain HTTP");
+    let (status, body) = https.request("GET", &format!("{base}/api/v1/node"), None, None);
     if status != 401 {
-        bail!("without the token /api/v1/node answered {status}, not 401");
+        bail!("without the token /api/v1/node answered {status}, not 401: {body}");
     }
     let _ = writeln!(
         report,
@@ -532,12 +856,12 @@ fn exercise(
     // A session over real traffic: iperf3 through the bridged pair, and the rulesets of its
     // namespace read from inside the container through the /run/netns mount.
     let url = format!("{base}/api/v1/sessions");
-    let (status, body) = cnitrace_tests::http(
+    let (status, body) = https.request(
         "POST",
         &url,
         Some(token),
         Some(&serde_json::json!({"netns": [topology.node]})),
-    )?;
+    );
     if status != 201 {
         bail!("POST /api/v1/sessions: {status} {body}");
     }
@@ -545,7 +869,7 @@ fn exercise(
         .as_u64()
         .context("session id")?;
     let gbps = topology.start_iperf3(3)?.finish()?;
-    let (status, body) = http("POST", &format!("{url}/{id}/stop"), Some(token));
+    let (status, body) = https.request("POST", &format!("{url}/{id}/stop"), Some(token), None);
     if status != 200 {
         bail!("stop: {status} {body}");
     }
@@ -594,13 +918,34 @@ fn exercise(
         "  ok    FORWARD rules of {} read inside the container through /run/netns: {rules}",
         topology.node
     );
-    let (status, body) = http("GET", &format!("{base}{scrape}"), Some(token));
+    // As Prometheus does: to the node's address, the certificate checked for serverName
+    // against the Secret's CA.
+    let (prometheus, checked_for) = match &scrape.server_name {
+        Some(name) => (
+            Https {
+                ca: https.ca.clone(),
+                resolve: Some(format!("{name}:{}:{HOST_IP}", deployment.port)),
+            },
+            name.clone(),
+        ),
+        None => (
+            Https {
+                ca: https.ca.clone(),
+                resolve: None,
+            },
+            HOST_IP.to_owned(),
+        ),
+    };
+    let path = &scrape.path;
+    let url = format!("https://{checked_for}:{}{path}", deployment.port);
+    let (status, body) = prometheus.request("GET", &url, Some(token), None);
     if status != 200 || !body.contains("cnitrace_") {
-        bail!("scrape {scrape}: {status}");
+        bail!("scrape {path}: {status} {body}");
     }
     let _ = writeln!(
         report,
-        "  ok    {scrape} scraped with the bearer token as the ServiceMonitor does: {} series",
+        "  ok    {path} scraped as the ServiceMonitor does (HTTPS, certificate checked for {checked_for} against the Secret's {}, bearer token): {} series",
+        scrape.ca.1,
         body.lines().filter(|l| !l.starts_with('#')).count()
     );
     Ok(())
@@ -624,6 +969,96 @@ mod tests {
                 .env
                 .contains(&("HOST_IP".to_owned(), HOST_IP.to_owned()))
         );
+    }
+
+    #[test]
+    fn the_check_finds_the_tls_secret_and_the_scrapes_ca() {
+        let deployment = deployment().unwrap();
+        let (secret, cert) = deployment.in_secret(&deployment.tls_cert).unwrap();
+        assert_eq!(
+            (secret, cert.as_path()),
+            ("cnitrace-tls", Path::new("tls.crt"))
+        );
+        let (secret, key) = deployment.in_secret(&deployment.tls_key).unwrap();
+        assert_eq!(
+            (secret, key.as_path()),
+            ("cnitrace-tls", Path::new("tls.key"))
+        );
+        let scrape = scrape().unwrap();
+        assert_eq!(scrape.ca, ("cnitrace-tls".to_owned(), "ca.crt".to_owned()));
+        assert_eq!(scrape.server_name.as_deref(), Some("cnitrace.cnitrace.svc"));
+    }
+
+    /// Kills the TLS server of a test.
+    struct Server(std::process::Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_published_secret_is_checked_as_prometheus_checks_it() {
+        let dir = SecretDir::create().unwrap();
+        let secret = dir.0.join("cnitrace-tls");
+        std::fs::create_dir(&secret).unwrap();
+        std::fs::create_dir(dir.0.join(".generated")).unwrap();
+        let name = "cnitrace.cnitrace.svc";
+        let mut tls = TlsSecret {
+            dir: secret.clone(),
+            generated: dir.0.join(".generated"),
+            files: ["tls.crt", "tls.key", "ca.crt"].map(PathBuf::from),
+            names: vec![format!("IP:{HOST_IP}"), format!("DNS:{name}")],
+            version: 0,
+        };
+        let first = tls.renew().unwrap();
+        let port = std::net::TcpListener::bind((HOST_IP, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // A TLS server on the files as the Secret's mount shows them.
+        let _server = Server(
+            Command::new("openssl")
+                .args(["s_server", "-quiet", "-www", "-accept"])
+                .arg(format!("{HOST_IP}:{port}"))
+                .arg("-cert")
+                .arg(secret.join("tls.crt"))
+                .arg("-key")
+                .arg(secret.join("tls.key"))
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let prometheus = |ca: PathBuf| Https {
+            ca,
+            resolve: Some(format!("{name}:{port}:{HOST_IP}")),
+        };
+        let url = format!("https://{name}:{port}/");
+        prometheus(secret.join("ca.crt"))
+            .wait_until_ok(&url, Duration::from_secs(10))
+            .unwrap();
+        let direct = Https {
+            ca: first.clone(),
+            resolve: None,
+        };
+        let (status, body) =
+            direct.request("GET", &format!("https://{HOST_IP}:{port}/"), None, None);
+        assert_eq!(status, 200, "{body}");
+        // A renewal swaps all three files at once; the server still has the first certificate,
+        // which the new CA does not vouch for.
+        let renewed = tls.renew().unwrap();
+        for file in ["tls.crt", "ca.crt"] {
+            assert_eq!(
+                std::fs::read(secret.join(file)).unwrap(),
+                std::fs::read(&renewed).unwrap()
+            );
+        }
+        let (status, error) = prometheus(renewed).request("GET", &url, None, None);
+        assert_eq!(status, 0, "{error}");
+        assert!(prometheus(first).request("GET", &url, Some("t"), None).0 == 200);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -32,6 +33,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use rustls::sign::CertifiedKey;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -284,14 +286,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
     }
 }
 
-/// The agent's certificate and key, from PEM files.
-pub fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<tokio_rustls::TlsAcceptor, crate::Error> {
+/// How often, at most, a handshake looks at the certificate files for a change.
+const TLS_RECHECK: Duration = Duration::from_secs(1);
+
+/// A file's identity as far as a change goes: modification time, size and inode, through
+/// symlinks (a Secret volume swaps a symlink to a new directory, which changes all three as
+/// seen through the path); `None` when it cannot be read.
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+/// The certificate chain and key in PEM files, checked to belong together; the error says
+/// what is wrong with which file.
+fn load_pair(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-    let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
-        crate::Error::InvalidArgument(format!("{what} {}: {e}", path.display()))
+    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        format!("{what} {}: {e}", path.display())
     };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
@@ -305,19 +323,118 @@ pub fn tls_acceptor(
     }
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| bad("cannot read the private key", key, &e))?;
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
-    .map_err(|e| {
+    CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
         bad(
-            "the certificate and key do not make a TLS configuration:",
+            &format!(
+                "cannot use the private key {} with the certificate",
+                key.display()
+            ),
             cert,
             &e,
         )
-    })?;
-    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+    })
+}
+
+/// The certificate every handshake presents: read from its files at start, and again when
+/// they change (cert-manager renews a Secret in place and the kubelet swaps the mounted files),
+/// so a rotated certificate is in force without a restart. At most once every
+/// [`TLS_RECHECK`], a handshake compares the files' [`Stamp`]s with those last read; a new
+/// pair that cannot be read or does not match leaves the previous one in force, with a warning
+/// once per change of the files.
+struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    state: Mutex<CertState>,
+}
+
+struct CertState {
+    current: Arc<CertifiedKey>,
+    /// The files' stamps when last read, whether that worked or not.
+    seen: (Stamp, Stamp),
+    checked: std::time::Instant,
+}
+
+impl ReloadingCert {
+    fn new(
+        cert: &Path,
+        key: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, crate::Error> {
+        // Stamped before reading: a change during the read is read again at the next check.
+        let seen = (stamp(cert), stamp(key));
+        let current =
+            Arc::new(load_pair(cert, key, &provider).map_err(crate::Error::InvalidArgument)?);
+        Ok(Self {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            provider,
+            state: Mutex::new(CertState {
+                current,
+                seen,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// The pair in force, read again first if the files changed (checked at most once every
+    /// [`TLS_RECHECK`]).
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.checked.elapsed() >= TLS_RECHECK {
+            state.checked = std::time::Instant::now();
+            let now = (stamp(&self.cert), stamp(&self.key));
+            if now != state.seen {
+                // Recorded whatever the outcome: a broken pair is reported once, and read
+                // again only when the files change again.
+                state.seen = now;
+                match load_pair(&self.cert, &self.key, &self.provider) {
+                    Ok(pair) => {
+                        tracing::info!(
+                            "TLS certificate {} changed: the new one is in force",
+                            self.cert.display()
+                        );
+                        state.current = Arc::new(pair);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e}; the previous TLS certificate stays in force");
+                    }
+                }
+            }
+        }
+        Arc::clone(&state.current)
+    }
+}
+
+impl std::fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingCert")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// The agent's certificate and key, from PEM files; read again when they change (see
+/// [`ReloadingCert`]). Fails if they cannot be read or do not match now.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, crate::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = ReloadingCert::new(cert, key, Arc::clone(&provider))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| crate::Error::InvalidArgument(format!("TLS configuration: {e}")))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` completes, then waits
@@ -597,6 +714,10 @@ mod tests {
     }
 
     async fn start(limits: ServeLimits) -> Running {
+        start_with(limits, None).await
+    }
+
+    async fn start_with(limits: ServeLimits, tls: Option<tokio_rustls::TlsAcceptor>) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let router = Router::new()
@@ -604,7 +725,7 @@ mod tests {
             .route("/big", get(|| async { &BIG_BODY[..] }));
         let connections = Arc::new(Mutex::new(Connections::default()));
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::new(router, limits, None);
+        let server = Server::new(router, limits, tls);
         let server = tokio::spawn(server.run(listener, Arc::clone(&connections), async {
             let _ = stopped.await;
         }));
@@ -878,5 +999,225 @@ mod tests {
         };
         assert_eq!(small.open_to_all(), 4);
         assert_eq!(limits.open_to_all(), 248);
+    }
+
+    /// A directory only this user can enter (0700), for the tests' private keys; removed
+    /// when dropped.
+    struct PrivateDir(PathBuf);
+
+    impl PrivateDir {
+        fn new(name: &str) -> Self {
+            use std::os::unix::fs::DirBuilderExt as _;
+            for attempt in 0u32.. {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .subsec_nanos();
+                let path = std::env::temp_dir().join(format!(
+                    "cnitrace-{name}-{}-{nanos}-{attempt}",
+                    std::process::id()
+                ));
+                // Never an existing directory (or a symlink someone planted): created here.
+                match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                    Ok(()) => return Self(path),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => {}
+                    Err(e) => panic!("{}: {e}", path.display()),
+                }
+            }
+            unreachable!()
+        }
+    }
+
+    impl Drop for PrivateDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A self-signed certificate for 127.0.0.1 with subject CN=`name`, and its P-256 key:
+    /// (certificate file, key file) in `dir`.
+    fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj"])
+            .arg(format!("/CN={name}"))
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            // A leaf, not a CA: webpki refuses a CA certificate as a server's.
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (cert, key)
+    }
+
+    fn der_of(cert: &Path) -> rustls::pki_types::CertificateDer<'static> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+        CertificateDer::from_pem_file(cert).unwrap()
+    }
+
+    /// A Secret volume as the kubelet lays it out: `tls.crt` and `tls.key` are symlinks into
+    /// `..data`, itself a symlink to a directory of the current version, which an update
+    /// replaces at once by renaming a new symlink over it.
+    struct SecretVolume {
+        dir: PathBuf,
+        version: u32,
+    }
+
+    impl SecretVolume {
+        fn new(dir: PathBuf) -> Self {
+            std::fs::create_dir(&dir).unwrap();
+            for file in ["tls.crt", "tls.key"] {
+                std::os::unix::fs::symlink(format!("..data/{file}"), dir.join(file)).unwrap();
+            }
+            Self { dir, version: 0 }
+        }
+
+        fn cert(&self) -> PathBuf {
+            self.dir.join("tls.crt")
+        }
+
+        fn key(&self) -> PathBuf {
+            self.dir.join("tls.key")
+        }
+
+        /// Publishes `cert` as tls.crt and `key` as tls.key, both at once.
+        fn publish(&mut self, cert: &Path, key: &Path) {
+            self.version += 1;
+            let version = format!("..v{}", self.version);
+            std::fs::create_dir(self.dir.join(&version)).unwrap();
+            std::fs::copy(cert, self.dir.join(&version).join("tls.crt")).unwrap();
+            std::fs::copy(key, self.dir.join(&version).join("tls.key")).unwrap();
+            let next = self.dir.join("..data_tmp");
+            std::os::unix::fs::symlink(&version, &next).unwrap();
+            std::fs::rename(&next, self.dir.join("..data")).unwrap();
+        }
+    }
+
+    /// The certificate `server` presents to a new connection, verified against `trusted` for
+    /// 127.0.0.1 (and the connection answering HTTP over TLS).
+    async fn presented(
+        server: SocketAddr,
+        trusted: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> rustls::pki_types::CertificateDer<'static> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in trusted {
+            roots.add(cert.clone()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let tcp = TcpStream::connect(server).await.unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+        let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer));
+        // rustls reports a peer that closes without close_notify as an error; the answer is in.
+        let _ = read.await.expect("no answer in time");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        cert
+    }
+
+    #[tokio::test]
+    async fn a_rotated_certificate_is_presented_without_a_restart_and_a_broken_one_is_not() {
+        let dir = PrivateDir::new("tls-rotation");
+        let (cert_a, key_a) = self_signed(&dir.0, "a");
+        let (cert_b, key_b) = self_signed(&dir.0, "b");
+        let (a, b) = (der_of(&cert_a), der_of(&cert_b));
+        let trusted = [a.clone(), b.clone()];
+        let mut secret = SecretVolume::new(dir.0.join("secret"));
+        secret.publish(&cert_a, &key_a);
+        let acceptor = tls_acceptor(&secret.cert(), &secret.key()).unwrap();
+        let server = start_with(PATIENT, Some(acceptor)).await;
+        assert!(presented(server.address, &trusted).await == a);
+        let after_a_check = TLS_RECHECK + Duration::from_millis(200);
+
+        // cert-manager renews the Secret; the kubelet swaps the files.
+        secret.publish(&cert_b, &key_b);
+        tokio::time::sleep(after_a_check).await;
+        assert!(
+            presented(server.address, &trusted).await == b,
+            "the rotated certificate is not presented"
+        );
+
+        // A key that is not the certificate's, then files that are no PEM at all, then no
+        // key: the last good pair stays in force.
+        secret.publish(&cert_a, &key_b);
+        tokio::time::sleep(after_a_check).await;
+        assert!(presented(server.address, &trusted).await == b);
+        let garbage = dir.0.join("garbage");
+        std::fs::write(&garbage, "not PEM").unwrap();
+        secret.publish(&garbage, &garbage);
+        tokio::time::sleep(after_a_check).await;
+        assert!(presented(server.address, &trusted).await == b);
+        std::fs::remove_file(secret.dir.join(format!("..v{}/tls.key", secret.version))).unwrap();
+        tokio::time::sleep(after_a_check).await;
+        assert!(presented(server.address, &trusted).await == b);
+
+        // A good pair again is taken up.
+        secret.publish(&cert_a, &key_a);
+        tokio::time::sleep(after_a_check).await;
+        assert!(presented(server.address, &trusted).await == a);
+        server.stop().await;
+    }
+
+    #[test]
+    fn a_broken_pair_at_start_is_refused_and_one_later_is_read_once_per_change() {
+        let dir = PrivateDir::new("tls-broken");
+        let (cert_a, key_a) = self_signed(&dir.0, "a");
+        let (cert_b, key_b) = self_signed(&dir.0, "b");
+        let error = tls_acceptor(&cert_a, &key_b)
+            .err()
+            .expect("a mismatched pair is refused")
+            .to_string();
+        assert!(error.contains("cannot use the private key"), "{error}");
+        assert!(tls_acceptor(&cert_a, &dir.0.join("missing")).is_err());
+
+        let mut secret = SecretVolume::new(dir.0.join("secret"));
+        secret.publish(&cert_a, &key_a);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let resolver = ReloadingCert::new(&secret.cert(), &secret.key(), provider).unwrap();
+        let a = der_of(&cert_a);
+        assert_eq!(resolver.current().cert[0], a);
+        let state = |resolver: &ReloadingCert| {
+            let state = resolver.state.lock().unwrap();
+            (state.seen, state.checked)
+        };
+        // Checked at most once every TLS_RECHECK: a change right away is not seen yet.
+        secret.publish(&cert_b, &key_a);
+        let (seen, checked) = state(&resolver);
+        assert_eq!(resolver.current().cert[0], a);
+        assert_eq!(state(&resolver), (seen, checked));
+        // Then it is read (and refused) once: its stamps are recorded, so the next checks
+        // find nothing new to read or report.
+        std::thread::sleep(TLS_RECHECK + Duration::from_millis(100));
+        assert_eq!(resolver.current().cert[0], a);
+        let (after, _) = state(&resolver);
+        assert_ne!(after, seen);
+        assert_eq!(after, (stamp(&secret.cert()), stamp(&secret.key())));
+        std::thread::sleep(TLS_RECHECK + Duration::from_millis(100));
+        assert_eq!(resolver.current().cert[0], a);
+        assert_eq!(state(&resolver).0, after);
     }
 }
