@@ -654,9 +654,18 @@ pub fn host_of(authority: &str) -> &str {
         .map_or(authority, |(_, rest)| rest)
         .trim_end_matches('/');
     if authority.starts_with('[') {
-        return authority
-            .split_once(']')
-            .map_or(authority, |(host, _)| &authority[..=host.len()]);
+        // After the bracket only a port may follow: `[::1].evil.example` is not `[::1]`.
+        return match authority.split_once(']') {
+            Some((host, rest))
+                if rest.is_empty()
+                    || rest
+                        .strip_prefix(':')
+                        .is_some_and(|port| port.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                &authority[..=host.len()]
+            }
+            _ => authority,
+        };
     }
     authority
         .rsplit_once(':')
@@ -664,7 +673,11 @@ pub fn host_of(authority: &str) -> &str {
 }
 
 pub fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    // One pair of brackets at most: `[[::1]]` is no host.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()

@@ -986,6 +986,17 @@ fn origins_match_on_host_and_port_with_default_ports_implied() {
     assert!(!same_origin("http://node", "node:443"));
     assert!(!same_origin("ftp://node:9560", "node:9560"));
     assert!(!same_origin("node:9560", "node:9560"));
+    // Nothing but a port after an IPv6 literal; one pair of brackets.
+    assert_eq!(
+        super::host_of("[::1].evil.example:9560"),
+        "[::1].evil.example:9560"
+    );
+    assert_eq!(super::host_of("[::1]:9560"), "[::1]");
+    assert!(!super::is_loopback_host(super::host_of(
+        "[::1].evil.example:9560"
+    )));
+    assert!(!super::is_loopback_host("[[::1]]"));
+    assert!(super::is_loopback_host("[::1]"));
 }
 
 /// The page keeps no token in persistent storage, frames the flame graph in a sandbox, and
