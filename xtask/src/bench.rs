@@ -289,7 +289,10 @@ fn busy_by_cpuidle() -> Option<f64> {
     let mut idle_us = 0u64;
     for cpu in std::fs::read_dir("/sys/devices/system/cpu").ok()?.flatten() {
         let name = cpu.file_name().to_string_lossy().into_owned();
-        if !name.strip_prefix("cpu").is_some_and(|n| n.parse::<u32>().is_ok()) {
+        if name
+            .strip_prefix("cpu")
+            .is_none_or(|n| n.parse::<u32>().is_err())
+        {
             continue;
         }
         let states = std::fs::read_dir(cpu.path().join("cpuidle")).ok()?;
