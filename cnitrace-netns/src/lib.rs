@@ -109,22 +109,25 @@ pub const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_mins(1);
 /// Most output kept from each of its streams: a ruleset a tenant grew without bound cannot
 /// grow the caller's memory without bound.
 pub const MAX_OUTPUT: u64 = 64 << 20;
+/// Most of a program's stderr kept: diagnostics, never data.
+const MAX_STDERR: u64 = 1 << 20;
 
 /// Reads a child's stream up to [`MAX_OUTPUT`] bytes, then drains the rest (so the child
 /// never blocks on a full pipe); says whether there was more.
 fn capped<R: std::io::Read + Send + 'static>(
     pipe: Option<R>,
+    cap: u64,
 ) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
         let Some(pipe) = pipe else {
             return (kept, false);
         };
-        let mut pipe = std::io::Read::take(pipe, MAX_OUTPUT + 1);
+        let mut pipe = std::io::Read::take(pipe, cap + 1);
         let _ = std::io::Read::read_to_end(&mut pipe, &mut kept);
-        let over = kept.len() as u64 > MAX_OUTPUT;
+        let over = kept.len() as u64 > cap;
         if over {
-            kept.truncate(MAX_OUTPUT as usize);
+            kept.truncate(usize::try_from(cap).unwrap_or(usize::MAX));
             let _ = std::io::copy(&mut pipe.into_inner(), &mut std::io::sink());
         }
         (kept, over)
@@ -137,7 +140,10 @@ fn finish_within(
     program: &str,
     deadline: std::time::Duration,
 ) -> Result<std::process::Output, Error> {
-    let (stdout, stderr) = (capped(child.stdout.take()), capped(child.stderr.take()));
+    let (stdout, stderr) = (
+        capped(child.stdout.take(), MAX_OUTPUT),
+        capped(child.stderr.take(), MAX_STDERR),
+    );
     let started = std::time::Instant::now();
     let status = loop {
         if let Some(status) = child

@@ -74,7 +74,8 @@ impl ProcessCpu {
         if let Some((then, before)) = self.last {
             let elapsed = now.duration_since(then).as_secs_f64();
             if elapsed > 0.0 {
-                let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+                // The node's CPUs, not the container's quota: the budget is a share of the node.
+                let cpus = aya::util::online_cpus().map_or(1, |cpus| cpus.len().max(1)) as f64;
                 let share = (used - before) / elapsed / cpus;
                 self.share += (share - self.share) * 0.1;
             }
@@ -395,9 +396,18 @@ impl Agent {
     /// Sets the sampler to the rate the readers need. Called on every change of readers and
     /// once a second (readers that went away).
     pub fn apply_rate(&self) {
+        if self.probes.backend() != crate::probe::Backend::Sampling {
+            return;
+        }
         let _serial = lock(&self.rate_lock);
         let (hz, limited) = self.wanted_rate();
-        if self.probes.rate() == hz {
+        let current = self.probes.rate();
+        if current == hz {
+            return;
+        }
+        // A rate the budget holds down moves only by more than a fifth: the process's CPU
+        // share wobbles, and every change makes the perf events anew on every CPU.
+        if limited.is_some() && current != 0 && current.abs_diff(hz) * 5 < hz {
             return;
         }
         if let Some(why) = limited {
@@ -406,6 +416,28 @@ impl Agent {
         if let Err(e) = self.probes.set_rate(hz) {
             tracing::warn!("cannot set the sampling rate to {hz} Hz: {e}");
         }
+    }
+
+    /// The cost report of a session's window: also says when the budget held the rate down
+    /// for part of it (the mean rate below the session rate), though not at its end.
+    fn session_cost(
+        &self,
+        mut cost: crate::contract::AgentCost,
+        breakdown: &Breakdown,
+    ) -> crate::contract::AgentCost {
+        let mean = breakdown.quality.frequency_hz;
+        let sampling = self.probes.backend() == crate::probe::Backend::Sampling;
+        if sampling
+            && cost.limited.is_none()
+            && (mean as f64) < self.limits.session_hz as f64 * 0.95
+        {
+            cost.limited = Some(format!(
+                "the window sampled at {mean} Hz on average instead of {} Hz: --max-overhead \
+                 held the rate down for part of it",
+                self.limits.session_hz
+            ));
+        }
+        cost
     }
 
     /// The agent's cost and budget, with why the rate is low if it is.
@@ -574,9 +606,16 @@ impl Agent {
                 .take()
                 .ok_or_else(|| AgentError::Conflict(format!("session {id} is already stopped")))?
         };
-        let result = window.close(self.probes.as_ref());
-        // Before the sessions lock: the report asks which sessions run.
+        let mut result = window.close(self.probes.as_ref());
+        // Before the sessions lock: the report asks which sessions run, and compressing the
+        // stacks takes a while that list and get requests should not wait for.
         let cost = self.cost_report();
+        let stacks_gz = result
+            .as_mut()
+            .ok()
+            .and_then(|b| b.stacks.take())
+            .as_ref()
+            .and_then(gzip_json);
         let mut sessions = lock(&self.sessions);
         let entry = sessions.get_mut(&id).ok_or(AgentError::NotFound(id))?;
         match result {
@@ -587,8 +626,8 @@ impl Agent {
                     self.measured_sample_ns
                         .store(ns.to_bits(), Ordering::Relaxed);
                 }
-                breakdown.quality.agent_cost = Some(cost);
-                entry.stacks_gz = breakdown.stacks.take().as_ref().and_then(gzip_json);
+                breakdown.quality.agent_cost = Some(self.session_cost(cost, &breakdown));
+                entry.stacks_gz = stacks_gz;
                 entry.view.state = SessionState::Stopped;
                 entry.view.breakdown = Some(breakdown);
             }
@@ -628,7 +667,9 @@ impl Agent {
             )));
         }
         let mut breakdown = breakdown.clone();
-        breakdown.stacks = entry.stacks_gz.as_deref().and_then(gunzip_json);
+        let stacks_gz = entry.stacks_gz.clone();
+        drop(sessions);
+        breakdown.stacks = stacks_gz.as_deref().and_then(gunzip_json);
         Ok(breakdown)
     }
 

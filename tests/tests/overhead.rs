@@ -48,6 +48,18 @@ fn idle_agent_and_its_sessions_run_no_per_packet_or_softirq_program() {
     assert!(exact.terminate().unwrap().success());
 }
 
+/// The CPUs the sampler is attached on (not a quota's count).
+fn online_cpus() -> usize {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    list.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
 /// The links that hold the sampler on a CPU's perf event.
 fn sampler_links() -> usize {
     let programs = Command::new("bpftool")
@@ -85,7 +97,7 @@ fn samples_total(agent: &AgentProcess) -> f64 {
 
 /// Samples per second per CPU the agent takes now, from its own counters over `seconds`.
 fn measured_rate(agent: &AgentProcess, seconds: u64) -> f64 {
-    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    let cpus = online_cpus() as f64;
     let (before, start) = (samples_total(agent), std::time::Instant::now());
     thread::sleep(Duration::from_secs(seconds));
     let (after, elapsed) = (samples_total(agent), start.elapsed().as_secs_f64());
@@ -101,12 +113,23 @@ fn the_agent_samples_only_as_fast_as_its_readers_need() {
     }
     let _serial = cnitrace_tests::serial();
     remove_stale();
-    let agent =
-        AgentProcess::start(&["--continuous-frequency", "49", "-F", "499"], &[]).expect("agent");
+    // cpu-clock fires on idle CPUs too (hardware cycles, where a PMU exists, do not).
+    let agent = AgentProcess::start(
+        &[
+            "--continuous-frequency",
+            "49",
+            "-F",
+            "499",
+            "--clock",
+            "cpu-clock",
+        ],
+        &[],
+    )
+    .expect("agent");
     assert_eq!(sampler_links(), 0, "nobody reads: the sampler is detached");
     // The first scrape attaches it at the continuous rate (and takes the baseline).
     samples_total(&agent);
-    let cpus = std::thread::available_parallelism().unwrap().get();
+    let cpus = online_cpus();
     assert_eq!(sampler_links(), cpus, "one perf event per CPU");
     // cpu-clock fires on every CPU, idle or not. Measured here over 3 s: 48.5-55 Hz at 49
     // and 438-498 Hz at 499 (a vCPU that is not running misses its timer), so the bounds
@@ -298,8 +321,19 @@ fn a_window_spanning_a_rate_change_weights_each_part_by_its_rate() {
     let _serial = cnitrace_tests::serial();
     remove_stale();
     let topo = Topology::new(Shape::Bridged { rules: 0 }).expect("topology");
-    let agent =
-        AgentProcess::start(&["--continuous-frequency", "99", "-F", "999"], &[]).expect("agent");
+    // cpu-clock fires on idle CPUs too (hardware cycles, where a PMU exists, do not).
+    let agent = AgentProcess::start(
+        &[
+            "--continuous-frequency",
+            "99",
+            "-F",
+            "999",
+            "--clock",
+            "cpu-clock",
+        ],
+        &[],
+    )
+    .expect("agent");
     // A scraper (the continuous rate) and a rolling reader (the ring starts with this read).
     samples_total(&agent);
     let (status, _) = agent

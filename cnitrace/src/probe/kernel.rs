@@ -623,10 +623,12 @@ impl Epochs {
         while !self.moved.is_empty() && self.bytes_held() > budget {
             let oldest = self.moved.remove(0);
             let samples = oldest.samples.values().map(|v| v.count).sum();
+            // Keyed by its retirement: only windows from before it needed its samples.
+            let retired_at = oldest.retired_at;
             drop(oldest);
             self.frames
                 .retain(|frames| std::sync::Arc::strong_count(frames) > 1);
-            self.dropped.push_back((std::time::Instant::now(), samples));
+            self.dropped.push_back((retired_at, samples));
             self.dropped_total += samples;
             if self.dropped.len() > 1024 {
                 self.dropped.pop_front();
@@ -869,6 +871,13 @@ impl Probes for KernelProbes {
         self.sample_keys as usize
     }
 
+    fn sampled_throughout(&self, start: std::time::Instant, end: std::time::Instant) -> bool {
+        // The tracer does not sample: its windows never have a detached part.
+        self.sampler()
+            .as_ref()
+            .is_none_or(|s| s.rates.attached_throughout(start, end))
+    }
+
     fn maintain(
         &self,
         oldest_baseline: Option<std::time::Instant>,
@@ -961,13 +970,14 @@ mod tests {
         let frames = 1000 * (2 * 8 + 32);
         assert_eq!(epochs.bytes_held(), 4000 * BYTES_PER_KEY + frames);
         let two_epochs = 2000 * BYTES_PER_KEY + frames;
-        let before_drop = Instant::now();
         epochs.keep_within(two_epochs);
         assert_eq!(epochs.moved.len(), 2, "two epochs fit");
         assert_eq!(epochs.bytes_held(), two_epochs);
         assert_eq!(epochs.dropped_total, 2 * 1000 * 2);
         assert_eq!(epochs.dropped_since(t0), 4000, "a window from before both");
-        assert_eq!(epochs.dropped_since(Instant::now()), 0);
-        assert!(epochs.dropped_since(before_drop) <= 4000);
+        // Epochs 0 and 1 retired at t0+1 s and t0+2 s: a window from t0+1.5 s needed only
+        // epoch 1's samples, one from after both none.
+        assert_eq!(epochs.dropped_since(t0 + Duration::from_millis(1500)), 2000);
+        assert_eq!(epochs.dropped_since(t0 + Duration::from_secs(3)), 0);
     }
 }

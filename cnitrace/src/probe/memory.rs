@@ -87,6 +87,10 @@ fn cgroup_limit() -> Option<usize> {
         })?;
         read(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
     })
+    // In a container the cgroup namespace (or the runtime's mount) puts its own cgroup at
+    // the root of the mount while /proc/self/cgroup may still name the host's path.
+    .or_else(|| read("/sys/fs/cgroup/memory.max".to_owned()))
+    .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes".to_owned()))
 }
 
 /// Refuses to start under a memory limit smaller than the node needs, saying how much and

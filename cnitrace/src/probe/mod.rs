@@ -59,6 +59,11 @@ pub trait Probes: Send + Sync + 'static {
     fn rate(&self) -> u64 {
         0
     }
+    /// Whether the sampler ran for all of `[start, end]` (a window with a detached part has
+    /// packets without their cycles).
+    fn sampled_throughout(&self, _start: std::time::Instant, _end: std::time::Instant) -> bool {
+        true
+    }
     /// Distinct sample keys the kernel aggregate holds (sized from the CPU count).
     fn sample_capacity(&self) -> usize {
         cnitrace_common::MAX_SAMPLE_KEYS as usize

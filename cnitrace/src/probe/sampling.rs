@@ -227,6 +227,23 @@ impl RateHistory {
         self.changes.back().map_or(0, |&(_, hz)| hz)
     }
 
+    /// Whether the sampler ran (a rate above 0) for all of `[start, end]`.
+    pub fn attached_throughout(&self, start: std::time::Instant, end: std::time::Instant) -> bool {
+        let at_start = self
+            .changes
+            .iter()
+            .rev()
+            .find(|&&(since, _)| since <= start)
+            .or(self.changes.front())
+            .is_some_and(|&(_, hz)| hz > 0);
+        at_start
+            && self
+                .changes
+                .iter()
+                .filter(|&&(t, _)| t > start && t < end)
+                .all(|&(_, hz)| hz > 0)
+    }
+
     /// The time-weighted mean rate over `[start, end]` (the rate at `end` for an empty one).
     pub fn mean_hz(&self, start: std::time::Instant, end: std::time::Instant) -> f64 {
         let span = end.saturating_duration_since(start).as_secs_f64();
@@ -274,6 +291,13 @@ mod tests {
         assert!((history.mean_hz(at(25), at(35)) - 19.0 / 2.0).abs() < 1e-9);
         assert!((history.mean_hz(at(12), at(12)) - 999.0).abs() < 1e-9);
         assert_eq!(history.current(), 19);
+        assert!(history.attached_throughout(at(0), at(15)));
+        assert!(
+            !history.attached_throughout(at(15), at(25)),
+            "detached from 20 s"
+        );
+        assert!(!history.attached_throughout(at(22), at(28)));
+        assert!(history.attached_throughout(at(31), at(40)));
     }
 
     #[test]

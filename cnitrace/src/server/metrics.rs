@@ -253,7 +253,12 @@ impl Metrics {
             last.take();
         }
         let now = probes.snapshot()?;
-        let previous = last.replace(now.clone());
+        // An interval in which the sampler was detached for a while (continuous rate 0
+        // between sessions, a failed re-attach) has packets without their cycles: it only
+        // moves the baseline, so the counters never read a diluted CPP.
+        let previous = last
+            .replace(now.clone())
+            .filter(|previous| probes.sampled_throughout(previous.mono, now.mono));
         if let Some(previous) = previous {
             let b = window::between(
                 probes,

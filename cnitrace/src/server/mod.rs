@@ -542,7 +542,8 @@ async fn not_found() -> ApiError {
 /// Paths anyone may read: liveness, and the page (static HTML that holds no data; its API
 /// calls carry the token).
 fn is_public(path: &str) -> bool {
-    path == "/healthz" || path == "/"
+    // A browser asks for /favicon.ico with every page load: a 404, not a slowed 401.
+    path == "/healthz" || path == "/" || path == "/favicon.ico"
 }
 
 async fn require_token(
