@@ -624,3 +624,32 @@ pub fn wait_until_ok(url: &str, timeout: Duration) -> Result<()> {
     }
     bail!("{url} did not answer 200 within {} s", timeout.as_secs())
 }
+
+/// `$(NAME)` replaced as the kubelet does in a container's args: by the container's variable
+/// of that name (left as written when there is none); `$$` is a literal `$`.
+pub fn expand_kubernetes_vars(text: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match env.iter().find(|(key, _)| key == name) {
+                Some((_, value)) => out.push_str(value),
+                None => out.push_str(&rest[i..i + 3 + end]),
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}

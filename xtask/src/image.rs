@@ -229,35 +229,6 @@ const NODE: &str = "node-from-downward-api";
 /// Prometheus's go to the pod's IP, which is the node's).
 const HOST_IP: &str = "127.0.0.1";
 
-/// `$(NAME)` replaced as the kubelet does in a container's args: by the container's variable
-/// of that name (left as written when there is none); `$$` is a literal `$`.
-fn expand(text: &str, env: &[(String, String)]) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-        } else if let Some(inner) = after.strip_prefix('(')
-            && let Some(end) = inner.find(')')
-        {
-            let name = &inner[..end];
-            match env.iter().find(|(key, _)| key == name) {
-                Some((_, value)) => out.push_str(value),
-                None => out.push_str(&rest[i..i + 3 + end]),
-            }
-            rest = &inner[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 fn deployment() -> Result<Deployment> {
     let path = workspace_root().join("deploy/daemonset.yaml");
     let text = std::fs::read_to_string(&path)?;
@@ -307,7 +278,10 @@ fn deployment() -> Result<Deployment> {
         };
         env.push((name, value));
     }
-    let args: Vec<String> = raw_args.iter().map(|a| expand(a, &env)).collect();
+    let args: Vec<String> = raw_args
+        .iter()
+        .map(|a| cnitrace_tests::expand_kubernetes_vars(a, &env))
+        .collect();
     let value_of = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
@@ -1064,10 +1038,22 @@ mod tests {
     #[test]
     fn args_are_expanded_as_the_kubelet_does() {
         let env = [("HOST_IP".to_owned(), "10.0.0.7".to_owned())];
-        assert_eq!(expand("$(HOST_IP):9560", &env), "10.0.0.7:9560");
-        assert_eq!(expand("[$(HOST_IP)]:9560", &env), "[10.0.0.7]:9560");
-        assert_eq!(expand("$(NOPE):1", &env), "$(NOPE):1");
-        assert_eq!(expand("$$(HOST_IP) $x $(", &env), "$(HOST_IP) $x $(");
+        assert_eq!(
+            cnitrace_tests::expand_kubernetes_vars("$(HOST_IP):9560", &env),
+            "10.0.0.7:9560"
+        );
+        assert_eq!(
+            cnitrace_tests::expand_kubernetes_vars("[$(HOST_IP)]:9560", &env),
+            "[10.0.0.7]:9560"
+        );
+        assert_eq!(
+            cnitrace_tests::expand_kubernetes_vars("$(NOPE):1", &env),
+            "$(NOPE):1"
+        );
+        assert_eq!(
+            cnitrace_tests::expand_kubernetes_vars("$$(HOST_IP) $x $(", &env),
+            "$(HOST_IP) $x $("
+        );
     }
 
     #[test]
