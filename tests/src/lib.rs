@@ -653,3 +653,27 @@ pub fn expand_kubernetes_vars(text: &str, env: &[(String, String)]) -> String {
     out.push_str(rest);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn args_are_expanded_as_the_kubelet_does() {
+        let env = [("HOST_IP".to_owned(), "10.0.0.7".to_owned())];
+        assert_eq!(
+            super::expand_kubernetes_vars("$(HOST_IP):9560", &env),
+            "10.0.0.7:9560"
+        );
+        assert_eq!(
+            super::expand_kubernetes_vars("[$(HOST_IP)]:9560", &env),
+            "[10.0.0.7]:9560"
+        );
+        assert_eq!(
+            super::expand_kubernetes_vars("$(NOPE):1", &env),
+            "$(NOPE):1"
+        );
+        assert_eq!(
+            super::expand_kubernetes_vars("$$(HOST_IP) $x $(", &env),
+            "$(HOST_IP) $x $("
+        );
+    }
+}

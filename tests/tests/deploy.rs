@@ -224,27 +224,6 @@ fn the_agent_serves_https_and_the_servicemonitor_verifies_it() {
     );
 }
 
-#[test]
-fn args_are_expanded_as_the_kubelet_does() {
-    let env = [("HOST_IP".to_owned(), "10.0.0.7".to_owned())];
-    assert_eq!(
-        cnitrace_tests::expand_kubernetes_vars("$(HOST_IP):9560", &env),
-        "10.0.0.7:9560"
-    );
-    assert_eq!(
-        cnitrace_tests::expand_kubernetes_vars("[$(HOST_IP)]:9560", &env),
-        "[10.0.0.7]:9560"
-    );
-    assert_eq!(
-        cnitrace_tests::expand_kubernetes_vars("$(NOPE):1", &env),
-        "$(NOPE):1"
-    );
-    assert_eq!(
-        cnitrace_tests::expand_kubernetes_vars("$$(HOST_IP) $x $(", &env),
-        "$(HOST_IP) $x $("
-    );
-}
-
 /// The process `parent` forked, if any (from every process's /proc/PID/stat).
 fn child_of(parent: u32) -> Option<u32> {
     std::fs::read_dir("/proc")

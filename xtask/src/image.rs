@@ -1036,27 +1036,6 @@ mod tests {
     }
 
     #[test]
-    fn args_are_expanded_as_the_kubelet_does() {
-        let env = [("HOST_IP".to_owned(), "10.0.0.7".to_owned())];
-        assert_eq!(
-            cnitrace_tests::expand_kubernetes_vars("$(HOST_IP):9560", &env),
-            "10.0.0.7:9560"
-        );
-        assert_eq!(
-            cnitrace_tests::expand_kubernetes_vars("[$(HOST_IP)]:9560", &env),
-            "[10.0.0.7]:9560"
-        );
-        assert_eq!(
-            cnitrace_tests::expand_kubernetes_vars("$(NOPE):1", &env),
-            "$(NOPE):1"
-        );
-        assert_eq!(
-            cnitrace_tests::expand_kubernetes_vars("$$(HOST_IP) $x $(", &env),
-            "$(HOST_IP) $x $("
-        );
-    }
-
-    #[test]
     fn the_runtime_base_is_pinned_by_digest() {
         let base = dockerfile_arg("RUNTIME_BASE").unwrap();
         let (_, digest) = base.split_once("@sha256:").expect("a digest");
