@@ -482,6 +482,7 @@ impl Agent {
         let spec = WindowSpec {
             ifaces: request.ifaces.clone().unwrap_or_default(),
             unit: request.packet_unit.unwrap_or_default(),
+            view: request.view.unwrap_or_default(),
             // Rulesets are read (never changed) in this namespace and the named ones.
             netfilter: netfilter::Options {
                 read_rules: self.limits.read_rulesets,

@@ -4,15 +4,17 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use cnitrace_common::{IfaceCounters, SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, SoftirqStats};
+use cnitrace_common::{IfaceCounters, SoftirqStats};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    components::{self, COMPONENTS, OTHER, OTHER_KERNEL, OTHER_USER, SELF_COST},
+    attribution::{self, Rule},
+    components::{self, COMPONENTS, OTHER, OTHER_USER, SELF_COST},
     contract::{
-        BpfProgramCost, Breakdown, Clock, ComponentCost, CpuSplit, FunctionCost, HookCost,
-        NetfilterSection, PacketUnit, Packets, Quality, SoftirqCost, TOP_FUNCTIONS, Total,
-        TracedComponent, TracedFunction, TracingQuality, Unavailable, Window,
+        BpfProgramCost, Breakdown, Clock, ClockSource, ComponentCost, CpuSplit, CycleUnit,
+        FunctionCost, HookCost, MIN_SAMPLES, NetfilterSection, PacketUnit, Packets, Quality, Skid,
+        SoftirqCost, TOP_FUNCTIONS, Total, TracedComponent, TracedFunction, TracingQuality,
+        Unavailable, View, Window,
     },
     netfilter::hooks::{self, HookSite},
 };
@@ -165,6 +167,9 @@ pub struct PacketSelection {
     /// Network namespaces (inode numbers) the named interfaces may be in; empty means any.
     pub netns_inodes: Vec<u32>,
     pub unit: PacketUnit,
+    /// The attribution rule the figures are computed with (not a packet choice, but chosen
+    /// with them for every window).
+    pub view: View,
 }
 
 /// Facts about the node and the run that the math does not derive.
@@ -187,40 +192,15 @@ pub fn is_datapath_type(program_type: u32) -> bool {
     )
 }
 
-/// The dotted class of one sample, or `None` if the CPU was idle.
+/// The dotted class of one sample under the default rule (`layer`, skid to the caller), or
+/// `None` if the CPU was idle.
 pub fn attribute(sample: &StackSample) -> Option<&'static str> {
-    if sample.flags & SAMPLE_FLAG_USER != 0 {
-        return Some(OTHER_USER);
-    }
-    if sample.stack_lost || sample.frames.is_empty() {
-        return Some(OTHER_KERNEL);
-    }
-    let on_idle_task = sample.flags & SAMPLE_FLAG_IDLE_TASK != 0;
-    if on_idle_task
-        && !sample
-            .frames
-            .iter()
-            .any(|f| components::is_interrupt_frame(f))
-    {
-        return None;
-    }
-    // Innermost component wins: a netfilter hook called from the bridge is netfilter. A
-    // stack without any datapath frame is the host's own work, grouped the same way.
-    Some(
-        sample
-            .frames
-            .iter()
-            .find_map(|frame| components::classify(frame))
-            .or_else(|| {
-                sample
-                    .frames
-                    .iter()
-                    .find_map(|frame| components::classify_host(frame))
-            })
-            .unwrap_or(OTHER_KERNEL),
-    )
+    let rule = Rule {
+        view: View::Layer,
+        skid: true,
+    };
+    attribution::attribute(sample, rule).map(|charge| charge.classes[0])
 }
-
 /// Splits `total` into integer parts proportional to `weights` that add up exactly to `total`
 /// (largest remainder method).
 pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
@@ -331,57 +311,296 @@ pub fn select_packets(
     }
 }
 
-/// Turns a window into a Breakdown. Component cycles add up exactly to `total.cycles`.
-pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) -> Breakdown {
-    let mut period_by_class: HashMap<&'static str, u64> = HashMap::new();
-    let mut period_by_function: HashMap<(&str, &'static str), u64> = HashMap::new();
-    let mut netfilter_sites: HashMap<HookSite, SitePeriods> = HashMap::new();
-    let (mut busy_samples, mut idle_samples, mut samples) = (0u64, 0u64, 0u64);
+/// Samples and summed sample periods of one class.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    samples: u64,
+    period: u64,
+}
+
+impl Tally {
+    fn add(&mut self, sample: &StackSample) {
+        self.samples += sample.count;
+        self.period += sample.period;
+    }
+}
+
+/// A window's samples, counted by class under one rule.
+#[derive(Default)]
+struct Tallies<'a> {
+    /// Per dotted class.
+    by_class: HashMap<&'static str, Tally>,
+    /// Per top-level component, each sample once (under `children` a sample may count for
+    /// several components, never twice for one).
+    by_component: HashMap<&'a str, Tally>,
+    /// Per (innermost function, class it was charged to): summed period.
+    by_function: HashMap<(&'a str, &'static str), u64>,
+    netfilter_sites: HashMap<HookSite, SitePeriods>,
+    /// Per (caller <- enable point, class): samples that skidded.
+    skid: HashMap<(String, &'static str), Tally>,
+    samples: u64,
+    busy_samples: u64,
+    idle_samples: u64,
+    busy_period: u64,
+}
+
+fn tally(raw: &RawWindow, rule: Rule) -> Tallies<'_> {
+    let mut t = Tallies::default();
     for sample in &raw.samples {
-        samples += sample.count;
-        match attribute(sample) {
-            Some(class) => {
-                busy_samples += sample.count;
-                *period_by_class.entry(class).or_default() += sample.period;
-                let function = sample
-                    .frames
-                    .first()
-                    .map_or("[user or unknown]", String::as_str);
-                *period_by_function.entry((function, class)).or_default() += sample.period;
-                if components::top_level(class) == NETFILTER {
-                    let site = hooks::site_of(&sample.frames).unwrap_or(HookSite::UNKNOWN);
-                    let periods = netfilter_sites.entry(site).or_default();
-                    periods.total += sample.period;
-                    if class == NETFILTER_RULES {
-                        periods.rules += sample.period;
-                    }
-                }
+        t.samples += sample.count;
+        let Some(charge) = attribution::attribute(sample, rule) else {
+            t.idle_samples += sample.count;
+            continue;
+        };
+        t.busy_samples += sample.count;
+        t.busy_period += sample.period;
+        let mut tops: Vec<&str> = Vec::with_capacity(charge.classes.len());
+        for &class in &charge.classes {
+            t.by_class.entry(class).or_default().add(sample);
+            let top = components::top_level(class);
+            if !tops.contains(&top) {
+                tops.push(top);
+                t.by_component.entry(top).or_default().add(sample);
             }
-            None => idle_samples += sample.count,
+        }
+        let function = sample
+            .frames
+            .first()
+            .map_or("[user or unknown]", String::as_str);
+        *t.by_function
+            .entry((function, charge.classes[0]))
+            .or_default() += sample.period;
+        if tops.contains(&NETFILTER) {
+            let site = hooks::site_of(&sample.frames).unwrap_or(HookSite::UNKNOWN);
+            let periods = t.netfilter_sites.entry(site).or_default();
+            periods.total += sample.period;
+            if charge.classes.contains(&NETFILTER_RULES) {
+                periods.rules += sample.period;
+            }
+        }
+        if let Some(caller) = charge.skid_caller {
+            t.skid
+                .entry((caller, charge.classes[0]))
+                .or_default()
+                .add(sample);
         }
     }
-    let busy_period: u64 = period_by_class.values().sum();
-    let mut total_cycles = (busy_period as f64 * raw.clock.cycles_per_period_unit()).round() as u64;
+    t
+}
+
+/// What every figure of a window is divided by and scaled with.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    packets: u64,
+    total_cycles: u64,
+    cycles_per_unit: f64,
+    /// Busy cycles per busy sample: what one more sample would have weighed.
+    cycles_per_sample: f64,
+}
+
+impl Scale {
+    fn cycles(&self, period: u64) -> u64 {
+        (period as f64 * self.cycles_per_unit).round() as u64
+    }
+
+    /// A sampled figure: its samples and their Poisson interval.
+    fn sampled(&self, name: &str, cycles: u64, samples: u64, available: bool) -> ComponentCost {
+        let per_sample = if samples > 0 {
+            cycles as f64 / samples as f64
+        } else {
+            self.cycles_per_sample
+        };
+        let (low, high) = attribution::poisson_ci95(samples);
+        ComponentCost {
+            name: name.to_owned(),
+            cycles,
+            cpp: per_packet(cycles, self.packets),
+            share: share(cycles, self.total_cycles),
+            available,
+            samples,
+            cpp_ci95: (self.packets > 0).then(|| {
+                let p = self.packets as f64;
+                [low * per_sample / p, high * per_sample / p]
+            }),
+            few_samples: samples < MIN_SAMPLES,
+        }
+    }
+
+    fn function(&self, function: &str, class: &str, period: u64) -> FunctionCost {
+        let cycles = self.cycles(period);
+        FunctionCost {
+            function: function.to_owned(),
+            component: class.to_owned(),
+            cycles,
+            share: share(cycles, self.total_cycles),
+        }
+    }
+
+    /// A figure measured exactly (BPF statistics): its interval is the point.
+    fn exact(&self, name: &str, cycles: u64, samples: u64) -> ComponentCost {
+        let cpp = per_packet(cycles, self.packets);
+        ComponentCost {
+            name: name.to_owned(),
+            cycles,
+            cpp,
+            share: share(cycles, self.total_cycles),
+            available: true,
+            samples,
+            cpp_ci95: cpp.map(|v| [v, v]),
+            few_samples: false,
+        }
+    }
+}
+
+/// Turns a window into a Breakdown. Under `layer` and `self`, component cycles add up exactly
+/// to `total.cycles`; under `children` each counts every sample whose stack holds it.
+pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) -> Breakdown {
+    let rule = Rule {
+        view: selection.view,
+        skid: raw.clock.source == ClockSource::CpuClock,
+    };
+    let t = tally(raw, rule);
+    let mut total_cycles =
+        (t.busy_period as f64 * raw.clock.cycles_per_period_unit()).round() as u64;
     let packets = select_packets(&raw.ifaces, selection, &raw.packet_counter);
     let traced = raw
         .trace
         .as_ref()
         .map(|trace| traced_cycles(trace, raw, &mut total_cycles));
-
-    // Top level: apportion the total over the components by their period.
-    let top_weights: Vec<u64> = COMPONENTS
+    let scale = Scale {
+        packets: packets.count,
+        total_cycles,
+        cycles_per_unit: raw.clock.cycles_per_period_unit(),
+        cycles_per_sample: if t.busy_samples > 0 {
+            total_cycles as f64 / t.busy_samples as f64
+        } else {
+            0.0
+        },
+    };
+    let top_cycles = top_level_cycles(&t, traced.as_ref(), rule.view, &scale);
+    let (mut components_out, bpf_sampled_cycles, bpf_exact_cycles) =
+        component_costs(raw, context, &t, top_cycles, traced.as_ref(), &scale);
+    let subcomponents_out = subcomponent_costs(&t, &components_out, rule.view, &scale);
+    let cycles_of = |class: &str| -> u64 {
+        subcomponents_out
+            .iter()
+            .find(|c| c.name == class)
+            .map_or(0, |c| c.cycles)
+    };
+    let netfilter_cycles = components_out
         .iter()
-        .map(|component| {
-            period_by_class
-                .iter()
-                .filter(|(class, _)| components::top_level(class) == component.name)
-                .map(|(_, period)| period)
-                .sum()
-        })
+        .find(|c| c.name == NETFILTER)
+        .map_or(0, |c| c.cycles);
+    let netfilter = NetfilterSection {
+        hooks: hook_costs(
+            &t.netfilter_sites,
+            netfilter_cycles,
+            cycles_of(NETFILTER_RULES),
+            packets.count,
+        ),
+        ..NetfilterSection::default()
+    };
+    let tracing = raw.trace.as_ref().map(|trace| {
+        tracing_quality(
+            trace,
+            raw,
+            traced.as_ref().expect("traced"),
+            &mut components_out,
+            packets.count,
+        )
+    });
+    let (probe_runs, probe_ns) = raw
+        .bpf_programs
+        .iter()
+        .filter(|p| p.is_own())
+        .fold((0u64, 0u64), |(runs, ns), p| {
+            (runs + p.run_count, ns + p.run_time_ns)
+        });
+    Breakdown {
+        node: context.node.clone(),
+        kernel: context.kernel.clone(),
+        window: Window {
+            start: raw.start,
+            end: raw.end,
+            duration_s: raw.duration_s,
+        },
+        backend: context.backend.clone(),
+        clock: raw.clock.clone(),
+        cycle_unit: CycleUnit::of(raw.clock.source),
+        view: rule.view,
+        total: Total {
+            cycles: total_cycles,
+            cpp: per_packet(total_cycles, packets.count),
+        },
+        components: components_out,
+        unavailable: context.unavailable.clone(),
+        softirq: softirq_costs(raw, packets.count),
+        cpu: cpu_split(raw, packets.bytes),
+        bpf_programs: bpf_program_costs(raw, packets.count),
+        top_functions: top_functions(&t, &scale),
+        netfilter,
+        quality: Quality {
+            samples: t.samples,
+            busy_samples: t.busy_samples,
+            idle_samples: t.idle_samples,
+            lost: raw.faults.stack_lost + raw.faults.sample_map_full,
+            samples_dropped: raw.faults.samples_dropped,
+            stack_lost: raw.faults.stack_lost,
+            sample_map_full: raw.faults.sample_map_full,
+            packet_map_full: raw.faults.iface_map_full,
+            field_read_errors: raw.faults.field_read,
+            frequency_hz: raw.frequency_hz.round() as u64,
+            expected_samples: (raw.frequency_hz * raw.duration_s * f64::from(raw.cpus)).round()
+                as u64,
+            self_cycles: cycles_of(SELF_COST),
+            user_cycles: cycles_of(OTHER_USER),
+            bpf_stats: raw.bpf_stats.clone(),
+            bpf_sampled_cycles,
+            bpf_exact_cycles,
+            probe_runs,
+            probe_cost_ns: (raw.bpf_stats.is_some() && probe_runs > 0)
+                .then(|| probe_ns as f64 / probe_runs as f64),
+            tracing,
+            skid: rule.skid.then(|| skid_quality(&t, &scale)),
+            agent_cost: None,
+        },
+        packets,
+        subcomponents: subcomponents_out,
+        stacks: None,
+    }
+}
+
+/// Each top-level component's cycles, in taxonomy order.
+fn top_level_cycles(
+    t: &Tallies,
+    traced: Option<&TracedCycles>,
+    view: View,
+    scale: &Scale,
+) -> Vec<u64> {
+    if let Some(traced) = traced {
+        return traced.net.clone();
+    }
+    let periods: Vec<u64> = COMPONENTS
+        .iter()
+        .map(|c| t.by_component.get(c.name).map_or(0, |tally| tally.period))
         .collect();
-    let mut top_cycles = traced
-        .clone()
-        .unwrap_or_else(|| apportion(total_cycles, &top_weights));
+    match view {
+        // A sample counts once per component it holds: no closure to keep.
+        View::Children => periods.iter().map(|&p| scale.cycles(p)).collect(),
+        View::Layer | View::Leaf => apportion(scale.total_cycles, &periods),
+    }
+}
+
+/// The top-level components, with the exact `bpf` figure (when statistics were on) in place
+/// of the sampled one. Returns them with the sampled and exact `bpf` cycles.
+fn component_costs(
+    raw: &RawWindow,
+    context: &Context,
+    t: &Tallies,
+    mut top_cycles: Vec<u64>,
+    traced: Option<&TracedCycles>,
+    scale: &Scale,
+) -> (Vec<ComponentCost>, u64, Option<u64>) {
     let index_of = |name: &str| {
         COMPONENTS
             .iter()
@@ -406,77 +625,115 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         top_cycles[bpf_index] = exact.min(pool);
         top_cycles[other_index] = pool - top_cycles[bpf_index];
     }
-    let unavailable_names: Vec<&str> = context
-        .unavailable
+    let costs = COMPONENTS
         .iter()
-        .map(|u| u.name.as_str())
+        .zip(&top_cycles)
+        .map(|(component, &cycles)| {
+            let samples = match traced {
+                Some(traced) => traced.hits(component.name),
+                None => t.by_component.get(component.name).map_or(0, |s| s.samples),
+            };
+            let available = !context.unavailable.iter().any(|u| u.name == component.name);
+            if component.name == "bpf" && bpf_exact_cycles.is_some() {
+                scale.exact(component.name, cycles, samples)
+            } else {
+                scale.sampled(component.name, cycles, samples, available)
+            }
+        })
         .collect();
+    (costs, bpf_sampled_cycles, bpf_exact_cycles)
+}
 
-    let mut components_out = Vec::with_capacity(COMPONENTS.len());
-    let mut subcomponents_out = Vec::new();
-    for (component, &cycles) in COMPONENTS.iter().zip(&top_cycles) {
-        components_out.push(ComponentCost {
-            name: component.name.to_owned(),
-            cycles,
-            cpp: per_packet(cycles, packets.count),
-            share: share(cycles, total_cycles),
-            available: !unavailable_names.contains(&component.name),
-        });
-        // Within the component, apportion its cycles over its dotted parts.
-        let mut parts: Vec<(&str, u64)> = period_by_class
+/// The dotted parts of each component. Under `layer` and `self` a component's cycles are
+/// apportioned over its parts (its undotted samples keep the rest); under `children` each
+/// part counts its own samples.
+fn subcomponent_costs(
+    t: &Tallies,
+    components: &[ComponentCost],
+    view: View,
+    scale: &Scale,
+) -> Vec<ComponentCost> {
+    let mut out = Vec::new();
+    for component in components {
+        let mut parts: Vec<(&str, Tally)> = t
+            .by_class
             .iter()
             .filter(|(class, _)| {
                 class.contains('.') && components::top_level(class) == component.name
             })
-            .map(|(&class, &period)| (class, period))
+            .map(|(&class, &tally)| (class, tally))
             .collect();
-        let plain: u64 = period_by_class.get(component.name).copied().unwrap_or(0);
         if parts.is_empty() {
             continue;
         }
-        parts.sort_unstable();
-        let mut weights: Vec<u64> = parts.iter().map(|&(_, p)| p).collect();
-        weights.push(plain);
-        let split = apportion(cycles, &weights);
-        for (&(name, _), &sub_cycles) in parts.iter().zip(&split) {
-            subcomponents_out.push(ComponentCost {
-                name: name.to_owned(),
-                cycles: sub_cycles,
-                cpp: per_packet(sub_cycles, packets.count),
-                share: share(sub_cycles, total_cycles),
-                available: true,
-            });
+        parts.sort_unstable_by_key(|&(name, _)| name);
+        let split: Vec<u64> = if view == View::Children {
+            parts
+                .iter()
+                .map(|(_, tally)| scale.cycles(tally.period))
+                .collect()
+        } else {
+            let plain = t
+                .by_class
+                .get(component.name.as_str())
+                .map_or(0, |tally| tally.period);
+            let mut weights: Vec<u64> = parts.iter().map(|(_, tally)| tally.period).collect();
+            weights.push(plain);
+            apportion(component.cycles, &weights)
+        };
+        for (&(name, tally), &cycles) in parts.iter().zip(&split) {
+            out.push(scale.sampled(name, cycles, tally.samples, true));
         }
     }
-    let cycles_of = |class: &str| -> u64 {
-        subcomponents_out
-            .iter()
-            .find(|c| c.name == class)
-            .map_or(0, |c| c.cycles)
-    };
+    out
+}
 
-    let cycles_per_unit = raw.clock.cycles_per_period_unit();
-    let mut top_functions: Vec<FunctionCost> = period_by_function
-        .into_iter()
-        .map(|((function, class), period)| {
-            let cycles = (period as f64 * cycles_per_unit).round() as u64;
-            FunctionCost {
-                function: function.to_owned(),
-                component: class.to_owned(),
-                cycles,
-                share: share(cycles, total_cycles),
-            }
-        })
+fn top_functions(t: &Tallies, scale: &Scale) -> Vec<FunctionCost> {
+    let mut functions: Vec<FunctionCost> = t
+        .by_function
+        .iter()
+        .map(|(&(function, class), &period)| scale.function(function, class, period))
         .collect();
-    top_functions.sort_unstable_by(|a, b| {
+    costliest(&mut functions, TOP_FUNCTIONS);
+    functions
+}
+
+/// Keeps the `n` costliest, costliest first (ties by name, so output is stable).
+fn costliest(functions: &mut Vec<FunctionCost>, n: usize) {
+    functions.sort_unstable_by(|a, b| {
         b.cycles
             .cmp(&a.cycles)
             .then_with(|| a.function.cmp(&b.function))
     });
-    top_functions.truncate(TOP_FUNCTIONS);
+    functions.truncate(n);
+}
 
-    let softirq = softirq_costs(raw, packets.count);
-    let mut bpf_programs: Vec<BpfProgramCost> = raw
+/// How many callers the skid section lists.
+const SKID_CALLERS: usize = 10;
+
+fn skid_quality(t: &Tallies, scale: &Scale) -> Skid {
+    let (mut samples, mut period) = (0, 0);
+    let mut callers: Vec<FunctionCost> = t
+        .skid
+        .iter()
+        .map(|((caller, class), tally)| {
+            samples += tally.samples;
+            period += tally.period;
+            scale.function(caller, class, tally.period)
+        })
+        .collect();
+    costliest(&mut callers, SKID_CALLERS);
+    let cycles = scale.cycles(period);
+    Skid {
+        samples,
+        cycles,
+        share: share(cycles, scale.total_cycles),
+        callers,
+    }
+}
+
+fn bpf_program_costs(raw: &RawWindow, packets: u64) -> Vec<BpfProgramCost> {
+    let mut programs: Vec<BpfProgramCost> = raw
         .bpf_programs
         .iter()
         .filter(|p| !p.is_own())
@@ -489,84 +746,13 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
                 run_cnt: p.run_count,
                 run_time_ns: p.run_time_ns,
                 cycles,
-                cpp: per_packet(cycles, packets.count),
+                cpp: per_packet(cycles, packets),
                 datapath: is_datapath_type(p.program_type),
             }
         })
         .collect();
-    bpf_programs.sort_unstable_by(|a, b| b.run_time_ns.cmp(&a.run_time_ns).then(a.id.cmp(&b.id)));
-    let (probe_runs, probe_ns) = raw
-        .bpf_programs
-        .iter()
-        .filter(|p| p.is_own())
-        .fold((0u64, 0u64), |(runs, ns), p| {
-            (runs + p.run_count, ns + p.run_time_ns)
-        });
-    let cpu = cpu_split(raw, packets.bytes);
-    let netfilter = NetfilterSection {
-        hooks: hook_costs(
-            &netfilter_sites,
-            top_cycles[index_of(NETFILTER)],
-            cycles_of(NETFILTER_RULES),
-            packets.count,
-        ),
-        ..NetfilterSection::default()
-    };
-
-    let lost = raw.faults.stack_lost + raw.faults.sample_map_full;
-    let tracing = raw
-        .trace
-        .as_ref()
-        .map(|trace| tracing_quality(trace, raw, &components_out, packets.count));
-    Breakdown {
-        node: context.node.clone(),
-        kernel: context.kernel.clone(),
-        window: Window {
-            start: raw.start,
-            end: raw.end,
-            duration_s: raw.duration_s,
-        },
-        backend: context.backend.clone(),
-        clock: raw.clock.clone(),
-        total: Total {
-            cycles: total_cycles,
-            cpp: per_packet(total_cycles, packets.count),
-        },
-        packets,
-        components: components_out,
-        unavailable: context.unavailable.clone(),
-        softirq,
-        cpu,
-        bpf_programs,
-        top_functions,
-        netfilter,
-        quality: Quality {
-            samples,
-            busy_samples,
-            idle_samples,
-            lost,
-            samples_dropped: raw.faults.samples_dropped,
-            stack_lost: raw.faults.stack_lost,
-            sample_map_full: raw.faults.sample_map_full,
-            packet_map_full: raw.faults.iface_map_full,
-            field_read_errors: raw.faults.field_read,
-            frequency_hz: raw.frequency_hz.round() as u64,
-            expected_samples: (raw.frequency_hz * raw.duration_s * f64::from(raw.cpus)).round()
-                as u64,
-            self_cycles: cycles_of(SELF_COST),
-            user_cycles: cycles_of(OTHER_USER),
-            bpf_stats: raw.bpf_stats.clone(),
-            bpf_sampled_cycles,
-            bpf_exact_cycles,
-            probe_runs,
-            probe_cost_ns: (raw.bpf_stats.is_some() && probe_runs > 0)
-                .then(|| probe_ns as f64 / probe_runs as f64),
-            tracing,
-            agent_cost: None,
-        },
-        subcomponents: subcomponents_out,
-        stacks: None,
-    }
+    programs.sort_unstable_by(|a, b| b.run_time_ns.cmp(&a.run_time_ns).then(a.id.cmp(&b.id)));
+    programs
 }
 
 /// Busy ns of all CPUs over the window from /proc/stat (user, system, irq, softirq).
@@ -575,71 +761,122 @@ fn busy_ns(cpu: &CpuTicks) -> f64 {
     ticks as f64 * 1e9 / procfs::ticks_per_second() as f64
 }
 
-/// Tracing: each component's exclusive time; `other` is the rest of the busy time. When the
-/// traced time exceeds /proc/stat's (tick granularity), the total is raised to keep closure.
-fn traced_cycles(trace: &TraceWindow, raw: &RawWindow, total: &mut u64) -> Vec<u64> {
-    let cycles_per_ns = raw.clock.cycles_per_ns;
-    let mut cycles: Vec<u64> = COMPONENTS
+/// What the tracer's times make of each top-level component, in taxonomy order.
+#[derive(Debug, Clone)]
+struct TracedCycles {
+    /// Exclusive time of the component's traced functions.
+    gross: Vec<u64>,
+    /// `gross` less the calibrated cost of the probes on them: the headline figures. The
+    /// probes' cost goes to `other` (cnitrace's own cost), so the closure holds.
+    net: Vec<u64>,
+    hits: Vec<u64>,
+}
+
+impl TracedCycles {
+    fn hits(&self, component: &str) -> u64 {
+        COMPONENTS
+            .iter()
+            .position(|c| c.name == component)
+            .map_or(0, |i| self.hits[i])
+    }
+}
+
+/// The calibrated cost of the probes inside one component's exclusive time. A probe pair's
+/// cost splits at its clock reads: about half lands in the traced function, half in the
+/// function that called it. So a component carries half a pair per own call and half a pair
+/// per traced call it makes (at the costliest pair in use, as the callee's mode is not
+/// recorded).
+fn probe_cycles(
+    trace: &TraceWindow,
+    name: &str,
+    cost: &cnitrace_common::TraceCost,
+    cycles_per_ns: f64,
+) -> f64 {
+    let pair_ns = trace
+        .pair_ns
         .iter()
-        .map(|component| {
-            trace
-                .costs
-                .iter()
-                .find(|(name, _)| name == component.name)
-                .map_or(0, |(_, cost)| {
-                    (cost.exclusive_ns as f64 * cycles_per_ns).round() as u64
-                })
+        .find(|(component, _)| component == name)
+        .map(|(_, ns)| *ns);
+    pair_ns.map_or(0.0, |ns| ns * cost.hits as f64 * cycles_per_ns / 2.0)
+        + trace.probe_pair_ns.map_or(0.0, |ns| {
+            ns * cost.nested_calls as f64 * cycles_per_ns / 2.0
         })
-        .collect();
+}
+
+/// Tracing: each component's exclusive time, net of its probes; `other` is the rest of the
+/// busy time. When the traced time exceeds /proc/stat's (tick granularity), the total is
+/// raised to keep closure.
+fn traced_cycles(trace: &TraceWindow, raw: &RawWindow, total: &mut u64) -> TracedCycles {
+    let cycles_per_ns = raw.clock.cycles_per_ns;
+    let mut traced = TracedCycles {
+        gross: vec![0; COMPONENTS.len()],
+        net: vec![0; COMPONENTS.len()],
+        hits: vec![0; COMPONENTS.len()],
+    };
+    for (i, component) in COMPONENTS.iter().enumerate() {
+        if component.name == OTHER {
+            continue;
+        }
+        if let Some((_, cost)) = trace.costs.iter().find(|(name, _)| name == component.name) {
+            let gross = (cost.exclusive_ns as f64 * cycles_per_ns).round() as u64;
+            let probes = probe_cycles(trace, component.name, cost, cycles_per_ns);
+            traced.gross[i] = gross;
+            traced.net[i] = (gross as f64 - probes).max(0.0).round() as u64;
+            traced.hits[i] = cost.hits;
+        }
+    }
+    let gross: u64 = traced.gross.iter().sum();
+    *total = ((busy_ns(&raw.cpu) * cycles_per_ns).round() as u64).max(gross);
     let other = COMPONENTS
         .iter()
         .position(|c| c.name == OTHER)
         .expect("other");
-    cycles[other] = 0;
-    let traced: u64 = cycles.iter().sum();
-    *total = ((busy_ns(&raw.cpu) * cycles_per_ns).round() as u64).max(traced);
-    cycles[other] = *total - traced;
-    cycles
+    traced.net[other] = *total - traced.net.iter().sum::<u64>();
+    traced
 }
 
+/// The tracing section, and each traced component's interval: from net of its probes (the
+/// headline) to gross.
 fn tracing_quality(
     trace: &TraceWindow,
     raw: &RawWindow,
-    components: &[ComponentCost],
+    traced: &TracedCycles,
+    components: &mut [ComponentCost],
     packets: u64,
 ) -> TracingQuality {
     let cycles_per_ns = raw.clock.cycles_per_ns;
-    let traced: Vec<TracedComponent> = trace
+    for (component, (&gross, &net)) in components
+        .iter_mut()
+        .zip(traced.gross.iter().zip(&traced.net))
+    {
+        if component.name != OTHER && gross > 0 {
+            component.cpp_ci95 = per_packet(net, packets)
+                .zip(per_packet(gross, packets))
+                .map(|(low, high)| [low, high]);
+            component.few_samples = false;
+        }
+    }
+    let components_traced: Vec<TracedComponent> = trace
         .costs
         .iter()
         .filter(|(_, cost)| cost.hits > 0)
         .map(|(name, cost)| {
-            let measured = components
+            let net = COMPONENTS
                 .iter()
-                .find(|c| &c.name == name)
-                .map_or(0, |c| c.cycles);
-            let pair_ns = trace
-                .pair_ns
-                .iter()
-                .find(|(component, _)| component == name)
-                .map(|(_, ns)| *ns);
-            // A probe pair's cost splits at its clock reads: about half lands in the traced
-            // function, half in the function that called it. So a component carries half a
-            // pair per own call and half a pair per traced call it makes (at the costliest
-            // pair in use, as the callee's mode is not recorded).
-            let probes = pair_ns.map_or(0.0, |ns| ns * cost.hits as f64 * cycles_per_ns / 2.0)
-                + trace.probe_pair_ns.map_or(0.0, |ns| {
-                    ns * cost.nested_calls as f64 * cycles_per_ns / 2.0
-                });
+                .position(|c| c.name == name)
+                .map_or(0, |i| traced.net[i]);
             TracedComponent {
                 name: name.clone(),
                 hits: cost.hits,
                 hits_per_packet: (packets > 0).then(|| cost.hits as f64 / packets as f64),
                 inclusive_cycles: (cost.inclusive_ns as f64 * cycles_per_ns).round() as u64,
-                probe_pair_ns: pair_ns,
+                probe_pair_ns: trace
+                    .pair_ns
+                    .iter()
+                    .find(|(component, _)| component == name)
+                    .map(|(_, ns)| *ns),
                 nested_calls: cost.nested_calls,
-                cpp_net_of_probes: (packets > 0)
-                    .then(|| (measured as f64 - probes).max(0.0) / packets as f64),
+                cpp_net_of_probes: per_packet(net, packets),
             }
         })
         .collect();
@@ -647,7 +884,7 @@ fn tracing_quality(
         functions: trace.functions.clone(),
         probe_pair_ns: trace.probe_pair_ns,
         calibration: trace.calibration.clone(),
-        components: traced,
+        components: components_traced,
         nesting_overflows: raw.faults.trace_overflow,
         nesting_resyncs: raw.faults.trace_resync,
         unmatched_exits: raw.faults.trace_unmatched_exit,
@@ -873,7 +1110,98 @@ fn cpu_split(raw: &RawWindow, bytes: u64) -> CpuSplit {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::contract::ClockSource;
+    use crate::components::OTHER_KERNEL;
+    use cnitrace_common::{SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER};
+
+    fn component<'a>(b: &'a Breakdown, name: &str) -> &'a ComponentCost {
+        b.components
+            .iter()
+            .chain(&b.subcomponents)
+            .find(|c| c.name == name)
+            .unwrap()
+    }
+
+    #[test]
+    fn every_figure_carries_its_samples_and_interval() {
+        let raw = window(
+            vec![
+                stack(&["br_forward"], 0, 400, 400_000_000),
+                stack(&["ipt_do_table", "nf_hook_slow"], 0, 10, 10_000_000),
+                stack(&["tcp_sendmsg"], 0, 590, 590_000_000),
+            ],
+            &[("veth0", 1000, 1000)],
+        );
+        let b = compute(&raw, &context(), &PacketSelection::default());
+        let bridge = component(&b, "bridge");
+        let [low, high] = bridge.cpp_ci95.unwrap();
+        let cpp = bridge.cpp.unwrap();
+        assert_eq!(bridge.samples, 400);
+        assert!(!bridge.few_samples);
+        // 400 samples: about +-10% (Poisson), around the figure.
+        assert!(low < cpp && cpp < high, "{low} {cpp} {high}");
+        assert!((high / cpp - 1.10).abs() < 0.01 && (1.0 - low / cpp - 0.095).abs() < 0.01);
+        let netfilter = component(&b, "netfilter");
+        assert!(netfilter.few_samples && netfilter.samples == 10);
+        assert_eq!(component(&b, "netfilter.rules").samples, 10);
+        // No sample is still an upper bound: 3.7 samples' worth.
+        let vxlan = component(&b, "vxlan");
+        let per_sample = b.total.cycles as f64 / 1000.0 / 1000.0;
+        assert_eq!(vxlan.samples, 0);
+        assert!(vxlan.cpp_ci95.unwrap()[0].abs() < f64::EPSILON);
+        assert!((vxlan.cpp_ci95.unwrap()[1] / per_sample - 3.69).abs() < 0.05);
+        assert_eq!((b.view, b.cycle_unit), (View::Layer, CycleUnit::Reference));
+    }
+
+    #[test]
+    fn views_follow_perf_self_and_children() {
+        let raw = window(
+            vec![
+                stack(
+                    &[
+                        "memcpy",
+                        "skb_copy_bits",
+                        "br_nf_pre_routing",
+                        "br_handle_frame",
+                    ],
+                    0,
+                    10,
+                    10,
+                ),
+                stack(
+                    &[
+                        "tcp_v4_rcv",
+                        "ip_local_deliver",
+                        "ip_rcv",
+                        "br_handle_frame_finish",
+                    ],
+                    0,
+                    30,
+                    30,
+                ),
+            ],
+            &[("veth0", 10, 10)],
+        );
+        let view = |view| {
+            let selection = PacketSelection {
+                view,
+                ..PacketSelection::default()
+            };
+            let b = compute(&raw, &context(), &selection);
+            let cycles = |name| component(&b, name).cycles;
+            (
+                cycles("bridge"),
+                cycles("netfilter"),
+                cycles("other"),
+                b.total.cycles,
+            )
+        };
+        // layer: the host's receive under the bridge is other; the helper is netfilter's.
+        assert_eq!(view(View::Layer), (0, 25, 75, 100));
+        // self: the innermost function only.
+        assert_eq!(view(View::Leaf), (0, 0, 100, 100));
+        // children: every component on the stack; no closure.
+        assert_eq!(view(View::Children), (100, 25, 0, 100));
+    }
 
     #[test]
     fn datapath_program_types() {
@@ -1174,6 +1502,7 @@ pub(crate) mod tests {
             ifaces: vec!["a".into(), "b".into()],
             netns_inodes: Vec::new(),
             unit: PacketUnit::Skb,
+            view: View::Layer,
         };
         let b = compute(&raw, &context(), &sel);
         assert_eq!(

@@ -191,12 +191,19 @@ const RULES: &[(Pattern, &str)] = &[
     // bridge-netfilter glue is netfilter work even though it is called br_nf_*.
     (Pattern::Prefix("br_nf_"), "netfilter.bridge"),
     (Pattern::Prefix("nf_bridge_"), "netfilter.bridge"),
+    // br_netfilter's header validation, called only from br_nf_* hooks.
+    (Pattern::Exact("br_validate_ipv4"), "netfilter.bridge"),
+    (Pattern::Exact("br_validate_ipv6"), "netfilter.bridge"),
     (Pattern::Prefix("br_"), "bridge"),
     (Pattern::Prefix("__br_"), "bridge"),
     (Pattern::Prefix("nbp_"), "bridge"),
     // IP forwarding and the FIB.
     (Pattern::Prefix("ip_forward"), "ip_forward.forward"),
+    (Pattern::Prefix("ip6_forward"), "ip_forward.forward"),
     (Pattern::Prefix("fib_"), "ip_forward.fib"),
+    (Pattern::Prefix("fib6_"), "ip_forward.fib"),
+    (Pattern::Prefix("ip6_route_input"), "ip_forward.fib"),
+    (Pattern::Prefix("ip6_pol_route"), "ip_forward.fib"),
     (Pattern::Prefix("__fib_"), "ip_forward.fib"),
     (Pattern::Prefix("fib4_"), "ip_forward.fib"),
     (Pattern::Prefix("ip_route_input"), "ip_forward.fib"),
@@ -209,6 +216,7 @@ const RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("ebt_do_table"), "netfilter.rules"),
     (Pattern::Prefix("nft_"), "netfilter.rules"),
     (Pattern::Prefix("xt_"), "netfilter.rules"),
+    (Pattern::Prefix("iptable_nat_"), "netfilter.nat"),
     (Pattern::Prefix("iptable_"), "netfilter.rules"),
     (Pattern::Exact("tcp_mt"), "netfilter.rules"),
     (Pattern::Exact("udp_mt"), "netfilter.rules"),
@@ -218,7 +226,8 @@ const RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("set_match_v4"), "netfilter.rules"),
     (Pattern::Prefix("nf_nat_"), "netfilter.nat"),
     (Pattern::Prefix("__nf_nat_"), "netfilter.nat"),
-    (Pattern::Prefix("iptable_nat_"), "netfilter.nat"),
+    // IPVS (kube-proxy's ipvs mode) runs from netfilter hooks.
+    (Pattern::Prefix("ip_vs_"), "netfilter.ipvs"),
     (Pattern::Prefix("nf_conntrack_"), "netfilter.conntrack"),
     (Pattern::Prefix("__nf_conntrack_"), "netfilter.conntrack"),
     (Pattern::Prefix("nf_ct_"), "netfilter.conntrack"),
@@ -234,6 +243,7 @@ const RULES: &[(Pattern, &str)] = &[
     // Overlays.
     (Pattern::Prefix("vxlan_"), "vxlan"),
     (Pattern::Prefix("__vxlan_"), "vxlan"),
+    (Pattern::Exact("ipip_gso_segment"), "tunnel_offload.gso"),
     (Pattern::Prefix("ipip_"), "ipip"),
     // Only the ip_tunnel entry points ipip uses: ip_tunnel_core helpers also run under vxlan.
     (Pattern::Exact("ip_tunnel_xmit"), "ipip"),
@@ -263,8 +273,9 @@ const RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("fl_classify"), "tc.filter"),
     (Pattern::Prefix("tcf_"), "tc.action"),
     (Pattern::Prefix("ifb_"), "tc.ifb"),
-    // veth.
+    // veth, and netkit (its BPF-programmable successor).
     (Pattern::Prefix("veth_"), "veth"),
+    (Pattern::Prefix("netkit_"), "veth"),
     // Open vSwitch.
     (Pattern::Prefix("ovs_"), "ovs"),
     // Software segmentation and checksumming.
@@ -285,7 +296,6 @@ const RULES: &[(Pattern, &str)] = &[
         Pattern::Exact("__skb_udp_tunnel_segment"),
         "tunnel_offload.gso",
     ),
-    (Pattern::Exact("ipip_gso_segment"), "tunnel_offload.gso"),
     (Pattern::Exact("ip_send_check"), "tunnel_offload.csum"),
     (Pattern::Exact("skb_checksum_help"), "tunnel_offload.csum"),
     (Pattern::Exact("skb_checksum"), "tunnel_offload.csum"),
@@ -320,6 +330,9 @@ const HOST_RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("simple_copy_to_iter"), OTHER_COPY),
     (Pattern::Prefix("skb_do_copy_data"), OTHER_COPY),
     (Pattern::Prefix("csum_and_copy"), OTHER_COPY),
+    // Checksums touch the payload as copies do (under a tunnel they are tunnel_offload).
+    (Pattern::Prefix("csum_"), OTHER_COPY),
+    (Pattern::Exact("do_csum"), OTHER_COPY),
     // skbs and the memory under them.
     (Pattern::Prefix("__alloc_skb"), OTHER_MEMORY),
     (Pattern::Prefix("alloc_skb"), OTHER_MEMORY),
@@ -394,6 +407,8 @@ const HOST_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("__ip_local_"), OTHER_IP),
     (Pattern::Prefix("ip_protocol_deliver"), OTHER_IP),
     (Pattern::Prefix("ip_output"), OTHER_IP),
+    (Pattern::Exact("ip_send_check"), OTHER_IP),
+    (Pattern::Prefix("inet_gso_"), OTHER_IP),
     (Pattern::Prefix("ip_finish_output"), OTHER_IP),
     (Pattern::Prefix("__ip_finish_output"), OTHER_IP),
     (Pattern::Prefix("ip_queue_xmit"), OTHER_IP),
@@ -542,7 +557,7 @@ pub const HOST_GROUPS: &[(&str, &str, &str)] = &[
     ),
     (
         OTHER_COPY,
-        "copies of payload between user and kernel buffers",
+        "copies of payload between user and kernel buffers, and checksums outside tunnels",
         "#f1ce63",
     ),
     (
@@ -601,6 +616,141 @@ const INTERRUPT_FRAMES: &[Pattern] = &[
     Pattern::Exact("net_tx_action"),
 ];
 
+/// Where a generic layer of a stack begins: hand-offs between the device, IP and transport
+/// layers, and entries into another context (softirq, interrupt, system call). The `layer`
+/// attribution rule stops its walk at the first of them (see `attribution`). Each is a real
+/// call on every path through it: none is tail-called or inlined into its callers.
+const LAYER_BOUNDARIES: &[Pattern] = &[
+    // The device layer: receive and transmit hand-offs.
+    Pattern::Prefix("__netif_receive_skb"),
+    Pattern::Prefix("netif_receive_skb"),
+    Pattern::Exact("netif_rx"),
+    Pattern::Exact("__netif_rx"),
+    Pattern::Exact("netif_rx_internal"),
+    Pattern::Exact("process_backlog"),
+    Pattern::Exact("napi_gro_receive"),
+    Pattern::Exact("gro_receive_skb"),
+    Pattern::Exact("__dev_queue_xmit"),
+    Pattern::Exact("dev_queue_xmit"),
+    Pattern::Exact("dev_hard_start_xmit"),
+    // The IP layer.
+    Pattern::Exact("ip_rcv"),
+    Pattern::Exact("ip_list_rcv"),
+    Pattern::Exact("ip_sublist_rcv"),
+    Pattern::Exact("ip_local_deliver"),
+    Pattern::Exact("ip_local_deliver_finish"),
+    Pattern::Exact("ip_output"),
+    Pattern::Exact("ip_local_out"),
+    Pattern::Exact("__ip_local_out"),
+    Pattern::Exact("ip_finish_output"),
+    Pattern::Exact("__ip_finish_output"),
+    Pattern::Exact("ip_finish_output2"),
+    Pattern::Exact("__ip_queue_xmit"),
+    Pattern::Exact("ip_queue_xmit"),
+    Pattern::Exact("ipv6_rcv"),
+    Pattern::Exact("ip6_input"),
+    Pattern::Exact("ip6_output"),
+    Pattern::Exact("ip6_finish_output"),
+    Pattern::Exact("ip6_finish_output2"),
+    Pattern::Exact("ip6_xmit"),
+    // The transport layer's entries.
+    Pattern::Exact("tcp_v4_rcv"),
+    Pattern::Exact("tcp_sendmsg"),
+    Pattern::Exact("tcp_sendmsg_locked"),
+    Pattern::Exact("tcp_recvmsg"),
+    Pattern::Exact("tcp_v6_rcv"),
+    Pattern::Exact("udp_rcv"),
+    Pattern::Exact("__udp4_lib_rcv"),
+    Pattern::Exact("udp_sendmsg"),
+    Pattern::Exact("udp_recvmsg"),
+    // Another context: what ran outside it was interrupted, not calling.
+    Pattern::Exact("handle_softirqs"),
+    Pattern::Exact("__do_softirq"),
+    Pattern::Exact("do_softirq"),
+    Pattern::Exact("net_rx_action"),
+    Pattern::Exact("net_tx_action"),
+    Pattern::Prefix("irq_exit"),
+    Pattern::Prefix("__irq_exit"),
+    Pattern::Prefix("asm_sysvec_"),
+    Pattern::Prefix("sysvec_"),
+    Pattern::Exact("asm_common_interrupt"),
+    Pattern::Exact("common_interrupt"),
+    Pattern::Prefix("entry_SYSCALL"),
+    Pattern::Exact("do_syscall_64"),
+];
+
+/// Where a cpu-clock sample lands after an interrupts-off section: the timer interrupt that
+/// takes it waits until interrupts are enabled again, here.
+const INTERRUPT_ENABLE_POINTS: &[Pattern] = &[
+    Pattern::Exact("_raw_spin_unlock_irqrestore"),
+    Pattern::Exact("_raw_spin_unlock_irq"),
+    Pattern::Exact("_raw_read_unlock_irqrestore"),
+    Pattern::Exact("_raw_read_unlock_irq"),
+    Pattern::Exact("_raw_write_unlock_irqrestore"),
+    Pattern::Exact("_raw_write_unlock_irq"),
+    // After running pending softirqs with interrupts off, interrupts come back on here.
+    Pattern::Exact("__local_bh_enable_ip"),
+];
+
+/// Segmentation and checksum helpers that every path uses: they are `tunnel_offload` only
+/// under a tunnel (see [`is_tunnel_frame`]); elsewhere they belong to their caller.
+const GENERIC_HELPERS: &[Pattern] = &[
+    Pattern::Exact("skb_segment"),
+    Pattern::Exact("skb_segment_list"),
+    Pattern::Prefix("__skb_gso_segment"),
+    Pattern::Exact("skb_mac_gso_segment"),
+    Pattern::Exact("inet_gso_segment"),
+    Pattern::Exact("tcp_gso_segment"),
+    Pattern::Exact("tcp4_gso_segment"),
+    Pattern::Exact("__udp_gso_segment"),
+    Pattern::Exact("skb_checksum_help"),
+    Pattern::Exact("skb_checksum"),
+    Pattern::Exact("__skb_checksum"),
+    Pattern::Exact("csum_partial"),
+    Pattern::Exact("do_csum"),
+    Pattern::Exact("csum_partial_copy_generic"),
+    Pattern::Exact("ip_send_check"),
+];
+
+/// Frames that show a helper works for a tunnel: the tunnels' own code and their GSO callbacks.
+const TUNNEL_FRAMES: &[Pattern] = &[
+    Pattern::Prefix("vxlan_"),
+    Pattern::Prefix("ipip_"),
+    Pattern::Prefix("ip_tunnel_"),
+    Pattern::Prefix("iptunnel_"),
+    Pattern::Prefix("udp_tunnel"),
+    Pattern::Prefix("skb_udp_tunnel_segment"),
+    Pattern::Prefix("__skb_udp_tunnel_segment"),
+    Pattern::Prefix("gre_gso_segment"),
+    Pattern::Prefix("geneve_"),
+];
+
+/// Whether a frame is a segmentation or checksum helper every path uses.
+pub fn is_generic_helper(symbol: &str) -> bool {
+    let name = base_name(symbol);
+    GENERIC_HELPERS.iter().any(|pattern| pattern.matches(name))
+}
+
+/// Whether a frame is a tunnel's (or a tunnel's GSO callback).
+pub fn is_tunnel_frame(symbol: &str) -> bool {
+    let name = base_name(symbol);
+    TUNNEL_FRAMES.iter().any(|pattern| pattern.matches(name))
+}
+
+/// Whether a frame starts a generic layer or another context (see [`LAYER_BOUNDARIES`]).
+pub fn is_layer_boundary(symbol: &str) -> bool {
+    let name = base_name(symbol);
+    LAYER_BOUNDARIES.iter().any(|pattern| pattern.matches(name))
+}
+
+/// Whether a frame is where interrupts are enabled again (see [`INTERRUPT_ENABLE_POINTS`]).
+pub fn is_interrupt_enable_point(symbol: &str) -> bool {
+    let name = base_name(symbol);
+    INTERRUPT_ENABLE_POINTS
+        .iter()
+        .any(|pattern| pattern.matches(name))
+}
+
 pub use crate::kallsyms::base_name;
 
 /// The dotted (sub-)component a kernel function belongs to, or `None` if it is outside the
@@ -616,9 +766,11 @@ pub fn classify(symbol: &str) -> Option<&'static str> {
         .map(|&(_, component)| component)
 }
 
-/// The program name of a JITed program's symbol, `bpf_prog_<16 hex digit tag>_<name>`.
+/// The program name of a JITed program's symbol, `bpf_prog_<16 hex digit tag>_<name>`, or
+/// `bpf_prog_<tag>` for a program loaded without a name ("").
 fn jit_image_name(symbol: &str) -> Option<&str> {
-    let (tag, name) = symbol.strip_prefix("bpf_prog_")?.split_once('_')?;
+    let rest = symbol.strip_prefix("bpf_prog_")?;
+    let (tag, name) = rest.split_once('_').unwrap_or((rest, ""));
     (tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit())).then_some(name)
 }
 
@@ -697,6 +849,15 @@ mod tests {
             ("skb_segment", Some("tunnel_offload.gso")),
             ("bpf_prog_3b185187f1855c4c_cilium_from", Some("bpf.prog")),
             ("bpf_prog_3b185187f1855c4c_cnitrace_tx", Some(SELF_COST)),
+            // A program loaded without a name.
+            ("bpf_prog_3b185187f1855c4c", Some("bpf.prog")),
+            ("br_validate_ipv4", Some("netfilter.bridge")),
+            ("iptable_nat_do_chain", Some("netfilter.nat")),
+            ("ipip_gso_segment", Some("tunnel_offload.gso")),
+            ("ip6_forward", Some("ip_forward.forward")),
+            ("fib6_table_lookup", Some("ip_forward.fib")),
+            ("ip_vs_in_hook", Some("netfilter.ipvs")),
+            ("netkit_xmit", Some("veth")),
             // Kernel functions that only look like program images.
             ("bpf_prog_load", None),
             ("bpf_prog_run_array_cg", None),
@@ -786,6 +947,31 @@ mod tests {
         }
         assert_ne!(colour(OTHER_TCP), colour(OTHER));
         assert_eq!(colour("netfilter.rules"), colour("netfilter"));
+    }
+
+    /// A rule no name can reach, because an earlier one takes every name it would match.
+    fn shadowed(rules: &[(Pattern, &str)]) -> Vec<String> {
+        let mut dead = Vec::new();
+        for (i, &(pattern, class)) in rules.iter().enumerate() {
+            let (probe, exact) = match pattern {
+                Pattern::Exact(s) => (s, true),
+                Pattern::Prefix(s) => (s, false),
+                Pattern::JitImage => continue,
+            };
+            let earlier = rules[..i].iter().find(|(p, _)| {
+                p.matches(probe) && (exact || matches!(p, Pattern::Prefix(_) | Pattern::JitImage))
+            });
+            if let Some((p, c)) = earlier {
+                dead.push(format!("{pattern:?} -> {class} is taken by {p:?} -> {c}"));
+            }
+        }
+        dead
+    }
+
+    #[test]
+    fn no_rule_is_shadowed_by_an_earlier_one() {
+        assert_eq!(shadowed(RULES), Vec::<String>::new());
+        assert_eq!(shadowed(HOST_RULES), Vec::<String>::new());
     }
 
     #[test]

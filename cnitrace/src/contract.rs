@@ -36,6 +36,67 @@ impl Clock {
     }
 }
 
+/// What one cycle of the figures is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CycleUnit {
+    /// Reference cycles: nanoseconds times the TSC rate (`clock.cycles_per_ns`), whatever the
+    /// core's frequency. Every figure of a cpu-clock window is in this unit: sampled time and
+    /// the exact sources (BPF run time, softirq handler time, traced time) alike.
+    #[default]
+    Reference,
+    /// Core cycles, as the PMU counts them: the sampled figures. The exact sources are
+    /// nanoseconds converted at the TSC rate, so they equal core cycles only while the core
+    /// runs at its nominal frequency.
+    Core,
+}
+
+impl CycleUnit {
+    pub fn of(source: ClockSource) -> Self {
+        match source {
+            ClockSource::PmuCycles => CycleUnit::Core,
+            ClockSource::CpuClock => CycleUnit::Reference,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CycleUnit::Reference => "reference",
+            CycleUnit::Core => "core",
+        }
+    }
+}
+
+/// How a sampled stack is charged to components (the attribution rule).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    /// Walk from the innermost frame outward; the first component frame decides, and a layer
+    /// boundary (a hand-off such as `ip_rcv` or `__dev_queue_xmit`, or a softirq, interrupt or
+    /// system call entry) stops the walk: what ran beneath it is the host's (`other`).
+    #[default]
+    Layer,
+    /// The innermost function's own component (perf report --no-children).
+    #[serde(rename = "self")]
+    #[value(name = "self")]
+    Leaf,
+    /// Every component on the stack (perf report --children): a sample counts for each, so
+    /// shares may add up to more than 100%.
+    Children,
+}
+
+impl View {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            View::Layer => "layer",
+            View::Leaf => "self",
+            View::Children => "children",
+        }
+    }
+}
+
 /// Which packets are the denominator.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema, clap::ValueEnum,
@@ -65,6 +126,13 @@ pub struct Breakdown {
     pub window: Window,
     pub backend: String,
     pub clock: Clock,
+    /// The unit of every `cycles` and `cpp` of this Breakdown.
+    #[serde(default)]
+    pub cycle_unit: CycleUnit,
+    /// The attribution rule the components were computed with. Under `children` a sample
+    /// counts for every component on its stack, and components no longer add up to the total.
+    #[serde(default)]
+    pub view: View,
     pub packets: Packets,
     pub total: Total,
     pub components: Vec<ComponentCost>,
@@ -231,7 +299,24 @@ pub struct ComponentCost {
     pub cpp: Option<f64>,
     pub share: f64,
     pub available: bool,
+    /// Samples behind the figure (sampling), or completed calls of its traced functions
+    /// (tracing).
+    #[serde(default)]
+    pub samples: u64,
+    /// 95% interval of `cpp` (`null` without packets). Sampled figures: the interval of a
+    /// Poisson count of `samples`, the window's sampling error only (run-to-run variation of
+    /// the workload comes on top). Exact sources (BPF statistics): the point itself. Traced
+    /// figures: from net of the calibrated probe cost (`cpp`) to gross.
+    #[serde(default)]
+    pub cpp_ci95: Option<[f64; 2]>,
+    /// Fewer than `MIN_SAMPLES` samples support a sampled figure: its interval is wider than
+    /// +-50%, and it should not be compared with another window's.
+    #[serde(default)]
+    pub few_samples: bool,
 }
+
+/// Below this many samples, a sampled component is flagged `few_samples`.
+pub const MIN_SAMPLES: u64 = 25;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Unavailable {
@@ -276,9 +361,26 @@ pub struct Quality {
     /// The tracing backend: what was attached how, the calibrated cost of a probe pair, calls
     /// per packet and CPP net of probe cost (`null` when sampling).
     pub tracing: Option<TracingQuality>,
+    /// Samples that landed where interrupts are enabled again (cpu-clock only): the time of an
+    /// interrupts-off section, charged to the function that held interrupts off (`null`
+    /// with PMU cycles, whose samples are taken by NMI and do not skid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skid: Option<Skid>,
     /// The agent's own cost and its budget (absent outside the agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_cost: Option<AgentCost>,
+}
+
+/// Samples a cpu-clock sampler could only take when interrupts came back on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Skid {
+    pub samples: u64,
+    pub cycles: u64,
+    /// Fraction of the busy cycles.
+    pub share: f64,
+    /// Where they were charged, costliest first: `function` is the caller that had
+    /// interrupts off (`caller <- enable point`), `component` what it was charged to.
+    pub callers: Vec<FunctionCost>,
 }
 
 /// What the agent estimates it costs the node, against the budget it keeps.
@@ -399,6 +501,9 @@ pub struct SessionRequest {
     pub netns: Option<Vec<String>>,
     /// `segment` (default) or `skb`.
     pub packet_unit: Option<PacketUnit>,
+    /// `layer` (default), `self` or `children`: how sampled stacks are charged.
+    #[serde(default)]
+    pub view: Option<View>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

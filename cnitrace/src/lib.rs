@@ -6,6 +6,7 @@
 //! server). Everything above [`probe`] runs without privileges on recorded or synthetic data.
 
 pub mod agent;
+pub mod attribution;
 pub mod breakdown;
 pub mod cni_config;
 pub mod collect;

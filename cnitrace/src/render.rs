@@ -17,15 +17,58 @@ fn cpp_cell(cpp: Option<f64>) -> String {
     cpp.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
 }
 
+/// A CPP's 95% interval; `*` marks a figure supported by too few samples.
+fn interval_cell(c: &ComponentCost) -> String {
+    let few = if c.few_samples { " *" } else { "" };
+    match c.cpp_ci95 {
+        Some([low, high]) if (high - low).abs() < 0.05 => format!("exact{few}"),
+        Some([low, high]) => format!("{low:.1}-{high:.1}{few}"),
+        None => format!("-{few}"),
+    }
+}
+
 fn row(table: &mut Table, c: &ComponentCost, indent: &str) {
     let status = if c.available { "" } else { " (unavailable)" };
     table.add_row(vec![
         Cell::new(format!("{indent}{}{status}", c.name)),
         Cell::new(format!("{:.1}", c.cycles as f64 / 1e6)).set_alignment(CellAlignment::Right),
         Cell::new(cpp_cell(c.cpp)).set_alignment(CellAlignment::Right),
+        Cell::new(interval_cell(c)).set_alignment(CellAlignment::Right),
+        Cell::new(c.samples).set_alignment(CellAlignment::Right),
         Cell::new(format!("{:.1}%", c.share * 100.0)).set_alignment(CellAlignment::Right),
         Cell::new(bar(c.share)),
     ]);
+}
+
+/// What the table's figures mean: the view, the unit, the interval, and the skid.
+fn legend(b: &Breakdown) -> String {
+    let view = match b.view {
+        crate::contract::View::Layer => {
+            "view layer: each sample charged to the first component frame from the innermost \
+             outward, up to a layer boundary"
+        }
+        crate::contract::View::Leaf => "view self: each sample charged to its innermost function",
+        crate::contract::View::Children => {
+            "view children: each sample counted for every component on its stack (shares may \
+             add up to more than 100%)"
+        }
+    };
+    let mut text = format!(
+        "{view}; cycles are {} cycles; CPP 95% is the window's sampling error (* fewer than {} samples)",
+        b.cycle_unit.as_str(),
+        crate::contract::MIN_SAMPLES
+    );
+    if let Some(skid) = &b.quality.skid
+        && skid.samples > 0
+    {
+        let _ = write!(
+            text,
+            "\n{:.1}% of busy cycles were samples held back by interrupts-off sections \
+             (cpu-clock), charged to the callers that had interrupts off",
+            skid.share * 100.0
+        );
+    }
+    text
 }
 
 /// The breakdown as a table for people.
@@ -55,7 +98,20 @@ pub fn table(b: &Breakdown) -> String {
     );
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
-    table.set_header(vec!["component", "Mcycles", "CPP", "share", ""]);
+    table.set_header(vec![
+        "component".to_owned(),
+        format!("M{} cycles", b.cycle_unit.as_str()),
+        "CPP".to_owned(),
+        "CPP 95%".to_owned(),
+        if b.backend == "tracing" {
+            "calls"
+        } else {
+            "samples"
+        }
+        .to_owned(),
+        "share".to_owned(),
+        String::new(),
+    ]);
     for component in &b.components {
         row(&mut table, component, "");
         for sub in b
@@ -71,10 +127,13 @@ pub fn table(b: &Breakdown) -> String {
         Cell::new(format!("{:.1}", b.total.cycles as f64 / 1e6))
             .set_alignment(CellAlignment::Right),
         Cell::new(cpp_cell(b.total.cpp)).set_alignment(CellAlignment::Right),
+        Cell::new(""),
+        Cell::new(b.quality.busy_samples).set_alignment(CellAlignment::Right),
         Cell::new("100.0%").set_alignment(CellAlignment::Right),
         Cell::new(""),
     ]);
     let _ = writeln!(out, "{table}");
+    let _ = writeln!(out, "{}", legend(b));
     if b.total.cpp.is_none() {
         let _ = writeln!(
             out,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 pub use crate::probe::Probes;
 use crate::{
     breakdown::{self, Context, PacketSelection},
-    contract::{Breakdown, PacketUnit},
+    contract::{Breakdown, PacketUnit, View},
     error::Error,
     netfilter, netns,
     probe::bpf_stats::StatsGuard,
@@ -23,6 +23,8 @@ pub struct WindowSpec {
     /// Named network namespaces the interfaces may be in.
     pub netns: Vec<String>,
     pub unit: PacketUnit,
+    /// The attribution rule.
+    pub view: View,
     /// Rulesets to read around the window, and whether to count hook entries.
     pub netfilter: netfilter::Options,
     /// Enable BPF run-time statistics for the window (exact `bpf` component).
@@ -42,6 +44,7 @@ impl WindowSpec {
             ifaces: self.ifaces.clone(),
             netns_inodes: netns::selection_inodes(&self.ifaces, &self.netns)?,
             unit: self.unit,
+            view: self.view,
         })
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{IsTerminal as _, Write as _};
 
 use cnitrace::{
-    contract::{Breakdown, PacketUnit},
+    contract::{Breakdown, PacketUnit, View},
     flame, netfilter,
     probe::{AttachMode, Backend, BackendKind},
     profile::{self, Ending, ProfileOptions},
@@ -38,6 +38,12 @@ pub struct WindowArgs {
     /// What a packet is: a wire-size segment (default, as on the wire) or an skb.
     #[arg(long, value_enum, default_value_t = PacketUnit::Segment)]
     pub packet_unit: PacketUnit,
+    /// How a sampled stack is charged: layer (the first component frame from the innermost
+    /// outward, stopping at a layer boundary such as ip_rcv or a softirq entry), self (the
+    /// innermost function's component, as perf --no-children) or children (every component
+    /// on the stack, as perf --children; shares may add up to more than 100%).
+    #[arg(long, value_enum, default_value_t = View::Layer)]
+    pub view: View,
     /// table and json: the breakdown; folded: the sampled stacks as `outer;...;inner cycles`
     /// lines (flamegraph.pl, inferno, speedscope); pprof: a gzipped pprof profile (go tool
     /// pprof, Pyroscope, Parca) to stdout.
@@ -115,6 +121,7 @@ pub async fn run(args: WindowArgs, rulesets: Rulesets, report: Report) -> anyhow
         window: WindowSpec {
             ifaces: args.ifaces.clone(),
             unit: args.packet_unit,
+            view: args.view,
             netfilter: netfilter::Options {
                 read_rules: rulesets.read,
                 count_entries: rulesets.count_hook_entries,

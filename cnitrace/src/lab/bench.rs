@@ -310,6 +310,7 @@ pub(crate) fn stream_profile(
             ifaces: vec!["eth0".to_owned()],
             netns: vec![lab.client().netns.clone()],
             unit: PacketUnit::Segment,
+            view: crate::contract::View::Layer,
             netfilter: netfilter::Options {
                 read_rules: true,
                 count_entries: count_hook_entries,
