@@ -534,3 +534,21 @@ pub struct SessionView {
 pub struct ErrorBody {
     pub error: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example in docs/json.md is real output: it must stay a valid Breakdown (trimmed
+    /// arrays, every field).
+    #[test]
+    fn the_documented_example_is_a_breakdown() {
+        let doc = include_str!("../../docs/json.md");
+        let start = doc.find("```json\n").expect("an example") + "```json\n".len();
+        let end = start + doc[start..].find("\n```").expect("its end");
+        let example: Breakdown = serde_json::from_str(&doc[start..end]).expect("a Breakdown");
+        assert_eq!((example.view, example.cycle_unit), (View::Layer, CycleUnit::Reference));
+        assert!(example.components.iter().all(|c| c.cpp_ci95.is_some()));
+        assert!(example.quality.skid.is_some());
+    }
+}

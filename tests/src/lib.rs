@@ -64,9 +64,62 @@ pub enum Shape {
     Bridged { rules: usize },
     /// Two pods routed by the node namespace's IP stack, no bridge (Calico intra-host).
     Routed,
+    /// The client pod on host 1 (`node`), the server pod on host 2 (`second_node`), routed
+    /// veths, the hosts joined by an underlay veth. The server pod is reachable two ways from
+    /// the same namespaces: `server_ip` over a VXLAN device between the hosts (Flannel
+    /// inter-host) and `server_native_ip` routed over the underlay (Calico without overlay).
+    TwoHosts,
 }
 
-/// A node namespace with two pod namespaces. Dropping it removes all three.
+/// Addresses of [`Shape::TwoHosts`]. Each pod has one address per path: the client's source
+/// picks the way out of host 2 for the replies, by destination alone.
+mod two_hosts {
+    use std::net::Ipv4Addr;
+
+    pub const UNDERLAY: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 79, 0, 1), Ipv4Addr::new(10, 79, 0, 2)];
+    /// The VXLAN devices' own addresses: the next hops of the overlay routes.
+    pub const TUNNEL: [Ipv4Addr; 2] =
+        [Ipv4Addr::new(10, 79, 100, 1), Ipv4Addr::new(10, 79, 100, 2)];
+    /// Each host's pod gateway (on its end of the pod's veth).
+    pub const GATEWAY: [Ipv4Addr; 2] =
+        [Ipv4Addr::new(10, 79, 1, 254), Ipv4Addr::new(10, 79, 2, 254)];
+    /// Pod addresses routed natively (subnets 10.79.1/24 and 10.79.2/24).
+    pub const NATIVE: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 79, 1, 1), Ipv4Addr::new(10, 79, 2, 1)];
+    /// Pod addresses routed over VXLAN (subnets 10.79.11/24 and 10.79.12/24).
+    pub const OVERLAY: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 79, 11, 1), Ipv4Addr::new(10, 79, 12, 1)];
+    pub const VNI: u32 = 79;
+    /// The IANA VXLAN port.
+    pub const PORT: u16 = 4789;
+    /// Room for VXLAN's 50 bytes on the underlay, so pods and the tunnel keep 1500 and both
+    /// paths carry the same segments.
+    pub const UNDERLAY_MTU: u32 = 1600;
+    pub const POD_MTU: u32 = 1500;
+
+    /// Fixed tunnel MACs, so each host's neighbour entry can name the other's device.
+    pub fn tunnel_mac(host: usize) -> [u8; 6] {
+        [0x02, 0x79, 0, 0xff, host as u8, 0x01]
+    }
+
+    /// The /24 a pod address lives in, for routes.
+    pub fn subnet(address: Ipv4Addr) -> Ipv4Addr {
+        let [a, b, c, _] = address.octets();
+        Ipv4Addr::new(a, b, c, 0)
+    }
+}
+
+/// What every shape is built from: the pods, their hosts' ends of the veths.
+struct Parts {
+    node: Ns,
+    /// The server pod's host: `node`, or host 2 of [`Shape::TwoHosts`].
+    server_host: Ns,
+    client: Ns,
+    server: Ns,
+    server_iface: String,
+    node_server_iface: String,
+}
+
+/// A node namespace with two pod namespaces (and host 2's for [`Shape::TwoHosts`]). Dropping
+/// it removes them all.
 pub struct Topology {
     pub shape: Shape,
     pub node: String,
@@ -78,6 +131,11 @@ pub struct Topology {
     /// The node-namespace end of the client pod's veth: the benchmark's data enters the node
     /// through its ingress.
     pub node_client_iface: String,
+    /// [`Shape::TwoHosts`]: host 2's namespace, where the server pod lives.
+    pub second_node: Option<String>,
+    /// [`Shape::TwoHosts`]: the server pod's address routed natively over the underlay
+    /// (`server_ip` goes over VXLAN).
+    pub server_native_ip: Option<Ipv4Addr>,
     tag: String,
     namespaces: Vec<String>,
 }
@@ -97,6 +155,8 @@ impl Topology {
             server_ip: Ipv4Addr::UNSPECIFIED,
             client_iface: format!("ca{tag}"),
             node_client_iface: format!("na{tag}"),
+            second_node: (shape == Shape::TwoHosts).then(|| format!("{base}-node2")),
+            server_native_ip: None,
             tag,
             namespaces: Vec::new(),
         };
@@ -106,7 +166,12 @@ impl Topology {
     }
 
     async fn build(&mut self) -> Result<()> {
-        for name in [self.node.clone(), self.client.clone(), self.server.clone()] {
+        let names = [&self.node, &self.client, &self.server]
+            .into_iter()
+            .chain(&self.second_node)
+            .cloned()
+            .collect::<Vec<_>>();
+        for name in names {
             cnitrace_netns::add_namespace(&name).await?;
             self.namespaces.push(name.clone());
             let ns = Ns::open(&name)?;
@@ -114,49 +179,62 @@ impl Topology {
             ns.set_up("lo", LinkSettings::default()).await?;
         }
         let tag = &self.tag;
-        let node = Ns::open(&self.node)?;
-        let (client, server) = (Ns::open(&self.client)?, Ns::open(&self.server)?);
-        let (server_iface, node_server_iface) = (format!("cb{tag}"), format!("nb{tag}"));
+        let parts = Parts {
+            node: Ns::open(&self.node)?,
+            server_host: Ns::open(self.second_node.as_deref().unwrap_or(&self.node))?,
+            client: Ns::open(&self.client)?,
+            server: Ns::open(&self.server)?,
+            server_iface: format!("cb{tag}"),
+            node_server_iface: format!("nb{tag}"),
+        };
+        let Parts {
+            node,
+            client,
+            server,
+            server_iface,
+            node_server_iface,
+            ..
+        } = &parts;
         node.add_veth_into(
             &self.node_client_iface,
             LinkSettings::default(),
-            &client,
+            client,
             &self.client_iface,
             LinkSettings::default(),
         )
         .await?;
-        node.add_veth_into(
-            &node_server_iface,
-            LinkSettings::default(),
-            &server,
-            &server_iface,
-            LinkSettings::default(),
-        )
-        .await?;
+        parts
+            .server_host
+            .add_veth_into(
+                node_server_iface,
+                LinkSettings::default(),
+                server,
+                server_iface,
+                LinkSettings::default(),
+            )
+            .await?;
         match self.shape {
             Shape::Bridged { rules } => {
                 let bridge = format!("br{tag}");
                 node.add_bridge(&bridge).await?;
                 node.enslave(&self.node_client_iface, &bridge).await?;
-                node.enslave(&node_server_iface, &bridge).await?;
+                node.enslave(node_server_iface, &bridge).await?;
                 client
                     .add_address(&self.client_iface, Ipv4Addr::new(10, 77, 0, 1), 24)
                     .await?;
                 self.server_ip = Ipv4Addr::new(10, 77, 0, 2);
-                server
-                    .add_address(&server_iface, self.server_ip, 24)
-                    .await?;
+                server.add_address(server_iface, self.server_ip, 24).await?;
                 node.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
                 add_forward_rules(&self.node, rules)?;
                 // Static neighbours: no ARP probe lands in one window and not in another.
                 let client_ip = Ipv4Addr::new(10, 77, 0, 1);
-                let server_mac = server.mac(&server_iface).await?;
+                let server_mac = server.mac(server_iface).await?;
                 let client_mac = client.mac(&self.client_iface).await?;
                 client
                     .add_neighbour(&self.client_iface, self.server_ip, server_mac)
                     .await?;
                 server
-                    .add_neighbour(&server_iface, client_ip, client_mac)
+                    .add_neighbour(server_iface, client_ip, client_mac)
                     .await?;
             }
             Shape::Routed => {
@@ -165,15 +243,13 @@ impl Topology {
                     (Ipv4Addr::new(10, 78, 1, 254), Ipv4Addr::new(10, 78, 2, 254));
                 node.add_address(&self.node_client_iface, client_gateway, 24)
                     .await?;
-                node.add_address(&node_server_iface, server_gateway, 24)
+                node.add_address(node_server_iface, server_gateway, 24)
                     .await?;
                 client
                     .add_address(&self.client_iface, Ipv4Addr::new(10, 78, 1, 1), 24)
                     .await?;
                 self.server_ip = Ipv4Addr::new(10, 78, 2, 1);
-                server
-                    .add_address(&server_iface, self.server_ip, 24)
-                    .await?;
+                server.add_address(server_iface, self.server_ip, 24).await?;
                 client
                     .add_route(
                         Ipv4Addr::UNSPECIFIED,
@@ -183,14 +259,67 @@ impl Topology {
                     )
                     .await?;
                 server
-                    .add_route(
-                        Ipv4Addr::UNSPECIFIED,
-                        0,
-                        &server_iface,
-                        Some(server_gateway),
-                    )
+                    .add_route(Ipv4Addr::UNSPECIFIED, 0, server_iface, Some(server_gateway))
                     .await?;
             }
+            Shape::TwoHosts => self.two_hosts(&parts).await?,
+        }
+        Ok(())
+    }
+
+    /// [`Shape::TwoHosts`]: pods and hosts addressed, the underlay, the tunnel, and a route
+    /// per path on each host.
+    async fn two_hosts(&mut self, parts: &Parts) -> Result<()> {
+        use two_hosts::{NATIVE, OVERLAY};
+        self.server_ip = OVERLAY[1];
+        self.server_native_ip = Some(NATIVE[1]);
+        let hosts = [&parts.node, &parts.server_host];
+        for host in hosts {
+            host.sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        pod_side(&parts.client, &self.client_iface, 0).await?;
+        pod_side(&parts.server, &parts.server_iface, 1).await?;
+        host_side(
+            hosts[0],
+            &parts.client,
+            &self.client_iface,
+            &self.node_client_iface,
+            0,
+        )
+        .await?;
+        host_side(
+            hosts[1],
+            &parts.server,
+            &parts.server_iface,
+            &parts.node_server_iface,
+            1,
+        )
+        .await?;
+        let underlay = [format!("w1{}", self.tag), format!("w2{}", self.tag)];
+        let mtu = LinkSettings {
+            mtu: Some(two_hosts::UNDERLAY_MTU),
+            ..LinkSettings::default()
+        };
+        hosts[0]
+            .add_veth_into(&underlay[0], mtu, hosts[1], &underlay[1], mtu)
+            .await?;
+        let tunnels = [format!("x1{}", self.tag), format!("x2{}", self.tag)];
+        for (n, host) in hosts.into_iter().enumerate() {
+            let other = 1 - n;
+            let peer_mac = hosts[other].mac(&underlay[other]).await?;
+            host.add_address(&underlay[n], two_hosts::UNDERLAY[n], 24)
+                .await?;
+            host.add_neighbour(&underlay[n], two_hosts::UNDERLAY[other], peer_mac)
+                .await?;
+            // Native: the other pod's subnet via the other host's underlay address.
+            host.add_route(
+                two_hosts::subnet(NATIVE[other]),
+                24,
+                &underlay[n],
+                Some(two_hosts::UNDERLAY[other]),
+            )
+            .await?;
+            tunnel(host, &tunnels[n], n).await?;
         }
         Ok(())
     }
@@ -272,6 +401,82 @@ impl Topology {
         eprintln!("iperf3: {gbps:.1} Gbit/s");
         serde_json::from_slice(&out.stdout).context("JSON breakdown")
     }
+}
+
+/// A pod of [`Shape::TwoHosts`]: both its addresses, its gateway (a static neighbour) and
+/// a route per path, the overlay one with the overlay source so the replies come back
+/// through the tunnel.
+async fn pod_side(pod: &Ns, iface: &str, n: usize) -> Result<()> {
+    use two_hosts::{GATEWAY, NATIVE, OVERLAY};
+    pod.add_address(iface, NATIVE[n], 24).await?;
+    pod.add_address(iface, OVERLAY[n], 24).await?;
+    pod.add_route(Ipv4Addr::UNSPECIFIED, 0, iface, Some(GATEWAY[n]))
+        .await?;
+    ns_run(
+        &pod.name,
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{}/24", two_hosts::subnet(OVERLAY[1 - n])),
+            "via",
+            &GATEWAY[n].to_string(),
+            "dev",
+            iface,
+            "src",
+            &OVERLAY[n].to_string(),
+            "onlink",
+        ],
+    )?;
+    Ok(())
+}
+
+/// A host's end of a [`Shape::TwoHosts`] pod: the gateway address, the pod's overlay
+/// subnet on the link, static neighbours both ways.
+async fn host_side(host: &Ns, pod: &Ns, pod_iface: &str, host_iface: &str, n: usize) -> Result<()> {
+    use two_hosts::{GATEWAY, NATIVE, OVERLAY};
+    host.add_address(host_iface, GATEWAY[n], 24).await?;
+    host.add_route(two_hosts::subnet(OVERLAY[n]), 24, host_iface, None)
+        .await?;
+    let (pod_mac, host_mac) = (pod.mac(pod_iface).await?, host.mac(host_iface).await?);
+    for address in [NATIVE[n], OVERLAY[n]] {
+        host.add_neighbour(host_iface, address, pod_mac).await?;
+    }
+    pod.add_neighbour(pod_iface, GATEWAY[n], host_mac).await?;
+    Ok(())
+}
+
+/// Host `n`'s VXLAN device of [`Shape::TwoHosts`] (remote: the other host's underlay
+/// address), addressed, and the other pod's overlay subnet routed through it.
+async fn tunnel(host: &Ns, device: &str, n: usize) -> Result<()> {
+    use two_hosts::{OVERLAY, TUNNEL, UNDERLAY, tunnel_mac};
+    let other = 1 - n;
+    host.add_vxlan(
+        device,
+        two_hosts::VNI,
+        two_hosts::PORT,
+        UNDERLAY[n],
+        UNDERLAY[other],
+        tunnel_mac(n),
+    )
+    .await?;
+    let mtu = LinkSettings {
+        mtu: Some(two_hosts::POD_MTU),
+        ..LinkSettings::default()
+    };
+    host.set_up(device, mtu).await?;
+    host.add_address(device, TUNNEL[n], 32).await?;
+    host.add_route(
+        two_hosts::subnet(OVERLAY[other]),
+        24,
+        device,
+        Some(TUNNEL[other]),
+    )
+    .await?;
+    // The inner frame's destination: the other tunnel device, which drops any other MAC.
+    host.add_neighbour(device, TUNNEL[other], tunnel_mac(other))
+        .await?;
+    Ok(())
 }
 
 /// A namespace that sends nothing on its own: IPv6 off before any device arrives (no duplicate

@@ -40,7 +40,7 @@ pub struct Args {
     target_gbps: Option<f64>,
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n % 2 == 1 {
@@ -270,7 +270,7 @@ struct Cost {
 /// entry and exit) where the kernel has it: busy is the time since boot no CPU spent idle.
 /// /proc/stat's tick-sampled split is the fallback; on this VM (HZ=250, NO_HZ idle, a haltpoll
 /// cpuidle driver) it read 46 to 2,500 busy ns per packet for the same fixed load.
-fn busy_cpu_seconds() -> Result<f64> {
+pub(crate) fn busy_cpu_seconds() -> Result<f64> {
     if let Some(busy) = busy_by_cpuidle() {
         return Ok(busy);
     }
@@ -393,7 +393,7 @@ const T_975: [f64; 10] = [
 ];
 
 /// Mean and 95% interval half-width (Student's t) of paired differences.
-fn mean_ci(values: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_ci(values: &[f64]) -> (f64, f64) {
     let n = values.len();
     if n < 2 {
         return (values.first().copied().unwrap_or(f64::NAN), f64::NAN);

@@ -8,6 +8,7 @@ mod bench_flame;
 mod bench_scale;
 mod bench_services;
 mod bench_soak;
+mod bench_truth;
 mod bootstrap;
 mod demo;
 mod fuzz;
@@ -66,6 +67,9 @@ enum Task {
     BenchScale(bench_scale::Args),
     /// The agent for a long while under sessions, scrapers, polling, veth churn and traffic.
     BenchSoak(bench_soak::Args),
+    /// Ablation ground truth: each component's claimed CPP against the busy cycles per packet
+    /// its removal saves (netfilter, bpf, vxlan), A/B alternated.
+    BenchTruth(bench_truth::Args),
     /// Flame graphs: time and size of each artefact, the cost of keeping stacks, and the
     /// graphs in docs/.
     BenchFlame(bench_flame::Args),
@@ -250,6 +254,7 @@ fn main() -> ExitCode {
         Task::BenchFidelity(args) => bench_fidelity::run(&args),
         Task::BenchScale(args) => bench_scale::run(&args),
         Task::BenchSoak(args) => bench_soak::run(&args),
+        Task::BenchTruth(args) => bench_truth::run(&args),
         Task::BenchFlame(args) => bench_flame::run(&args),
         Task::BenchServices(args) => bench_services::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
