@@ -547,7 +547,10 @@ mod tests {
         let start = doc.find("```json\n").expect("an example") + "```json\n".len();
         let end = start + doc[start..].find("\n```").expect("its end");
         let example: Breakdown = serde_json::from_str(&doc[start..end]).expect("a Breakdown");
-        assert_eq!((example.view, example.cycle_unit), (View::Layer, CycleUnit::Reference));
+        assert_eq!(
+            (example.view, example.cycle_unit),
+            (View::Layer, CycleUnit::Reference)
+        );
         assert!(example.components.iter().all(|c| c.cpp_ci95.is_some()));
         assert!(example.quality.skid.is_some());
     }
