@@ -10,7 +10,7 @@
 //! bridge's hand-off to `dev_queue_xmit`, VXLAN's underlay `ip_output`, or a softirq that ran
 //! at `local_bh_enable` inside netfilter are not the bridge, VXLAN or netfilter.
 
-use cnitrace_common::{SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER};
+use cnitrace_common::{SAMPLE_FLAG_IDLE_TASK, SAMPLE_FLAG_USER, STACK_DEPTH};
 
 use crate::{
     breakdown::StackSample,
@@ -46,7 +46,10 @@ pub fn attribute(sample: &StackSample, rule: Rule) -> Option<Charge> {
         return Some(single(OTHER_KERNEL));
     }
     let on_idle_task = sample.flags & SAMPLE_FLAG_IDLE_TASK != 0;
+    // The idle loop's own stacks are short: one cut at the depth limit on the idle task is
+    // interrupt or softirq work whose entry frames were beyond the limit.
     if on_idle_task
+        && !is_truncated(sample)
         && !sample
             .frames
             .iter()
@@ -64,6 +67,11 @@ pub fn attribute(sample: &StackSample, rule: Rule) -> Option<Charge> {
         classes,
         skid_caller,
     })
+}
+
+/// Whether the kernel cut the stack at the sampler's depth limit (its outermost frames lost).
+pub fn is_truncated(sample: &StackSample) -> bool {
+    sample.frames.len() >= STACK_DEPTH
 }
 
 fn single(class: &'static str) -> Charge {
@@ -424,6 +432,13 @@ mod tests {
         let mut idle = stack(&["default_idle", "do_idle"]);
         idle.flags = SAMPLE_FLAG_IDLE_TASK;
         assert_eq!(attribute(&idle, Rule::default()), None);
+        // A softirq so deep on the idle task that its entry frames were cut is busy.
+        let mut deep = stack(&["br_forward"; STACK_DEPTH]);
+        deep.flags = SAMPLE_FLAG_IDLE_TASK;
+        assert_eq!(
+            attribute(&deep, Rule::default()).unwrap().classes,
+            ["bridge"]
+        );
         let mut user = stack(&[]);
         user.flags = SAMPLE_FLAG_USER;
         assert_eq!(

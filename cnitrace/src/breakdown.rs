@@ -342,6 +342,7 @@ struct Tallies<'a> {
     busy_samples: u64,
     idle_samples: u64,
     busy_period: u64,
+    truncated: u64,
 }
 
 fn tally(raw: &RawWindow, rule: Rule) -> Tallies<'_> {
@@ -354,6 +355,9 @@ fn tally(raw: &RawWindow, rule: Rule) -> Tallies<'_> {
         };
         t.busy_samples += sample.count;
         t.busy_period += sample.period;
+        if attribution::is_truncated(sample) {
+            t.truncated += sample.count;
+        }
         let mut tops: Vec<&str> = Vec::with_capacity(charge.classes.len());
         for &class in &charge.classes {
             t.by_class.entry(class).or_default().add(sample);
@@ -544,6 +548,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
             busy_samples: t.busy_samples,
             idle_samples: t.idle_samples,
             lost: raw.faults.stack_lost + raw.faults.sample_map_full,
+            truncated_stacks: t.truncated,
             samples_dropped: raw.faults.samples_dropped,
             stack_lost: raw.faults.stack_lost,
             sample_map_full: raw.faults.sample_map_full,

@@ -332,6 +332,10 @@ pub struct Quality {
     pub idle_samples: u64,
     /// Samples whose stack or whole record was lost.
     pub lost: u64,
+    /// Busy samples whose stack the kernel cut at the sampler's depth limit (their outermost
+    /// frames lost; the innermost, which decide the component, kept).
+    #[serde(default)]
+    pub truncated_stacks: u64,
     /// Samples the window may lack because the agent's memory budget dropped the retired
     /// sample epoch that held them (an upper bound; 0 outside long agent windows).
     #[serde(default)]

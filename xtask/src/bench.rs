@@ -305,7 +305,7 @@ fn busy_by_cpuidle() -> Option<f64> {
     (cpus > 0).then(|| uptime * f64::from(cpus) - idle_us as f64 / 1e6)
 }
 
-fn busy_by_proc_stat() -> Result<f64> {
+pub(crate) fn busy_by_proc_stat() -> Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     let fields: Vec<u64> = stat
         .lines()

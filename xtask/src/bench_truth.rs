@@ -20,7 +20,7 @@ use cnitrace_tests::{Flow, Shape, Topology, ns_run, remove_stale};
 use serde_json::Value;
 
 use crate::{
-    bench::{busy_cpu_seconds, mean_ci, median},
+    bench::{busy_by_proc_stat, busy_cpu_seconds, mean_ci, median},
     bootstrap, cargo, run_command, workspace_root,
 };
 
@@ -268,6 +268,9 @@ fn set_bridge_nf(node: &str, on: bool) -> Result<()> {
 struct Sample {
     /// Busy cycles of the node per packet, from cpuidle residency: the truth.
     busy_cpp: f64,
+    /// The same from /proc/stat, whose idle time also covers the idle loop's own work
+    /// (entering and leaving the idle state), which cpuidle residency counts as busy.
+    stat_cpp: f64,
     /// The profiler's own total CPP.
     profiled_cpp: f64,
     /// CPP of every component and sub-component the profiler reported.
@@ -278,7 +281,7 @@ struct Sample {
 }
 
 impl Sample {
-    fn parse(json: &Value, busy_s: f64, gbps: f64) -> Result<Self> {
+    fn parse(json: &Value, busy_s: f64, stat_s: f64, gbps: f64) -> Result<Self> {
         let cycles_per_ns = json["clock"]["cycles_per_ns"]
             .as_f64()
             .context("no clock.cycles_per_ns")?;
@@ -293,6 +296,7 @@ impl Sample {
             .collect();
         Ok(Sample {
             busy_cpp: busy_s * 1e9 * cycles_per_ns / packets,
+            stat_cpp: stat_s * 1e9 * cycles_per_ns / packets,
             profiled_cpp: json["total"]["cpp"].as_f64().unwrap_or(f64::NAN),
             cpp,
             gbps,
@@ -323,12 +327,13 @@ fn measure(bin: &Path, plan: &Plan, args: &Args) -> Result<Sample> {
         .transpose()?;
     let profile = start_profile(bin, plan.topo, &args.view)?;
     let background = background_busy()?;
-    let before = busy_cpu_seconds()?;
+    let (before, stat_before) = (busy_cpu_seconds()?, busy_by_proc_stat()?);
     let topo = plan.topo;
     let gbps = Flow::new(&topo.client, &topo.server, plan.target, args.seconds)
         .start()?
         .finish()?;
     let busy_s = busy_cpu_seconds()? - before;
+    let stat_s = busy_by_proc_stat()? - stat_before;
     // The connection's last segments (FIN, ACK) are out within milliseconds.
     thread::sleep(Duration::from_millis(300));
     let out = profile.stop()?;
@@ -338,7 +343,7 @@ fn measure(bin: &Path, plan: &Plan, args: &Args) -> Result<Sample> {
     let json: Value = serde_json::from_slice(&out.stdout).context("the profile's JSON")?;
     Ok(Sample {
         background,
-        ..Sample::parse(&json, busy_s, gbps)?
+        ..Sample::parse(&json, busy_s, stat_s, gbps)?
     })
 }
 
@@ -433,6 +438,7 @@ fn with_ci(values: &[f64]) -> String {
 /// The markdown rows of one experiment, one per claim.
 fn rows(out: &mut String, experiment: Experiment, pairs: &[Pair]) {
     let truth = differences(pairs, |s| s.busy_cpp);
+    let stat_truth = differences(pairs, |s| s.stat_cpp);
     let profiled = differences(pairs, |s| s.profiled_cpp);
     let side = |f: fn(&Pair) -> &Sample, g: fn(&Sample) -> f64| {
         pairs.iter().map(|p| g(f(p))).collect::<Vec<f64>>()
@@ -450,16 +456,20 @@ fn rows(out: &mut String, experiment: Experiment, pairs: &[Pair]) {
         let claimed = differences(pairs, |s| s.claimed(components));
         let ratios: Vec<f64> = claimed.iter().zip(&truth).map(|(c, t)| c / t).collect();
         let (lo, hi) = min_max(&ratios);
+        let of_means = |truth: &[f64]| mean_ci(&claimed).0 / mean_ci(truth).0;
         let _ = writeln!(
             out,
-            "| {} | {label} | {} | {:+.1} | {} | {:+.1} | {} | {:.2} ({lo:.2} to {hi:.2}) | {:+.1} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1} ({:.1}) |",
+            "| {} | {label} | {} | {:+.1} | {} | {} | {:+.1} | {} | {:.2} ({lo:.2} to {hi:.2}) | {:.2} / {:.2} | {:+.1} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1} ({:.1}) |",
             experiment.title(),
             pairs.len(),
             median_of(&truth),
             with_ci(&truth),
+            with_ci(&stat_truth),
             median_of(&claimed),
             with_ci(&claimed),
             median_of(&ratios),
+            of_means(&truth),
+            of_means(&stat_truth),
             median_of(&profiled),
             std_dev(&busy_a),
             std_dev(&busy_b),
@@ -516,15 +526,18 @@ fn report(args: &Args, results: &[(Experiment, Vec<Pair>)], failures: &[String])
     );
     let _ = writeln!(
         out,
-        "| experiment | claim | rounds | true ΔCPP median | true Δ mean ± 95% | claimed ΔCPP median | claimed Δ mean ± 95% | claimed/true median (min to max) | profiled total Δ median | σ busy CPP A / B | Gbit/s A / B | background busy % median (max) |"
+        "| experiment | claim | rounds | true ΔCPP median | true Δ mean ± 95% | true Δ by /proc/stat mean ± 95% | claimed ΔCPP median | claimed Δ mean ± 95% | claimed/true median (min to max) | claimed/true of means: cpuidle / /proc/stat | profiled total Δ median | σ busy CPP A / B | Gbit/s A / B | background busy % median (max) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for (experiment, pairs) in results {
         rows(&mut out, *experiment, pairs);
     }
     let _ = writeln!(
         out,
-        "\nΔ = side A (component present) - side B (removed), per round; true = busy cycles of the whole node per packet (cpuidle residency x cycles_per_ns / packets on the client pod's interface); claimed = the profiler's CPP of the component(s); ± = 95% Student t half-width of the paired per-round differences; ratio = median of per-round claimed/true. Noise: σ is the standard deviation of the true busy CPP within each side over rounds (the A/A spread); a true Δ inside a few σ is not a measured saving. profiled total Δ: the profiler's own total CPP difference. background busy: share of all CPUs busy in the 0.5 s before each transfer (no traffic, profiler sampling); more than a few percent means something else ran on the node and the truth is polluted."
+        "\nΔ = side A (component present) - side B (removed), per round; true = busy cycles of the whole node per packet (cpuidle residency x cycles_per_ns / packets on the client pod's interface; the /proc/stat column counts the idle loop's own entry and exit work as idle, as the profiler does, where cpuidle residency counts it as busy); claimed = the profiler's CPP of the component(s); ± = 95% Student t half-width of the paired per-round differences; ratio = median of per-round claimed/true; of means = mean claimed Δ / mean true Δ (steadier when a round's true Δ is near 0). Noise: σ is the standard deviation of the true busy CPP within each side over rounds (the A/A spread); a true Δ inside a few σ is not a measured saving. profiled total Δ: the profiler's own total CPP difference. background busy: share of all CPUs busy in the 0.5 s before each transfer (no traffic, profiler sampling); more than a few percent means something else ran on the node and the truth is polluted."
     );
     let _ = writeln!(
         out,
