@@ -150,6 +150,50 @@ fn host_group(frames: &[String]) -> &'static str {
         .unwrap_or(OTHER_KERNEL)
 }
 
+/// Where a sample's work ran: the first context entry from the innermost frame outward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ExecContext {
+    HardIrq,
+    /// Softirqs run inline, on interrupt exit or at `local_bh_enable`.
+    SoftIrq,
+    /// Softirq work in a thread: ksoftirqd, threaded NAPI.
+    Ksoftirqd,
+    /// System calls, kernel threads, user space.
+    Process,
+    /// Cut at the depth limit before any context entry.
+    Unknown,
+}
+
+/// The context a sample ran in.
+pub fn context_of(sample: &StackSample) -> ExecContext {
+    if sample.flags & SAMPLE_FLAG_USER != 0 {
+        return ExecContext::Process;
+    }
+    for (depth, frame) in sample.frames.iter().enumerate() {
+        if components::is_softirq_entry(frame) {
+            let threaded = sample.frames[depth..]
+                .iter()
+                .any(|f| components::is_softirq_thread(f));
+            return if threaded {
+                ExecContext::Ksoftirqd
+            } else {
+                ExecContext::SoftIrq
+            };
+        }
+        if components::is_softirq_thread(frame) {
+            return ExecContext::Ksoftirqd;
+        }
+        if components::is_hardirq_entry(frame) {
+            return ExecContext::HardIrq;
+        }
+    }
+    if is_truncated(sample) {
+        ExecContext::Unknown
+    } else {
+        ExecContext::Process
+    }
+}
+
 /// The standard normal's 97.5% quantile.
 const Z_975: f64 = 1.959_964;
 
@@ -425,6 +469,45 @@ mod tests {
             assert_eq!(charged(frames, View::Leaf), leaf, "{frames:?}");
             assert_eq!(charged(frames, View::Children), children, "{frames:?}");
         }
+    }
+
+    #[test]
+    fn contexts_from_the_first_entry_outward() {
+        let context = |frames: &[&str]| context_of(&stack(frames));
+        assert_eq!(
+            context(&[
+                "br_forward",
+                "net_rx_action",
+                "handle_softirqs",
+                "irq_exit_rcu"
+            ]),
+            ExecContext::SoftIrq
+        );
+        assert_eq!(
+            context(&[
+                "br_forward",
+                "net_rx_action",
+                "handle_softirqs",
+                "run_ksoftirqd"
+            ]),
+            ExecContext::Ksoftirqd
+        );
+        assert_eq!(
+            context(&["veth_poll", "__napi_poll", "napi_threaded_poll", "kthread"]),
+            ExecContext::Ksoftirqd
+        );
+        assert_eq!(
+            context(&[
+                "e1000_intr",
+                "__handle_irq_event_percpu",
+                "common_interrupt"
+            ]),
+            ExecContext::HardIrq
+        );
+        // The recorded stack: a softirq run at local_bh_enable in a system call.
+        assert_eq!(context(RECORDED[2]), ExecContext::SoftIrq);
+        assert_eq!(context(RECORDED[0]), ExecContext::Process);
+        assert_eq!(context(&["br_forward"; STACK_DEPTH]), ExecContext::Unknown);
     }
 
     #[test]

@@ -8,13 +8,13 @@ use cnitrace_common::{IfaceCounters, SoftirqStats};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    attribution::{self, Rule},
+    attribution::{self, ExecContext, Rule},
     components::{self, COMPONENTS, OTHER, OTHER_USER, SELF_COST},
     contract::{
-        BpfProgramCost, Breakdown, Clock, ClockSource, ComponentCost, CpuSplit, CycleUnit,
-        FunctionCost, HookCost, MIN_SAMPLES, NetfilterSection, PacketUnit, Packets, Quality, Skid,
-        SoftirqCost, TOP_FUNCTIONS, Total, TracedComponent, TracedFunction, TracingQuality,
-        Unavailable, View, Window,
+        BpfProgramCost, Breakdown, Clock, ClockSource, ComponentCost, ContextCycles, CpuSplit,
+        CycleUnit, FunctionCost, HookCost, MIN_SAMPLES, NetfilterSection, PacketUnit, Packets,
+        Quality, Skid, SoftirqCost, TOP_FUNCTIONS, Total, TracedComponent, TracedFunction,
+        TracingQuality, Unavailable, View, Window,
     },
     netfilter::hooks::{self, HookSite},
 };
@@ -336,6 +336,8 @@ struct Tallies<'a> {
     /// Per (innermost function, class it was charged to): summed period.
     by_function: HashMap<(&'a str, &'static str), u64>,
     netfilter_sites: HashMap<HookSite, SitePeriods>,
+    /// Per (component, context): summed period.
+    by_context: HashMap<(&'a str, ExecContext), u64>,
     /// Per (caller <- enable point, class): samples that skidded.
     skid: HashMap<(String, &'static str), Tally>,
     samples: u64,
@@ -359,12 +361,14 @@ fn tally(raw: &RawWindow, rule: Rule) -> Tallies<'_> {
             t.truncated += sample.count;
         }
         let mut tops: Vec<&str> = Vec::with_capacity(charge.classes.len());
+        let context = attribution::context_of(sample);
         for &class in &charge.classes {
             t.by_class.entry(class).or_default().add(sample);
             let top = components::top_level(class);
             if !tops.contains(&top) {
                 tops.push(top);
                 t.by_component.entry(top).or_default().add(sample);
+                *t.by_context.entry((top, context)).or_default() += sample.period;
             }
         }
         let function = sample
@@ -543,6 +547,7 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         bpf_programs: bpf_program_costs(raw, packets.count),
         top_functions: top_functions(&t, &scale),
         netfilter,
+        by_context: context_cycles(&t, &scale),
         quality: Quality {
             samples: t.samples,
             busy_samples: t.busy_samples,
@@ -711,6 +716,26 @@ fn costliest(functions: &mut Vec<FunctionCost>, n: usize) {
             .then_with(|| a.function.cmp(&b.function))
     });
     functions.truncate(n);
+}
+
+/// Each sampled component's cycles by context, in taxonomy order.
+fn context_cycles(t: &Tallies, scale: &Scale) -> Vec<ContextCycles> {
+    COMPONENTS
+        .iter()
+        .filter(|c| t.by_component.contains_key(c.name))
+        .map(|c| {
+            let cycles =
+                |context| scale.cycles(t.by_context.get(&(c.name, context)).copied().unwrap_or(0));
+            ContextCycles {
+                name: c.name.to_owned(),
+                hardirq: cycles(ExecContext::HardIrq),
+                softirq: cycles(ExecContext::SoftIrq),
+                ksoftirqd: cycles(ExecContext::Ksoftirqd),
+                process: cycles(ExecContext::Process),
+                unknown: cycles(ExecContext::Unknown),
+            }
+        })
+        .collect()
 }
 
 /// How many callers the skid section lists.

@@ -727,28 +727,64 @@ const TUNNEL_FRAMES: &[Pattern] = &[
 
 /// Whether a frame is a segmentation or checksum helper every path uses.
 pub fn is_generic_helper(symbol: &str) -> bool {
-    let name = base_name(symbol);
-    GENERIC_HELPERS.iter().any(|pattern| pattern.matches(name))
+    matches_any(GENERIC_HELPERS, symbol)
 }
 
 /// Whether a frame is a tunnel's (or a tunnel's GSO callback).
 pub fn is_tunnel_frame(symbol: &str) -> bool {
+    matches_any(TUNNEL_FRAMES, symbol)
+}
+
+/// Where softirq handlers are run from (inline or in a thread).
+const SOFTIRQ_ENTRIES: &[Pattern] = &[
+    Pattern::Exact("handle_softirqs"),
+    Pattern::Exact("__do_softirq"),
+    Pattern::Exact("net_rx_action"),
+    Pattern::Exact("net_tx_action"),
+];
+
+/// Threads that run softirq work: ksoftirqd, and NAPI polling in its own thread.
+const SOFTIRQ_THREADS: &[Pattern] = &[
+    Pattern::Exact("run_ksoftirqd"),
+    Pattern::Exact("napi_threaded_poll"),
+];
+
+/// Hardware interrupt entries (x86 vectors and the generic handlers).
+const HARDIRQ_ENTRIES: &[Pattern] = &[
+    Pattern::Prefix("asm_sysvec_"),
+    Pattern::Prefix("sysvec_"),
+    Pattern::Prefix("__sysvec_"),
+    Pattern::Exact("asm_common_interrupt"),
+    Pattern::Exact("common_interrupt"),
+    Pattern::Prefix("__handle_irq_event"),
+    Pattern::Prefix("handle_irq_event"),
+];
+
+fn matches_any(patterns: &[Pattern], symbol: &str) -> bool {
     let name = base_name(symbol);
-    TUNNEL_FRAMES.iter().any(|pattern| pattern.matches(name))
+    patterns.iter().any(|pattern| pattern.matches(name))
+}
+
+pub fn is_softirq_entry(symbol: &str) -> bool {
+    matches_any(SOFTIRQ_ENTRIES, symbol)
+}
+
+pub fn is_softirq_thread(symbol: &str) -> bool {
+    matches_any(SOFTIRQ_THREADS, symbol)
+}
+
+pub fn is_hardirq_entry(symbol: &str) -> bool {
+    matches_any(HARDIRQ_ENTRIES, symbol)
 }
 
 /// Whether a frame starts a generic layer or another context (see [`LAYER_BOUNDARIES`]).
 pub fn is_layer_boundary(symbol: &str) -> bool {
-    let name = base_name(symbol);
-    LAYER_BOUNDARIES.iter().any(|pattern| pattern.matches(name))
+    matches_any(LAYER_BOUNDARIES, symbol)
 }
 
 /// Whether a frame is where interrupts are enabled again (see [`INTERRUPT_ENABLE_POINTS`]).
 pub fn is_interrupt_enable_point(symbol: &str) -> bool {
-    let name = base_name(symbol);
-    INTERRUPT_ENABLE_POINTS
-        .iter()
-        .any(|pattern| pattern.matches(name))
+    matches_any(INTERRUPT_ENABLE_POINTS, symbol)
 }
 
 pub use crate::kallsyms::base_name;

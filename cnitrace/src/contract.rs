@@ -150,6 +150,10 @@ pub struct Breakdown {
     /// Netfilter per hook (from the calling frames) and, where the ruleset was read, the chains
     /// and rules packets walked.
     pub netfilter: NetfilterSection,
+    /// Each component's sampled cycles by context (components with samples only; empty with
+    /// the tracing backend). They add up to the sampled figure (`bpf`: the sampled estimate).
+    #[serde(default)]
+    pub by_context: Vec<ContextCycles>,
     pub quality: Quality,
     /// Every distinct sampled stack of the window (idle excluded), costliest first: what
     /// flame graphs and pprof profiles are drawn from. Present only where asked for
@@ -373,6 +377,24 @@ pub struct Quality {
     /// The agent's own cost and its budget (absent outside the agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_cost: Option<AgentCost>,
+}
+
+/// One component's sampled cycles by the context they ran in: the first context entry from
+/// the innermost frame outward (docs/method.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ContextCycles {
+    pub name: String,
+    /// Interrupt handlers.
+    pub hardirq: u64,
+    /// Softirqs run inline: on interrupt exit, or at `local_bh_enable` in the task that
+    /// happened to run.
+    pub softirq: u64,
+    /// Softirq work in a thread: ksoftirqd, threaded NAPI.
+    pub ksoftirqd: u64,
+    /// System calls, kernel threads and user space.
+    pub process: u64,
+    /// Stacks cut at the depth limit before any context entry.
+    pub unknown: u64,
 }
 
 /// Samples a cpu-clock sampler could only take when interrupts came back on.

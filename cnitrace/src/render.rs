@@ -40,6 +40,35 @@ fn row(table: &mut Table, c: &ComponentCost, indent: &str) {
     ]);
 }
 
+/// Each component's CPP by the context its work ran in (`profile --by context`).
+pub fn context_table(b: &Breakdown) -> String {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec![
+        "CPP by context",
+        "hardirq",
+        "softirq (inline)",
+        "ksoftirqd",
+        "process",
+        "unknown",
+    ]);
+    let cpp = |cycles: u64| {
+        let per_packet = (b.packets.count > 0).then(|| cycles as f64 / b.packets.count as f64);
+        Cell::new(cpp_cell(per_packet)).set_alignment(CellAlignment::Right)
+    };
+    for c in &b.by_context {
+        table.add_row(vec![
+            Cell::new(&c.name),
+            cpp(c.hardirq),
+            cpp(c.softirq),
+            cpp(c.ksoftirqd),
+            cpp(c.process),
+            cpp(c.unknown),
+        ]);
+    }
+    format!("{table}\n")
+}
+
 /// What the table's figures mean: the view, the unit, the interval, and the skid.
 fn legend(b: &Breakdown) -> String {
     let view = match b.view {

@@ -44,6 +44,10 @@ pub struct WindowArgs {
     /// on the stack, as perf --children; shares may add up to more than 100%).
     #[arg(long, value_enum, default_value_t = View::Layer)]
     pub view: View,
+    /// Also split each component by the context its work ran in (hardirq, softirq inline,
+    /// ksoftirqd, process) in the table; the JSON always has it (`by_context`).
+    #[arg(long, value_enum)]
+    pub by: Option<Split>,
     /// table and json: the breakdown; folded: the sampled stacks as `outer;...;inner cycles`
     /// lines (flamegraph.pl, inferno, speedscope); pprof: a gzipped pprof profile (go tool
     /// pprof, Pyroscope, Parca) to stdout.
@@ -56,6 +60,12 @@ pub struct WindowArgs {
     /// component.
     #[arg(long, value_name = "FILE.svg")]
     pub flamegraph: Option<std::path::PathBuf>,
+}
+
+/// An extra split of the table.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    Context,
 }
 
 /// What `profile` prints.
@@ -182,6 +192,8 @@ fn output(args: &WindowArgs, breakdown: &Breakdown, report: Report) -> anyhow::R
         ProfileFormat::Table => print!(
             "{}",
             match report {
+                Report::Breakdown if args.by == Some(Split::Context) =>
+                    render::table(breakdown) + &render::context_table(breakdown),
                 Report::Breakdown => render::table(breakdown),
                 Report::Netfilter => render::netfilter_report(breakdown),
             }
