@@ -500,8 +500,35 @@ pub fn markdown(entries: &[BenchEntry]) -> String {
 /// Two panels of stacked bars per model and scenario, one above the other: all busy cycles per
 /// packet by component, then the datapath components alone on their own scale (the
 /// endpoints' own work, `other`, is most of every bar and would flatten them).
+/// Text made safe inside SVG markup (reasons quote kernel messages and paths).
+fn escape_xml(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A 95% whisker (from the repeats) centred on a bar at height `y`, `half` pixels each way.
+fn whisker(out: &mut String, x: f64, y: f64, half: f64) {
+    if half < 0.5 {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "<path d=\"M{x:.1} {:.1}V{:.1}M{:.1} {:.1}h6M{:.1} {:.1}h6\" stroke=\"#222\" fill=\"none\"/>",
+        y - half,
+        y + half,
+        x - 3.0,
+        y - half,
+        x - 3.0,
+        y + half
+    );
+}
+
+/// The lab chart: stacked CPP per model and scenario, with 95% whiskers over the repeats, and
+/// the models that could not be built here named with the reason (never left out silently).
 pub fn svg(entries: &[BenchEntry]) -> String {
-    let bars: Vec<&BenchEntry> = entries.iter().filter(|e| e.unavailable.is_none()).collect();
+    let bars: Vec<&BenchEntry> = entries.iter().collect();
     let (bar_width, gap, plot_height, axis) = (40.0, 36.0, 250.0, 60.0);
     // Room above each panel for its title, below it for the two label lines.
     let (title_room, label_room) = (50.0, 50.0);
@@ -535,7 +562,9 @@ pub fn svg(entries: &[BenchEntry]) -> String {
             .map(|e| {
                 components
                     .iter()
-                    .map(|c| component_cpp(e, c.name).map_or(0.0, |c| c.mean))
+                    .map(|c| {
+                        component_cpp(e, c.name).map_or(0.0, |c| c.mean + c.ci95.unwrap_or(0.0))
+                    })
                     .sum::<f64>()
             })
             .fold(1.0_f64, f64::max);
@@ -559,18 +588,52 @@ pub fn svg(entries: &[BenchEntry]) -> String {
         for (index, entry) in bars.iter().enumerate() {
             let x = left + gap / 2.0 + index as f64 * (bar_width + gap);
             let mut y = top + plot_height;
+            if let Some(reason) = &entry.unavailable {
+                let _ = writeln!(
+                    out,
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#888\">n/a<title>{}: {}</title></text>",
+                    x + bar_width / 2.0,
+                    y - 6.0,
+                    entry.model,
+                    escape_xml(reason)
+                );
+            }
             for component in components {
                 let (name, colour) = (component.name, component.colour);
-                let cpp = component_cpp(entry, name).map_or(0.0, |c| c.mean);
+                let estimate = component_cpp(entry, name);
+                let cpp = estimate.map_or(0.0, |c| c.mean);
                 let h = plot_height * cpp / max;
                 if h > 0.0 {
                     y -= h;
+                    let ci = estimate.and_then(|c| c.ci95);
                     let _ = writeln!(
                         out,
-                        "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_width}\" height=\"{h:.1}\" fill=\"{colour}\"><title>{} {} {name}: {cpp:.0} CPP</title></rect>",
-                        entry.model, entry.scenario
+                        "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_width}\" height=\"{h:.1}\" fill=\"{colour}\"><title>{} {} {name}: {cpp:.0}{} CPP</title></rect>",
+                        entry.model,
+                        entry.scenario,
+                        ci.map_or_else(String::new, |ci| format!(" ± {ci:.0}"))
                     );
+                    // The datapath panel: each component's own whisker at its segment's top.
+                    if name != OTHER && components.len() < COMPONENTS.len() {
+                        whisker(
+                            &mut out,
+                            x + bar_width / 2.0,
+                            y,
+                            plot_height * ci.unwrap_or(0.0) / max,
+                        );
+                    }
                 }
+            }
+            // The all-cycles panel: the total's whisker at the top of the stack.
+            if components.len() == COMPONENTS.len()
+                && let Some(total) = &entry.total_cpp
+            {
+                whisker(
+                    &mut out,
+                    x + bar_width / 2.0,
+                    y,
+                    plot_height * total.ci95.unwrap_or(0.0) / max,
+                );
             }
             let label_y = top + plot_height + 14.0;
             let _ = writeln!(
@@ -599,7 +662,7 @@ pub fn svg(entries: &[BenchEntry]) -> String {
     }
     let _ = writeln!(
         out,
-        "<text x=\"{axis}\" y=\"{:.0}\" fill=\"#555\">CPP = busy cycles of all CPUs / packets sent by the client pod</text>",
+        "<text x=\"{axis}\" y=\"{:.0}\" fill=\"#555\">CPP = busy reference cycles of all CPUs / packets sent by the client pod; whiskers: 95% over the repeats; n/a: not buildable here (hover for why)</text>",
         height - 12.0
     );
     out.push_str("</svg>\n");
@@ -673,7 +736,20 @@ mod tests {
             1,
             "no zero-height bars"
         );
-        assert!(!chart.contains("calico-ipip"));
+        // Never a silent gap: the model that could not be built is named, with the reason.
+        assert_eq!(
+            chart
+                .matches("n/a<title>calico-ipip: unavailable: no ipip</title>")
+                .count(),
+            2
+        );
+        // One run gives no interval, so no whisker; repeats draw one per datapath segment
+        // and one on the total.
+        assert!(!chart.contains("<path"));
+        let mut repeated = entry("flannel", 100.0, 900.0);
+        repeated.components[0].cpp = Estimate::of(&[90.0, 110.0]);
+        repeated.total_cpp = Some(Estimate::of(&[950.0, 1050.0]));
+        assert_eq!(svg(&[repeated]).matches("<path").count(), 2);
         assert!(table(&entries).contains("flannel"));
         let json = serde_json::to_value(&entries).unwrap();
         assert_eq!(json[0]["throughput_gbps"], 10.0);
