@@ -47,6 +47,7 @@ fuzz_target!(|body: &[u8]| {
     let spec = WindowSpec {
         ifaces: ifaces.clone(),
         unit: request.packet_unit.unwrap_or_default(),
+        view: request.view.unwrap_or_default(),
         netfilter: netfilter::Options {
             read_rules: true,
             count_entries: false,
