@@ -79,7 +79,16 @@ pub const COMPONENTS: &[Component] = &[
         description: "netfilter hooks, rule evaluation, conntrack, NAT, bridge-netfilter glue",
         anchors: &["nf_hook_slow"],
         colour: "#e15759",
-        traced: &["nf_hook_slow"],
+        // bridge-netfilter's hooks too: the bridge runs its hooks itself (nf_hook_bridge_pre),
+        // not through nf_hook_slow, so without them their time would be the bridge's, where
+        // sampling says netfilter.bridge. Names differ across kernels; absent ones are listed.
+        traced: &[
+            "nf_hook_slow",
+            "br_nf_pre_routing",
+            "br_nf_forward_ip",
+            "br_nf_forward",
+            "br_nf_post_routing",
+        ],
         missing_hint: "netfilter is not built in (CONFIG_NETFILTER)",
     },
     Component {

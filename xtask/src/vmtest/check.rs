@@ -83,6 +83,21 @@ pub(super) fn share(entry: &Value, component: &str) -> f64 {
         .map_or(0.0, |c| if total > 0.0 { c / total } else { 0.0 })
 }
 
+/// A traced component's share as measured, its probes' cost included (the top of its
+/// interval: the headline `cpp` is net of them).
+fn gross_share(entry: &Value, component: &str) -> f64 {
+    let b = &entry["breakdown"];
+    let gross = b["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == component)
+        .and_then(|c| c["cpp_ci95"][1].as_f64())
+        .unwrap_or(0.0);
+    let total = b["total"]["cpp"].as_f64().unwrap_or(f64::NAN);
+    gross / total
+}
+
 /// A traced component's share with the probes' own cost (calls x calibrated pair cost) taken
 /// out of it and of the total: what the datapath cost without the instrument.
 pub(super) fn net_share(entry: &Value, component: &str) -> Option<f64> {
@@ -332,7 +347,7 @@ pub(super) fn check(
             );
             for component in majors {
                 let sampled_share = share(&s, component) * 100.0;
-                let traced_share = share(&t, component) * 100.0;
+                let traced_share = gross_share(&t, component) * 100.0;
                 let net_share = net_share(&t, component).map_or(f64::NAN, |v| v * 100.0);
                 notes.push(format!(
                     "  info  flannel intra {component} share: sampling {sampled_share:.1}%, tracing {net_share:.1}% net of probe cost ({traced_share:.1}% as measured)"
