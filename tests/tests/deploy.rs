@@ -1,8 +1,9 @@
 //! The DaemonSet's contract with the binary: its exact arguments and environment (as the kubelet
 //! expands them) start a working agent, in a PID namespace of its own, listening on the node's
 //! address only, over HTTPS with the mounted TLS Secret (and taking up a renewed one without a
-//! restart); the ServiceMonitor scrapes it over verified HTTPS; and `collect` finds agents
-//! through DNS (a headless Service's A records).
+//! restart), with the operator token and the scrapers' read-only one from their Secrets; the
+//! ServiceMonitor scrapes it over verified HTTPS with the read-only token; and `collect` finds
+//! agents through DNS (a headless Service's A records).
 
 use std::{
     io::Write as _,
@@ -191,9 +192,23 @@ fn the_agent_serves_https_and_the_servicemonitor_verifies_it() {
     let monitor = manifest("servicemonitor.yaml");
     let endpoint = &monitor["spec"]["endpoints"][0];
     assert_eq!(endpoint["scheme"].as_str(), Some("https"));
+    // The scraper holds the read-only token, not the operator's: what it sends is the
+    // Secret the agent reads its --read-only-token-file from.
+    let credentials = &endpoint["authorization"]["credentials"];
     assert_eq!(
-        endpoint["authorization"]["credentials"]["name"].as_str(),
-        Some("cnitrace-token")
+        credentials["name"].as_str(),
+        Some("cnitrace-read-token"),
+        "the ServiceMonitor sends the read-only token"
+    );
+    assert_eq!(credentials["key"].as_str(), Some("token"));
+    assert_eq!(
+        value_of("--read-only-token-file"),
+        format!("{}/token", secret_mount(spec, "cnitrace-read-token")),
+        "the agent's read-only token is the key the ServiceMonitor sends"
+    );
+    assert_eq!(
+        value_of("--token-file"),
+        format!("{}/token", secret_mount(spec, "cnitrace-token"))
     );
     let tls_config = &endpoint["tlsConfig"];
     assert_ne!(
@@ -306,6 +321,7 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         .collect();
     let value_of = |flag: &str| args[args.iter().position(|a| a == flag).expect(flag) + 1].clone();
     let token_path = value_of("--token-file");
+    let read_only_path = value_of("--read-only-token-file");
     let (tls_cert, tls_key) = (value_of("--tls-cert"), value_of("--tls-key"));
     let port = container["ports"][0]["containerPort"].as_i64().unwrap();
     assert_eq!(
@@ -313,10 +329,21 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         format!("{HOST_IP}:{port}"),
         "the agent listens on the node's address (status.hostIP) only"
     );
+    // Component-wise: /run/secrets/cnitrace-read/token is not inside /run/secrets/cnitrace.
     let token_mount = secret_mount(spec, "cnitrace-token");
     assert!(
-        token_path.starts_with(&token_mount),
+        Path::new(&token_path).starts_with(&token_mount),
         "the token file is in the Secret's mount"
+    );
+    let read_only_mount = secret_mount(spec, "cnitrace-read-token");
+    assert!(
+        Path::new(&read_only_path).starts_with(&read_only_mount),
+        "the read-only token file is in its Secret's mount"
+    );
+    assert!(
+        !Path::new(&read_only_path).starts_with(&token_mount)
+            && !Path::new(&token_path).starts_with(&read_only_mount),
+        "each token is in its own Secret, to be given and rotated apart"
     );
     let tls_mount = secret_mount(spec, "cnitrace-tls");
     // The keys of a kubernetes.io/tls Secret.
@@ -346,16 +373,19 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
     let (cert, key) = self_signed(&keys.0, "first", HOST_IP);
 
     // The Secrets, emulated in a private mount namespace (a tmpfs over /run), so the host's
-    // filesystem is untouched: the token file, and the TLS Secret laid out as the kubelet does
-    // (tls.crt and tls.key link into `..data`, a link to the current version's directory,
+    // filesystem is untouched: the two token files, and the TLS Secret laid out as the kubelet
+    // does (tls.crt and tls.key link into `..data`, a link to the current version's directory,
     // which an update swaps); a PID namespace of its own with its own /proc, as the container
     // has without hostPID (the agent is its PID 1, as the image's entrypoint is); then exactly
-    // the container's arguments.
-    let token = format!("deploy-test-token-{}", std::process::id());
+    // the container's arguments. Two tokens that differ, as the agent requires.
+    let token = cnitrace_tests::random_token();
+    let read_only = cnitrace_tests::random_token();
+    assert_ne!(token, read_only);
     let script = r#"mount -t tmpfs tmpfs /run && mkdir -p "$(dirname "$1")" && printf %s "$2" > "$1" \
-        && mkdir -p "$3/..v1" && cp "$4" "$3/..v1/tls.crt" && cp "$5" "$3/..v1/tls.key" \
-        && ln -s ..v1 "$3/..data" && ln -s ..data/tls.crt "$3/tls.crt" \
-        && ln -s ..data/tls.key "$3/tls.key" && shift 5 && exec "$@""#;
+        && mkdir -p "$(dirname "$3")" && printf %s "$4" > "$3" \
+        && mkdir -p "$5/..v1" && cp "$6" "$5/..v1/tls.crt" && cp "$7" "$5/..v1/tls.key" \
+        && ln -s ..v1 "$5/..data" && ln -s ..data/tls.crt "$5/tls.crt" \
+        && ln -s ..data/tls.key "$5/tls.key" && shift 7 && exec "$@""#;
     let child = Command::new("unshare")
         .args([
             "--mount",
@@ -370,6 +400,8 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
             "sh",
             &token_path,
             &token,
+            &read_only_path,
+            &read_only,
             &tls_mount,
         ])
         .arg(&cert)
@@ -420,6 +452,21 @@ fn the_daemonsets_arguments_and_environment_start_a_working_agent() {
         401,
         "the Secret's token is enforced"
     );
+    // The ServiceMonitor's token, from its own Secret: it scrapes, and opens no session.
+    let (status, body) = https("GET", &format!("{base}/metrics"), Some(&read_only), &cert);
+    assert_eq!(status, 200, "the read-only token scrapes /metrics: {body}");
+    assert!(body.contains("cnitrace_"), "{body}");
+    let (status, body) = https(
+        "POST",
+        &format!("{base}/api/v1/sessions"),
+        Some(&read_only),
+        &cert,
+    );
+    assert_eq!(status, 403, "the read-only token opened a session: {body}");
+    assert!(body.contains("read-only"), "{body}");
+    // The operator token reads too, and opens and stops sessions (below).
+    let (status, body) = https("GET", &format!("{base}/metrics"), Some(&token), &cert);
+    assert_eq!(status, 200, "the operator token scrapes /metrics: {body}");
     let (status, body) = https(
         "POST",
         &format!("{base}/api/v1/sessions"),

@@ -2,8 +2,9 @@
 //! podman, and checks it by running it exactly as deploy/daemonset.yaml says (host network
 //! but its own PID namespace, the runtime's default seccomp profile, every capability dropped
 //! but the manifest's, read-only root, the manifest's mounts, its arguments with `$(HOST_IP)`
-//! expanded and its environment, the token and a generated TLS certificate from mounted Secret
-//! files), talking HTTPS to it as the probes and the ServiceMonitor do.
+//! expanded and its environment, the operator and read-only tokens and a generated TLS
+//! certificate from mounted Secret files), talking HTTPS to it as the probes and the
+//! ServiceMonitor do (the ServiceMonitor with the read-only token, as it is configured).
 //!
 //! No registry is reachable from the build machines, so the binary is built on the host and
 //! handed to the Dockerfile as its `builder` stage (`--build-context builder=DIR`, which
@@ -205,7 +206,10 @@ struct Deployment {
     host_mounts: Vec<(String, String, String)>,
     /// Secret volumes: (Secret name, container path).
     secret_mounts: Vec<(String, String)>,
+    /// The operator token's file (`--token-file`).
     token_path: String,
+    /// The read-only token's file (`--read-only-token-file`), the scrapers'.
+    read_only_token_path: String,
     tls_cert: String,
     tls_key: String,
 }
@@ -290,6 +294,12 @@ fn deployment() -> Result<Deployment> {
             .with_context(|| format!("the manifest's args have no {flag}"))
     };
     let token_path = value_of("--token-file")?;
+    let Ok(read_only_token_path) = value_of("--read-only-token-file") else {
+        bail!(
+            "the check scrapes with the read-only token, as the ServiceMonitor does, and the \
+             manifest has no --read-only-token-file: update the check"
+        );
+    };
     let listen = value_of("--listen")?;
     let (Ok(tls_cert), Ok(tls_key)) = (value_of("--tls-cert"), value_of("--tls-key")) else {
         bail!(
@@ -356,10 +366,18 @@ fn deployment() -> Result<Deployment> {
         host_mounts,
         secret_mounts,
         token_path,
+        read_only_token_path,
         tls_cert,
         tls_key,
     };
-    deployment.in_secret(&deployment.token_path)?;
+    if deployment.in_secret(&deployment.token_path)?.0
+        == deployment.in_secret(&deployment.read_only_token_path)?.0
+    {
+        bail!(
+            "the operator and read-only tokens are in the same Secret: whoever is given the \
+             scrapers' could read the operator's"
+        );
+    }
     if deployment.in_secret(&deployment.tls_cert)?.0 != deployment.in_secret(&deployment.tls_key)?.0
     {
         bail!("--tls-cert and --tls-key are not in the same Secret");
@@ -370,6 +388,8 @@ fn deployment() -> Result<Deployment> {
 /// The scrape the ServiceMonitor configures.
 struct Scrape {
     path: String,
+    /// The bearer token it sends: (Secret, key).
+    credentials: (String, String),
     /// The name the certificate is checked for, whatever address is scraped (`serverName`).
     server_name: Option<String>,
     /// The CA the certificate is checked against: (Secret, key).
@@ -377,13 +397,21 @@ struct Scrape {
 }
 
 /// The ServiceMonitor's scrape: HTTPS with the certificate checked against a CA from a Secret,
-/// and the bearer token from the Secret.
+/// and the bearer token from a Secret (which one, [`check`] compares with the manifest's
+/// `--read-only-token-file`).
 fn scrape() -> Result<Scrape> {
     let text = std::fs::read_to_string(workspace_root().join("deploy/servicemonitor.yaml"))?;
     let monitor = YamlLoader::load_from_str(&text)?.remove(0);
     let endpoint = &monitor["spec"]["endpoints"][0];
-    if endpoint["authorization"]["credentials"]["key"].as_str() != Some("token") {
-        bail!("the ServiceMonitor no longer sends the Secret's token: update the check");
+    let authorization = &endpoint["authorization"];
+    let credentials = &authorization["credentials"];
+    let (Some(token_secret), Some(token_key)) =
+        (credentials["name"].as_str(), credentials["key"].as_str())
+    else {
+        bail!("the ServiceMonitor no longer sends a bearer token from a Secret: update the check");
+    };
+    if !matches!(authorization["type"].as_str(), None | Some("Bearer")) {
+        bail!("the ServiceMonitor's authorization is not a bearer token: update the check");
     }
     let tls = &endpoint["tlsConfig"];
     if endpoint["scheme"].as_str() != Some("https")
@@ -397,6 +425,7 @@ fn scrape() -> Result<Scrape> {
     };
     Ok(Scrape {
         path: endpoint["path"].as_str().unwrap_or("/metrics").to_owned(),
+        credentials: (token_secret.to_owned(), token_key.to_owned()),
         server_name: tls["serverName"].as_str().map(str::to_owned),
         ca: (secret.to_owned(), key.to_owned()),
     })
@@ -604,6 +633,14 @@ impl Drop for SecretDir {
     }
 }
 
+/// The tokens the check writes into the Secrets.
+struct Tokens {
+    /// `--token-file`'s: everything, sessions included.
+    operator: String,
+    /// `--read-only-token-file`'s, which the ServiceMonitor sends: GET only.
+    read_only: String,
+}
+
 /// Removes the check's container whatever happens.
 struct Container(String);
 
@@ -629,11 +666,36 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
     for (secret, _) in &deployment.secret_mounts {
         std::fs::create_dir(secret_path(secret))?;
     }
-    let token = format!("image-check-{}", std::process::id());
-    let (secret, inside) = deployment.in_secret(&deployment.token_path)?;
-    let token_file = secret_path(secret).join(inside);
-    std::fs::create_dir_all(token_file.parent().context("token file")?)?;
-    std::fs::write(&token_file, &token)?;
+    // Two tokens, each in its Secret: the operator's (sessions) and the read-only one, which
+    // the ServiceMonitor must be the one to send.
+    let tokens = Tokens {
+        operator: cnitrace_tests::random_token(),
+        read_only: cnitrace_tests::random_token(),
+    };
+    if tokens.operator == tokens.read_only {
+        bail!("two random tokens are the same: /dev/urandom could not be read");
+    }
+    for (path, token) in [
+        (&deployment.token_path, &tokens.operator),
+        (&deployment.read_only_token_path, &tokens.read_only),
+    ] {
+        let (secret, inside) = deployment.in_secret(path)?;
+        let token_file = secret_path(secret).join(inside);
+        std::fs::create_dir_all(token_file.parent().context("token file")?)?;
+        std::fs::write(&token_file, token)?;
+    }
+    let (read_only_secret, read_only_key) =
+        deployment.in_secret(&deployment.read_only_token_path)?;
+    if scrape.credentials.0 != read_only_secret || Path::new(&scrape.credentials.1) != read_only_key
+    {
+        bail!(
+            "the ServiceMonitor sends {}/{}, not the read-only token ({read_only_secret}/{}): \
+             update the check",
+            scrape.credentials.0,
+            scrape.credentials.1,
+            read_only_key.display()
+        );
+    }
     // The TLS Secret: a certificate for the node's address (where the probes and the CLI
     // connect) and for the name the ServiceMonitor checks, with itself as ca.crt.
     let (tls_secret, cert_name) = deployment.in_secret(&deployment.tls_cert)?;
@@ -700,7 +762,16 @@ pub fn check(tag: &str, without: &[String]) -> Result<String> {
         resolve: None,
     };
     let result = isolation(&name, &mut report)
-        .and_then(|()| exercise(&deployment, &scrape, &https, &token, &topology, &mut report))
+        .and_then(|()| {
+            exercise(
+                &deployment,
+                &scrape,
+                &https,
+                &tokens,
+                &topology,
+                &mut report,
+            )
+        })
         .and_then(|()| renewal(&deployment, &mut tls, &mut report));
     if result.is_err() {
         let logs = podman().args(["logs", &name]).output()?;
@@ -794,7 +865,7 @@ fn exercise(
     deployment: &Deployment,
     scrape: &Scrape,
     https: &Https,
-    token: &str,
+    tokens: &Tokens,
     topology: &Topology,
     report: &mut String,
 ) -> Result<()> {
@@ -827,13 +898,27 @@ fn exercise(
         report,
         "  ok    the Secret's token is enforced (401 without it)"
     );
-    // A session over real traffic: iperf3 through the bridged pair, and the rulesets of its
-    // namespace read from inside the container through the /run/netns mount.
+    // The scrapers' token reads, but opens no session.
     let url = format!("{base}/api/v1/sessions");
     let (status, body) = https.request(
         "POST",
         &url,
-        Some(token),
+        Some(&tokens.read_only),
+        Some(&serde_json::json!({})),
+    );
+    if status != 403 || !body.contains("read-only") {
+        bail!("the read-only token's POST /api/v1/sessions answered {status}, not 403: {body}");
+    }
+    let _ = writeln!(
+        report,
+        "  ok    the read-only token (the ServiceMonitor's) opens no session (403)"
+    );
+    // A session over real traffic: iperf3 through the bridged pair, and the rulesets of its
+    // namespace read from inside the container through the /run/netns mount.
+    let (status, body) = https.request(
+        "POST",
+        &url,
+        Some(&tokens.operator),
         Some(&serde_json::json!({"netns": [topology.node]})),
     );
     if status != 201 {
@@ -843,7 +928,12 @@ fn exercise(
         .as_u64()
         .context("session id")?;
     let gbps = topology.start_iperf3(3)?.finish()?;
-    let (status, body) = https.request("POST", &format!("{url}/{id}/stop"), Some(token), None);
+    let (status, body) = https.request(
+        "POST",
+        &format!("{url}/{id}/stop"),
+        Some(&tokens.operator),
+        None,
+    );
     if status != 200 {
         bail!("stop: {status} {body}");
     }
@@ -893,7 +983,7 @@ fn exercise(
         topology.node
     );
     // As Prometheus does: to the node's address, the certificate checked for serverName
-    // against the Secret's CA.
+    // against the Secret's CA, with the read-only token it is given.
     let (prometheus, checked_for) = match &scrape.server_name {
         Some(name) => (
             Https {
@@ -912,14 +1002,15 @@ fn exercise(
     };
     let path = &scrape.path;
     let url = format!("https://{checked_for}:{}{path}", deployment.port);
-    let (status, body) = prometheus.request("GET", &url, Some(token), None);
+    let (status, body) = prometheus.request("GET", &url, Some(&tokens.read_only), None);
     if status != 200 || !body.contains("cnitrace_") {
         bail!("scrape {path}: {status} {body}");
     }
     let _ = writeln!(
         report,
-        "  ok    {path} scraped as the ServiceMonitor does (HTTPS, certificate checked for {checked_for} against the Secret's {}, bearer token): {} series",
+        "  ok    {path} scraped as the ServiceMonitor does (HTTPS, certificate checked for {checked_for} against the Secret's {}, the read-only token of {}): {} series",
         scrape.ca.1,
+        scrape.credentials.0,
         body.lines().filter(|l| !l.starts_with('#')).count()
     );
     Ok(())
@@ -961,6 +1052,24 @@ mod tests {
         let scrape = scrape().unwrap();
         assert_eq!(scrape.ca, ("cnitrace-tls".to_owned(), "ca.crt".to_owned()));
         assert_eq!(scrape.server_name.as_deref(), Some("cnitrace.cnitrace.svc"));
+    }
+
+    #[test]
+    fn the_check_scrapes_with_the_read_only_token_as_the_servicemonitor_does() {
+        let deployment = deployment().unwrap();
+        let (secret, key) = deployment
+            .in_secret(&deployment.read_only_token_path)
+            .unwrap();
+        assert_eq!(
+            (secret, key.as_path()),
+            ("cnitrace-read-token", Path::new("token"))
+        );
+        assert_eq!(
+            scrape().unwrap().credentials,
+            ("cnitrace-read-token".to_owned(), "token".to_owned())
+        );
+        let (secret, _) = deployment.in_secret(&deployment.token_path).unwrap();
+        assert_eq!(secret, "cnitrace-token");
     }
 
     /// Kills the TLS server of a test.
