@@ -471,12 +471,18 @@ mod tests {
         for (function, component) in crate::components::traced_functions() {
             let id = component_id(component).unwrap_or_else(|| panic!("{function}: {component}"));
             assert!(id < CALIBRATION_COMPONENT);
-            // The sampling taxonomy puts the function in the same component.
-            assert_eq!(
-                crate::components::classify(function).map(crate::components::top_level),
-                Some(component),
-                "{function}"
-            );
+            // The sampling taxonomy puts the function in the same component (`other`'s are
+            // layer boundaries, in none).
+            if component == crate::components::OTHER {
+                assert!(crate::components::is_layer_boundary(function), "{function}");
+                assert_eq!(crate::components::classify(function), None, "{function}");
+            } else {
+                assert_eq!(
+                    crate::components::classify(function).map(crate::components::top_level),
+                    Some(component),
+                    "{function}"
+                );
+            }
         }
         assert!(
             crate::components::traced_functions().count()
