@@ -169,6 +169,9 @@ pub fn context_of(sample: &StackSample) -> ExecContext {
     if sample.flags & SAMPLE_FLAG_USER != 0 {
         return ExecContext::Process;
     }
+    if sample.stack_lost || sample.frames.is_empty() {
+        return ExecContext::Unknown;
+    }
     for (depth, frame) in sample.frames.iter().enumerate() {
         if components::is_softirq_entry(frame) {
             let threaded = sample.frames[depth..]

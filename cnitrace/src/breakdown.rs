@@ -465,7 +465,8 @@ impl Scale {
 pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) -> Breakdown {
     let rule = Rule {
         view: selection.view,
-        skid: raw.clock.source == ClockSource::CpuClock,
+        // The tracer takes no samples: nothing skids.
+        skid: raw.clock.source == ClockSource::CpuClock && raw.trace.is_none(),
     };
     let t = tally(raw, rule);
     let mut total_cycles =
@@ -486,8 +487,15 @@ pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) 
         },
     };
     let top_cycles = top_level_cycles(&t, traced.as_ref(), rule.view, &scale);
-    let (mut components_out, bpf_sampled_cycles, bpf_exact_cycles) =
-        component_costs(raw, context, &t, top_cycles, traced.as_ref(), &scale);
+    let (mut components_out, bpf_sampled_cycles, bpf_exact_cycles) = component_costs(
+        raw,
+        context,
+        &t,
+        top_cycles,
+        traced.as_ref(),
+        rule.view,
+        &scale,
+    );
     let subcomponents_out = subcomponent_costs(&t, &components_out, rule.view, &scale);
     let cycles_of = |class: &str| -> u64 {
         subcomponents_out
@@ -609,6 +617,7 @@ fn component_costs(
     t: &Tallies,
     mut top_cycles: Vec<u64>,
     traced: Option<&TracedCycles>,
+    view: View,
     scale: &Scale,
 ) -> (Vec<ComponentCost>, u64, Option<u64>) {
     let index_of = |name: &str| {
@@ -629,11 +638,16 @@ fn component_costs(
         (ns as f64 * raw.clock.cycles_per_ns).round() as u64
     });
     if let Some(exact) = bpf_exact_cycles {
-        // The exact figure replaces the estimate; `other` absorbs the difference so the
-        // components still add up to the busy total (bounded by what other holds).
-        let pool = top_cycles[bpf_index] + top_cycles[other_index];
-        top_cycles[bpf_index] = exact.min(pool);
-        top_cycles[other_index] = pool - top_cycles[bpf_index];
+        if view == View::Children {
+            // No closure to keep: components overlap.
+            top_cycles[bpf_index] = exact;
+        } else {
+            // The exact figure replaces the estimate; `other` absorbs the difference so the
+            // components still add up to the busy total (bounded by what other holds).
+            let pool = top_cycles[bpf_index] + top_cycles[other_index];
+            top_cycles[bpf_index] = exact.min(pool);
+            top_cycles[other_index] = pool - top_cycles[bpf_index];
+        }
     }
     let costs = COMPONENTS
         .iter()
@@ -875,16 +889,27 @@ fn tracing_quality(
     packets: u64,
 ) -> TracingQuality {
     let cycles_per_ns = raw.clock.cycles_per_ns;
+    // The probes' cost the traced components were cleared of is in `other`'s remainder.
+    let probes: u64 = traced
+        .gross
+        .iter()
+        .zip(&traced.net)
+        .map(|(gross, net)| gross.saturating_sub(*net))
+        .sum();
     for (component, (&gross, &net)) in components
         .iter_mut()
         .zip(traced.gross.iter().zip(&traced.net))
     {
-        if component.name != OTHER && gross > 0 {
-            component.cpp_ci95 = per_packet(net, packets)
-                .zip(per_packet(gross, packets))
-                .map(|(low, high)| [low, high]);
-            component.few_samples = false;
-        }
+        // Measured, not sampled: no component lacks samples.
+        component.few_samples = false;
+        let (low, high) = if component.name == OTHER {
+            (component.cycles.saturating_sub(probes), component.cycles)
+        } else {
+            (net, gross)
+        };
+        component.cpp_ci95 = per_packet(low, packets)
+            .zip(per_packet(high, packets))
+            .map(|(low, high)| [low, high]);
     }
     let components_traced: Vec<TracedComponent> = trace
         .costs

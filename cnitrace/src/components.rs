@@ -631,8 +631,8 @@ const INTERRUPT_FRAMES: &[Pattern] = &[
 
 /// Where a generic layer of a stack begins: hand-offs between the device, IP and transport
 /// layers, and entries into another context (softirq, interrupt, system call). The `layer`
-/// attribution rule stops its walk at the first of them (see `attribution`). Each is a real
-/// call on every path through it: none is tail-called or inlined into its callers.
+/// attribution rule stops its walk at the first of them (see `attribution`). They overlap
+/// on purpose: a kernel that inlines or tail-calls one still shows its neighbours.
 const LAYER_BOUNDARIES: &[Pattern] = &[
     // The device layer: receive and transmit hand-offs.
     Pattern::Prefix("__netif_receive_skb"),

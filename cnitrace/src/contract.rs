@@ -169,7 +169,7 @@ pub struct StackCost {
     /// Function names, outermost first. User-mode samples are `[user space]`, samples
     /// whose kernel stack was lost `[stack lost]`.
     pub frames: Vec<String>,
-    /// The dotted (sub-)component the stack is attributed to (innermost component wins).
+    /// The dotted (sub-)component the stack is attributed to (the layer rule).
     pub component: String,
     pub samples: u64,
     pub cycles: u64,
@@ -313,8 +313,8 @@ pub struct ComponentCost {
     /// figures: from net of the calibrated probe cost (`cpp`) to gross.
     #[serde(default)]
     pub cpp_ci95: Option<[f64; 2]>,
-    /// Fewer than `MIN_SAMPLES` samples support a sampled figure: its interval is wider than
-    /// +-50%, and it should not be compared with another window's.
+    /// Fewer than `MIN_SAMPLES` samples support a sampled figure: its interval is about
+    /// -35%/+50% or wider, and it should not be compared with another window's.
     #[serde(default)]
     pub few_samples: bool,
 }

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, fmt::Write as _};
 
 use crate::{
-    breakdown::{self, RawWindow},
+    breakdown::RawWindow,
     components,
     contract::{Breakdown, StackCost},
 };
@@ -33,9 +33,16 @@ pub enum FlameError {
 /// Their cycles add up to the window's sampled busy cycles, as the components' do.
 pub fn stacks_of(raw: &RawWindow) -> Vec<StackCost> {
     let cycles_per_unit = raw.clock.cycles_per_period_unit();
+    // Each stack is labelled by the layer rule (one class per stack, whatever the view).
+    let rule = crate::attribution::Rule {
+        view: crate::contract::View::Layer,
+        skid: raw.clock.source == crate::contract::ClockSource::CpuClock,
+    };
     let mut by_stack: HashMap<(Vec<&str>, &'static str), (u64, u64)> = HashMap::new();
     for sample in &raw.samples {
-        let Some(class) = breakdown::attribute(sample) else {
+        let Some(class) =
+            crate::attribution::attribute(sample, rule).map(|charge| charge.classes[0])
+        else {
             continue;
         };
         let frames: Vec<&str> = if sample.flags & cnitrace_common::SAMPLE_FLAG_USER != 0 {
@@ -84,19 +91,18 @@ pub fn folded(breakdown: &Breakdown) -> Result<String, FlameError> {
 }
 
 /// Stacks back from folded lines (as served by the agent): the component of each is found
-/// as for a sample, innermost datapath frame first. Lines that are not `frames count` are
-/// skipped.
+/// by the layer rule, as for a sample. Lines that are not `frames count` are skipped.
 pub fn parse_folded(text: &str) -> Vec<StackCost> {
     text.lines()
         .filter_map(|line| {
             let (frames, cycles) = line.trim().rsplit_once(' ')?;
             let cycles: u64 = cycles.parse().ok()?;
             let frames: Vec<String> = frames.split(';').map(str::to_owned).collect();
-            let innermost = || frames.iter().rev();
-            let component = innermost()
-                .find_map(|f| components::classify(f))
-                .or_else(|| innermost().find_map(|f| components::classify_host(f)))
-                .unwrap_or_else(|| frame_class(&frames[frames.len() - 1]));
+            let innermost_first: Vec<String> = frames.iter().rev().cloned().collect();
+            let component = match frames[frames.len() - 1].as_str() {
+                USER_FRAME | LOST_FRAME => frame_class(&frames[frames.len() - 1]),
+                _ => crate::attribution::layer_class(&innermost_first),
+            };
             Some(StackCost {
                 component: component.to_owned(),
                 frames,
@@ -545,7 +551,7 @@ pub fn pprof_gz(breakdown: &Breakdown) -> Result<Vec<u8>, FlameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breakdown::StackSample;
+    use crate::breakdown::{self, StackSample};
 
     fn sample(frames: &[&str], flags: u32, count: u64) -> StackSample {
         StackSample {

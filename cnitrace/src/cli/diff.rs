@@ -69,8 +69,41 @@ pub async fn run(args: DiffArgs) -> anyhow::Result<()> {
         std::fs::write(path, svg)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
+    for warning in incomparable(&before, &after) {
+        eprintln!("cnitrace: warning: {warning}");
+    }
     let diff = flame::diff(&before, &after);
     super::print(args.format, &diff, |d| table(d, args.functions))
+}
+
+/// What makes two breakdowns differ by method rather than by what ran: another attribution
+/// rule, cycle unit or backend. (Files written before `view` existed read as `layer`, but
+/// were charged by the innermost component anywhere on the stack.)
+fn incomparable(before: &Breakdown, after: &Breakdown) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if before.view != after.view {
+        warnings.push(format!(
+            "the breakdowns were computed with different views ({} and {}): their components \
+             differ by rule, not only by what ran",
+            before.view.as_str(),
+            after.view.as_str()
+        ));
+    }
+    if before.cycle_unit != after.cycle_unit {
+        warnings.push(format!(
+            "the breakdowns count different cycles ({} and {})",
+            before.cycle_unit.as_str(),
+            after.cycle_unit.as_str()
+        ));
+    }
+    if before.backend != after.backend {
+        warnings.push(format!(
+            "the breakdowns come from different backends ({} and {}): tracing times its entry \
+             points, sampling charges stacks (docs/method.md)",
+            before.backend, after.backend
+        ));
+    }
+    warnings
 }
 
 fn cpp(value: Option<f64>) -> String {

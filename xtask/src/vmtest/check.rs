@@ -148,7 +148,7 @@ pub(super) fn pair_ns(entry: &Value, component: &str) -> Option<f64> {
 
 /// Percentage points by which a major component's part of the datapath (its share of
 /// bridge + netfilter + veth) may differ between sampling and tracing (net of the calibrated
-/// probe cost); both must also find the same cheapest component.
+/// probe cost); both must also find the same costliest component.
 ///
 /// The two runs are consecutive streams of the same lab model. Sampling at 999 Hz over 2 s of
 /// 2 CPUs takes ~4000 samples: a 3% share has a binomial standard error of ~0.3 pp. The larger
@@ -165,16 +165,19 @@ pub(super) fn pair_ns(entry: &Value, component: &str) -> Option<f64> {
 /// absolute shares are printed for the record.
 pub(super) const CROSS_CHECK_PP: f64 = 20.0;
 
-/// How far above sampling's cheapest component (in points of bridge + netfilter + veth)
-/// tracing's cheapest may read under sampling and still count as "the same cheapest".
+/// How far below sampling's costliest component (in points of bridge + netfilter + veth)
+/// tracing's costliest may read under sampling and still count as "the same costliest".
 ///
-/// Ranks are noisy where two parts are close: in 2 s the three components get ~200 of the
-/// ~4000 samples, so a part has a standard error of ~2.5 pp. Bridge and netfilter have been
-/// within a point of each other (their order flipped once), and veth and bridge, usually 7-13
-/// pp apart, once came within 0.5 pp on 6.1 (12.8% bridge, 13.3% veth by sampling) and swapped
-/// places. 5 pp is two standard errors: a backend that put a component's work elsewhere still
-/// moves its part by far more.
-pub(super) const CHEAPEST_TOLERANCE_PP: f64 = 5.0;
+/// The check once named the cheapest component. Since both backends follow the layer rule
+/// (the bridge's transmit queue and the veth's hand-off to its peer are the host's, and
+/// bridge-netfilter's hooks are netfilter's), bridge and veth are each 1-2% of the busy cycles
+/// here, and under TCG one probe pair (1.3-3 us) is as large as either's whole per-packet work:
+/// over three recorded runs on 6.1 and 6.12 their order under tracing net of probes flipped
+/// from run to run while sampling kept veth the cheaper (tracing bridge 0.5-1.9%, veth
+/// 1.9-2.9%). Netfilter is 70-80% of the three by both backends in every run, so the
+/// costliest is what two instruments that agree must share; a part has a standard error of
+/// ~2.5 pp in 2 s (~200 of ~4000 samples), and 5 pp is two of them.
+pub(super) const COSTLIEST_TOLERANCE_PP: f64 = 5.0;
 
 /// Checks one kernel's results; returns the summary lines and the failures.
 pub(super) fn check(
@@ -318,7 +321,7 @@ pub(super) fn check(
                 .map(|&c| (c, net_share(&t, c).unwrap_or(0.0)))
                 .collect();
             // Bridge and netfilter can be within a point of each other, so their order is
-            // reported, not asserted; the cheapest component must be the same.
+            // reported, not asserted; the costliest component must be the same.
             notes.push(format!(
                 "  info  flannel intra ranking: sampling {:?}, tracing {:?}",
                 rank(&sampled),
@@ -331,18 +334,18 @@ pub(super) fn check(
                     .find(|(name, _)| *name == component)
                     .map_or(0.0, |(_, v)| if sum > 0.0 { v / sum * 100.0 } else { 0.0 })
             };
-            // Tracing's cheapest component must be (within sampling noise) sampling's cheapest.
-            let (sampled_cheapest, traced_cheapest) = (
-                rank(&sampled).last().copied().unwrap_or_default(),
-                rank(&traced).last().copied().unwrap_or_default(),
+            // Tracing's costliest component must be (within sampling noise) sampling's.
+            let (sampled_costliest, traced_costliest) = (
+                rank(&sampled).first().copied().unwrap_or_default(),
+                rank(&traced).first().copied().unwrap_or_default(),
             );
-            let above = part(&sampled, traced_cheapest) - part(&sampled, sampled_cheapest);
+            let below = part(&sampled, sampled_costliest) - part(&sampled, traced_costliest);
             expect(
-                above <= CHEAPEST_TOLERANCE_PP,
+                below <= COSTLIEST_TOLERANCE_PP,
                 format!(
-                    "flannel intra: the cheapest component is the same for both backends \
-                     (sampling {sampled_cheapest}, tracing {traced_cheapest}: {above:.1} pp apart \
-                     by sampling, within {CHEAPEST_TOLERANCE_PP} pp)"
+                    "flannel intra: the costliest component is the same for both backends \
+                     (sampling {sampled_costliest}, tracing {traced_costliest}: {below:.1} pp \
+                     apart by sampling, within {COSTLIEST_TOLERANCE_PP} pp)"
                 ),
             );
             for component in majors {
