@@ -497,9 +497,6 @@ pub fn markdown(entries: &[BenchEntry]) -> String {
     out
 }
 
-/// Two panels of stacked bars per model and scenario, one above the other: all busy cycles per
-/// packet by component, then the datapath components alone on their own scale (the
-/// endpoints' own work, `other`, is most of every bar and would flatten them).
 /// Text made safe inside SVG markup (reasons quote kernel messages and paths).
 fn escape_xml(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -525,8 +522,11 @@ fn whisker(out: &mut String, x: f64, y: f64, half: f64) {
     );
 }
 
-/// The lab chart: stacked CPP per model and scenario, with 95% whiskers over the repeats, and
-/// the models that could not be built here named with the reason (never left out silently).
+/// The lab chart: two panels of stacked bars per model and scenario, one above the other: all
+/// busy cycles per packet by component, then the datapath components alone on their own scale
+/// (the endpoints' own work, `other`, is most of every bar and would flatten them); 95%
+/// whiskers over the repeats, and the models that could not be built here named with the
+/// reason (never left out silently).
 pub fn svg(entries: &[BenchEntry]) -> String {
     let bars: Vec<&BenchEntry> = entries.iter().collect();
     let (bar_width, gap, plot_height, axis) = (40.0, 36.0, 250.0, 60.0);
