@@ -311,6 +311,15 @@ pub fn select_packets(
     }
 }
 
+/// How a window's samples are read under `view`: they skid only where a cpu-clock sampler
+/// took them (the tracer takes none).
+pub fn rule_for(raw: &RawWindow, view: View) -> Rule {
+    Rule {
+        view,
+        skid: raw.clock.source == ClockSource::CpuClock && raw.trace.is_none(),
+    }
+}
+
 /// Samples and summed sample periods of one class.
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
@@ -463,11 +472,7 @@ impl Scale {
 /// Turns a window into a Breakdown. Under `layer` and `self`, component cycles add up exactly
 /// to `total.cycles`; under `children` each counts every sample whose stack holds it.
 pub fn compute(raw: &RawWindow, context: &Context, selection: &PacketSelection) -> Breakdown {
-    let rule = Rule {
-        view: selection.view,
-        // The tracer takes no samples: nothing skids.
-        skid: raw.clock.source == ClockSource::CpuClock && raw.trace.is_none(),
-    };
+    let rule = rule_for(raw, selection.view);
     let t = tally(raw, rule);
     let mut total_cycles =
         (t.busy_period as f64 * raw.clock.cycles_per_period_unit()).round() as u64;

@@ -829,8 +829,7 @@ fn is_own_program(name: &str) -> bool {
 
 /// Whether a frame is interrupt-entry or softirq code.
 pub fn is_interrupt_frame(symbol: &str) -> bool {
-    let name = base_name(symbol);
-    INTERRUPT_FRAMES.iter().any(|pattern| pattern.matches(name))
+    matches_any(INTERRUPT_FRAMES, symbol)
 }
 
 /// The top-level component of a dotted name (`netfilter.conntrack` -> `netfilter`).

@@ -34,10 +34,7 @@ pub enum FlameError {
 pub fn stacks_of(raw: &RawWindow) -> Vec<StackCost> {
     let cycles_per_unit = raw.clock.cycles_per_period_unit();
     // Each stack is labelled by the layer rule (one class per stack, whatever the view).
-    let rule = crate::attribution::Rule {
-        view: crate::contract::View::Layer,
-        skid: raw.clock.source == crate::contract::ClockSource::CpuClock,
-    };
+    let rule = crate::breakdown::rule_for(raw, crate::contract::View::Layer);
     let mut by_stack: HashMap<(Vec<&str>, &'static str), (u64, u64)> = HashMap::new();
     for sample in &raw.samples {
         let Some(class) =
